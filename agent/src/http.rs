@@ -1,0 +1,364 @@
+//! The local HTTP API: Open Inference Protocol v2 routes, admission control, error mapping.
+//! The decision itself is in [`crate::cascade`]; this module only moves bytes and statuses.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
+
+use crate::cascade::{self, Tier};
+use crate::oip::{self, InferResponse, ModelMetadata, ResponseOutput, TensorMetadata};
+use crate::AppState;
+
+/// Request counters by outcome; read by the demo and, later, telemetry.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub edge: AtomicU64,
+    pub cloud: AtomicU64,
+    pub edge_fallback: AtomicU64,
+    pub bad_request: AtomicU64,
+    pub overloaded: AtomicU64,
+}
+
+impl Counters {
+    pub fn count(&self, tier: Tier) {
+        let c = match tier {
+            Tier::Edge => &self.edge,
+            Tier::Cloud => &self.cloud,
+            Tier::EdgeFallback => &self.edge_fallback,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Bounded admission: `workers` requests run, up to `queue` more wait; the rest get 503.
+#[derive(Debug)]
+pub struct Admission {
+    slots: Arc<Semaphore>,
+    workers: Arc<Semaphore>,
+}
+
+impl Admission {
+    pub fn new(workers: usize, queue: usize) -> Self {
+        Admission {
+            slots: Arc::new(Semaphore::new(workers + queue)),
+            workers: Arc::new(Semaphore::new(workers)),
+        }
+    }
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata_v))
+        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
+        // Bodies are read under our own limit so the client gets a JSON 400 naming the limit.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            body_limit(req, next, limit)
+        }))
+}
+
+async fn body_limit(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    limit: usize,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("request body of {} bytes exceeds the limit of {limit} bytes", declared.unwrap_or(0)),
+        )
+        .into_response();
+    }
+    // Chunked bodies without a length are capped while reading.
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => {
+            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Err(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("request body exceeds the limit of {limit} bytes"),
+        )
+        .into_response(),
+    }
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": "tierd-edge-agent",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({ "live": true }))
+}
+
+/// Ready as soon as the model is verified: the edge answers even while the cloud is away.
+async fn ready() -> Json<Value> {
+    Json(json!({ "ready": true }))
+}
+
+fn check_model(state: &AppState, name: &str, version: Option<&str>) -> Result<(), ApiError> {
+    let m = state.model.manifest();
+    if name != m.name {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown model {name:?}; this agent serves {:?}", m.name),
+        ));
+    }
+    if let Some(v) = version {
+        if v != m.version {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("model {name:?} has no version {v:?}; loaded version is {:?}", m.version),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    metadata(&state, &name, None)
+}
+
+async fn model_metadata_v(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    metadata(&state, &name, Some(&version))
+}
+
+fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<ModelMetadata>, ApiError> {
+    check_model(state, name, version)?;
+    let m = state.model.manifest();
+    let shape: Vec<i64> = m.input.shape.iter().map(|&d| d as i64).collect();
+    Ok(Json(ModelMetadata {
+        name: m.name.clone(),
+        versions: vec![m.version.clone()],
+        platform: "onnx_tract",
+        inputs: vec![TensorMetadata {
+            name: m.input.name.clone(),
+            datatype: m.preprocess.wire_dtype.as_str(),
+            shape,
+        }],
+        outputs: vec![TensorMetadata {
+            name: m.output.name.clone(),
+            datatype: "FP32",
+            shape: vec![1, m.output.labels.len() as i64],
+        }],
+    }))
+}
+
+async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_model(&state, &name, None)?;
+    Ok(Json(json!({ "name": name, "ready": true })))
+}
+
+async fn model_ready_v(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    check_model(&state, &name, Some(&version))?;
+    Ok(Json(json!({ "name": name, "ready": true })))
+}
+
+async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<InferResponse>, ApiError> {
+    infer_inner(state, name, None, headers, body).await
+}
+
+async fn infer_v(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<InferResponse>, ApiError> {
+    infer_inner(state, name, Some(version), headers, body).await
+}
+
+async fn infer_inner(
+    state: Arc<AppState>,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<InferResponse>, ApiError> {
+    let started = Instant::now();
+    let result = infer_checked(&state, &name, version.as_deref(), &headers, &body, started).await;
+    if let Err(e) = &result {
+        if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::NOT_FOUND {
+            state.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(status = %e.status, error = %e.message, "rejected request");
+        }
+    }
+    result
+}
+
+async fn infer_checked(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+    started: Instant,
+) -> Result<Json<InferResponse>, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let Ok(_slot) = state.admission.slots.clone().try_acquire_owned() else {
+        state.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "inference queue is full; retry shortly",
+        ));
+    };
+    let _worker = state
+        .admission
+        .workers
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down"))?;
+    check_model(state, name, version)?;
+
+    let header_len = match headers.get("inference-header-content-length") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| bad("Inference-Header-Content-Length is not a number".into()))?,
+        ),
+    };
+    let (req, binary) = oip::parse_request(body, header_len).map_err(bad)?;
+    let manifest = state.model.manifest();
+    if let Some(outputs) = &req.outputs {
+        if let Some(o) = outputs.iter().find(|o| o.name != manifest.output.name) {
+            return Err(bad(format!(
+                "unknown output {:?}; the model's output is {:?}",
+                o.name, manifest.output.name
+            )));
+        }
+    }
+    let input = oip::input_tensor(&req, binary, &manifest.input.name).map_err(bad)?;
+    let edge = state
+        .model
+        .predict(&input)
+        .map_err(|e| match e {
+            tierd_runtime::InputError::Runtime(m) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("edge model failed: {m}"))
+            }
+            other => bad(other.to_string()),
+        })?;
+
+    let policy = *state.policy.borrow();
+    let confidence = cascade::confidence(&edge.probabilities, policy.signal);
+    let escalate = cascade::should_escalate(confidence, policy.threshold);
+    let mut cloud_us = None;
+    let cloud = if escalate {
+        let t = Instant::now();
+        let r = state
+            .escalator
+            .escalate(
+                input,
+                state.model.id(),
+                edge.probabilities.clone(),
+                policy.escalation_timeout,
+            )
+            .await;
+        cloud_us = Some(t.elapsed().as_micros() as u64);
+        Some(r)
+    } else {
+        None
+    };
+    let answer = cascade::resolve(edge.probabilities, cloud);
+    state.counters.count(answer.tier);
+
+    let mut params = Map::new();
+    params.insert("tier".into(), answer.tier.as_str().into());
+    params.insert("confidence".into(), json!(confidence));
+    params.insert("threshold".into(), json!(policy.threshold));
+    params.insert("signal".into(), policy.signal.as_str().into());
+    if let Some(reason) = &answer.fallback {
+        params.insert("fallback_reason".into(), reason.as_str().into());
+    }
+    let top = cascade::top1(&answer.probabilities);
+    if let Some(label) = manifest.output.labels.get(top) {
+        params.insert("label".into(), label.clone().into());
+    }
+    params.insert("edge_compute_us".into(), json!(edge.compute.as_micros() as u64));
+    if let Some(us) = cloud_us {
+        params.insert("escalation_us".into(), json!(us));
+    }
+    params.insert("latency_us".into(), json!(started.elapsed().as_micros() as u64));
+    Ok(Json(InferResponse {
+        model_name: manifest.name.clone(),
+        model_version: manifest.version.clone(),
+        id: req.id,
+        parameters: params,
+        outputs: vec![ResponseOutput {
+            name: manifest.output.name.clone(),
+            datatype: "FP32",
+            shape: vec![1, answer.probabilities.len() as u64],
+            data: answer.probabilities,
+        }],
+    }))
+}

@@ -1,0 +1,178 @@
+//! The tierd edge agent as a library; `main.rs` is a thin CLI over it.
+//!
+//! - [`cascade`]: where escalation is decided (pure).
+//! - [`oip`]: Open Inference Protocol v2 parsing (pure).
+//! - [`http`]: the local API and admission control.
+//! - [`escalation`]: the MQTT path to the relay, with deadlines and fallback.
+//! - [`config`]: `agent.toml`.
+//!
+//! [`Agent::start`] does everything that can fail (config checks, model verification, binding the
+//! port, TLS setup) before it returns, so "started" means "ready to serve" — the moment a
+//! supervisor such as systemd should be told.
+
+pub mod cascade;
+pub mod config;
+pub mod escalation;
+pub mod http;
+pub mod oip;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tierd_runtime::{Model, ModelError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::cascade::Signal;
+use crate::config::{AgentConfig, ConfigError};
+use crate::escalation::{Escalator, MqttStats};
+use crate::http::{Admission, Counters};
+
+/// The cascade settings in force; swapped live when remote config arrives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    pub threshold: f32,
+    pub signal: Signal,
+    pub escalation_timeout: Duration,
+}
+
+/// State shared by every request handler.
+pub struct AppState {
+    pub model: Model,
+    pub escalator: Escalator,
+    pub policy: watch::Receiver<Policy>,
+    pub admission: Admission,
+    pub counters: Arc<Counters>,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Mqtt(#[from] tierd_runtime::mqtt::MqttSetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid device id: {0}")]
+    DeviceId(#[from] tierd_protocol::TopicError),
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A started agent: model verified, port bound, MQTT connecting in the background.
+pub struct Agent {
+    state: Arc<AppState>,
+    listener: TcpListener,
+    policy_tx: watch::Sender<Policy>,
+    mqtt_task: tokio::task::JoinHandle<()>,
+    stop_mqtt: watch::Sender<bool>,
+}
+
+impl Agent {
+    pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        config.validate()?;
+        tierd_runtime::mqtt::install_crypto_provider();
+        let model = Model::load(&config.model.manifest)?;
+        info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
+        let options = config.mqtt.options(&config.default_client_id())?;
+        let (escalator, eventloop) =
+            Escalator::new(options, &config.device_id, config.cascade.max_in_flight)?;
+        let listener = TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|e| AgentError::Bind {
+                addr: config.http.listen,
+                source: e,
+            })?;
+        let policy = Policy {
+            threshold: config.cascade.threshold,
+            signal: config.cascade.signal,
+            escalation_timeout: config.escalation_timeout(),
+        };
+        let (policy_tx, policy_rx) = watch::channel(policy);
+        let (stop_mqtt, stop_rx) = watch::channel(false);
+        let mqtt_task = tokio::spawn(escalation::run_event_loop(
+            escalator.clone(),
+            eventloop,
+            stop_rx,
+        ));
+        let state = Arc::new(AppState {
+            model,
+            escalator,
+            policy: policy_rx,
+            admission: Admission::new(config.http.max_concurrent, config.http.max_queued),
+            counters: Arc::new(Counters::default()),
+            max_body_bytes: config.http.max_body_bytes,
+        });
+        Ok(Agent {
+            state,
+            listener,
+            policy_tx,
+            mqtt_task,
+            stop_mqtt,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        self.state.counters.clone()
+    }
+
+    pub fn mqtt_stats(&self) -> Arc<MqttStats> {
+        self.state.escalator.stats().clone()
+    }
+
+    pub fn policy(&self) -> Policy {
+        *self.policy_tx.borrow()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish,
+    /// and closes the MQTT session.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
+        let addr = self.local_addr().map_err(AgentError::Serve)?;
+        info!(%addr, "serving Open Inference Protocol v2");
+        let app = http::router(self.state.clone());
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(AgentError::Serve)?;
+        info!("HTTP drained; closing MQTT");
+        let _ = self.stop_mqtt.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.mqtt_task).await;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutdown requested");
+}

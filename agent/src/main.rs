@@ -1,0 +1,97 @@
+//! `edge-agent`: the daemon (`run`) and a model checker (`check-model`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edge_agent::config::AgentConfig;
+use edge_agent::{shutdown_signal, Agent};
+use tierd_runtime::Model;
+
+#[derive(Parser)]
+#[command(name = "edge-agent", version, about = "tierd edge agent: local inference, escalating unsure requests to the cloud relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// Config file (TOML). Without it every key takes its documented default.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Load a model from its manifest, verify checksum and golden vectors, print its metadata and
+    /// forward latency. Exits non-zero on any problem.
+    CheckModel {
+        manifest: PathBuf,
+        /// Forward passes to time.
+        #[arg(long, default_value_t = 1000)]
+        runs: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(config),
+        Command::CheckModel { manifest, runs } => check_model(&manifest, runs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match config {
+        Some(p) => AgentConfig::load(&p)?,
+        None => AgentConfig::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let agent = Agent::start(config).await?;
+        agent.serve(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn check_model(manifest: &std::path::Path, runs: usize) -> anyhow::Result<()> {
+    let model = Model::load(manifest)?;
+    let m = model.manifest();
+    println!("model      {}", model.id());
+    if !m.description.is_empty() {
+        println!("about      {}", m.description);
+    }
+    println!("file       {} ({} bytes, sha256 ok)", m.model_path().display(), model.file_bytes());
+    println!(
+        "input      {} {:?} {} (clients send {}; x * {} + {})",
+        m.input.name,
+        m.input.shape,
+        m.input.dtype.as_str(),
+        m.preprocess.wire_dtype.as_str(),
+        m.preprocess.scale,
+        m.preprocess.offset
+    );
+    println!("output     {} ({} labels: {})", m.output.name, m.output.labels.len(), m.output.labels.join(","));
+    println!("golden     {} vectors match", m.golden.len());
+    let (mean, p99) = model.time_forward(runs)?;
+    println!("forward    mean {:.1} us, p99 {:.1} us over {runs} runs", mean.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
+    Ok(())
+}

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Regenerate every artifact under models/ (models, manifests, eval streams, tables).
+
+    pip install -r models/requirements.txt && python3 models/train.py
+
+Deterministic: fixed seeds everywhere and single-threaded BLAS / onnxruntime, so a
+rerun on the same machine reproduces every file byte-for-byte (see README.md).
+"""
+import os
+
+# Multi-threaded BLAS reductions can change float summation order between runs,
+# which would change trained weights in the last bits; pin to one thread *before*
+# numpy is imported.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import csv
+import hashlib
+import io
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                      QuantFormat, QuantType, quantize_static)
+from skl2onnx import convert_sklearn
+from skl2onnx.common.data_types import FloatTensorType
+from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+
+warnings.filterwarnings("ignore", category=ConvergenceWarning)
+ort.set_default_logger_severity(3)
+
+HERE = Path(__file__).resolve().parent
+EDGE_DIR, CLOUD_DIR, EVAL_DIR = HERE / "edge", HERE / "cloud", HERE / "eval"
+
+MAGIC = b"TIERDEV1"
+STREAM_N, DRIFT_N = 20_000, 10_000
+THRESHOLDS = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95, 0.97, 0.99]
+LABELS = [str(i) for i in range(10)]
+OPSET = 16  # what skl2onnx emits for MLPs; <= 17 keeps tract-onnx 0.23 happy
+
+
+# ----------------------------------------------------------------------------- data
+def source_images():
+    """load_digits (0..16) mapped to the wire's u8 range exactly as clients do."""
+    d = load_digits()
+    px = np.round(d.data * 255.0 / 16.0).clip(0, 255).astype(np.uint8)
+    return px, d.target.astype(np.uint8)
+
+
+# Augmentation parameter ranges. "stream" is the in-distribution traffic the cascade
+# is tuned on: moderate enough that a tiny model is regularly unsure. "drift" is a
+# clearly degraded sensor (much more noise, blur and washed-out contrast).
+AUG = {
+    "stream": dict(p_shift=0.6, p_blur=0.5, blur=(0.4, 0.9), contrast=(0.55, 1.15),
+                   bright=(0.0, 25.0), noise=(4.0, 30.0)),
+    "drift": dict(p_shift=0.6, p_blur=1.0, blur=(0.7, 1.2), contrast=(0.4, 0.85),
+                  bright=(0.0, 40.0), noise=(25.0, 45.0)),
+    # Edge training: only mild perturbations, so the edge is decent but regularly
+    # unsure on stream traffic (brighter backgrounds, stronger noise than it saw).
+    "edge_train": dict(p_shift=0.3, p_blur=0.3, blur=(0.3, 0.7), contrast=(0.7, 1.1),
+                       bright=(0.0, 15.0), noise=(0.0, 15.0)),
+    # Cloud training covers a superset of stream's ranges so it stays robust.
+    "cloud_train": dict(p_shift=0.7, p_blur=0.6, blur=(0.3, 1.1), contrast=(0.45, 1.25),
+                        bright=(0.0, 35.0), noise=(0.0, 40.0)),
+}
+
+
+def augment(px_u8, rng, cfg):
+    """Seeded shift / blur / contrast / noise on a batch of u8 images -> u8 images."""
+    n = len(px_u8)
+    img = px_u8.reshape(n, 8, 8).astype(np.float64)
+
+    # +-1 px shifts with zero fill (no wrap-around: a wrapped stroke is not realistic).
+    dx = rng.integers(-1, 2, n) * (rng.random(n) < cfg["p_shift"])
+    dy = rng.integers(-1, 2, n) * (rng.random(n) < cfg["p_shift"])
+    pad = np.pad(img, ((0, 0), (1, 1), (1, 1)))
+    out = np.empty_like(img)
+    for i in range(n):
+        out[i] = pad[i, 1 + dy[i]:9 + dy[i], 1 + dx[i]:9 + dx[i]]
+    img = out
+
+    # Separable 3x3 gaussian blur, per-image sigma; zero padding like a dark border.
+    sigma = rng.uniform(*cfg["blur"], n)
+    w = np.exp(-1.0 / (2.0 * sigma ** 2)) * (rng.random(n) < cfg["p_blur"])
+    w = w[:, None, None]
+    p = np.pad(img, ((0, 0), (0, 0), (1, 1)))
+    img = (p[:, :, 1:-1] + w * (p[:, :, :-2] + p[:, :, 2:])) / (1 + 2 * w)
+    p = np.pad(img, ((0, 0), (1, 1), (0, 0)))
+    img = (p[:, 1:-1, :] + w * (p[:, :-2, :] + p[:, 2:, :])) / (1 + 2 * w)
+
+    # Contrast / brightness (lighting), then additive sensor noise.
+    c = rng.uniform(*cfg["contrast"], n)[:, None, None]
+    b = rng.uniform(*cfg["bright"], n)[:, None, None]
+    img = img * c + b
+    img = img + rng.normal(0.0, 1.0, img.shape) * rng.uniform(*cfg["noise"], n)[:, None, None]
+    return np.round(img).clip(0, 255).astype(np.uint8).reshape(n, 64)
+
+
+def sample_augmented(px, y, count, rng, cfg):
+    """`count` augmented images drawn from (px, y) in a balanced, shuffled cycle."""
+    reps = -(-count // len(px))
+    idx = np.concatenate([rng.permutation(len(px)) for _ in range(reps)])[:count]
+    return augment(px[idx], rng, cfg), y[idx]
+
+
+def write_stream(path, px, y, severity):
+    buf = io.BytesIO()
+    buf.write(MAGIC)
+    buf.write(struct.pack("<I", len(px)))
+    rec = np.empty((len(px), 66), dtype=np.uint8)
+    rec[:, 0], rec[:, 1], rec[:, 2:] = y, severity, px
+    buf.write(rec.tobytes())
+    path.write_bytes(buf.getvalue())
+
+
+def to_input(px_u8):
+    # Must match the manifests' [preprocess]: wire u8 * (1/255 as f32).
+    return px_u8.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+# ----------------------------------------------------------------------------- onnx
+def export_mlp(clf, graph_name):
+    """sklearn MLP -> ONNX with only the `probabilities` output.
+
+    ZipMap and the label branch (ArgMax + ai.onnx.ml.ArrayFeatureExtractor) are
+    dropped because tract rejects the ai.onnx.ml ops and the runtime only reads
+    probabilities anyway.
+    """
+    m = convert_sklearn(clf, initial_types=[("input", FloatTensorType([None, 64]))],
+                        options={id(clf): {"zipmap": False}},
+                        target_opset={"": OPSET, "ai.onnx.ml": 1})
+    g = m.graph
+    keep_out = [o for o in g.output if o.name == "probabilities"]
+    needed, kept = {"probabilities"}, []
+    for node in reversed(list(g.node)):  # backward reachability from the kept output
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    kept.reverse()
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.node[:], g.output[:], g.initializer[:]
+    g.node.extend(kept)
+    g.output.extend(keep_out)
+    g.initializer.extend(inits)
+    keep_ops = [o for o in m.opset_import if o.domain in ("", "ai.onnx")]
+    del m.opset_import[:]
+    m.opset_import.extend(keep_ops)
+    g.name = graph_name  # skl2onnx picks a random uuid; fixed name => reproducible bytes
+    onnx.checker.check_model(m)
+    return m
+
+
+class _Calib(CalibrationDataReader):
+    def __init__(self, x):
+        self._it = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize_int8(fp32_model, calib_x, graph_name):
+    """Static int8 QDQ quantization of the compute ops only.
+
+    Softmax is deliberately NOT quantized: a DequantizeLinear->Softmax->QuantizeLinear
+    chain is folded by tract 0.23 into a lookup table that returns 1.0 for every class.
+    Leaving Softmax in float keeps the output exact in both ort and tract. Only
+    standard-domain QuantizeLinear/DequantizeLinear are emitted (no com.microsoft ops).
+    """
+    with tempfile.TemporaryDirectory() as td:
+        src, dst = Path(td) / "fp32.onnx", Path(td) / "int8.onnx"
+        onnx.save(fp32_model, src)
+        quantize_static(str(src), str(dst), _Calib(calib_x),
+                        quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv", "Add", "Relu", "MaxPool"],
+                        per_channel=False, calibrate_method=CalibrationMethod.MinMax)
+        q = onnx.load(str(dst))
+    del q.graph.value_info[:]
+    q.graph.name = graph_name
+    onnx.checker.check_model(q)
+    return q
+
+
+def ort_probs(model_bytes, x):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    s = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return s.run(["probabilities"], {"input": x})[0]
+
+
+def ops(model):
+    return sorted({(n.domain or "ai.onnx") + ":" + n.op_type for n in model.graph.node})
+
+
+# ----------------------------------------------------------------------------- toml
+def fnum(v):
+    # Shortest decimal that round-trips to the same f32 (valid TOML float).
+    s = str(np.float32(v))
+    return s if any(ch in s for ch in ".e") else s + ".0"
+
+
+def farr(a):
+    return "[" + ", ".join(fnum(v) for v in a) + "]"
+
+
+def iarr(a):
+    return "[" + ", ".join(str(int(v)) for v in a) + "]"
+
+
+def write_manifest(path, name, description, onnx_file, golden_px, golden_p):
+    sha = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    lines = [
+        f'name = "{name}"', 'version = "1.0.0"', f'description = "{description}"',
+        f'file = "{onnx_file.name}"', f'sha256 = "{sha}"', "",
+        "[input]", 'name = "input"', "shape = [1, 64]", 'dtype = "FP32"', "",
+        "[preprocess]", 'wire_dtype = "UINT8"', "scale = 0.003921569", "offset = 0.0", "",
+        "[output]", 'name = "probabilities"',
+        "labels = [" + ", ".join(f'"{l}"' for l in LABELS) + "]",
+    ]
+    for px, p in zip(golden_px, golden_p):
+        lines += ["", "[[golden]]", f"pixels = {iarr(px)}", f"probabilities = {farr(p)}",
+                  "tolerance = 0.0001"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def pick_golden(p, n_conf=3, n_unsure=3):
+    """First rows (stream order) that are confident / unsure / in between."""
+    m = p.max(1)
+    conf = np.flatnonzero(m >= 0.99)[:n_conf]
+    unsure = np.flatnonzero(m <= 0.6)[:n_unsure - 1]
+    mid = np.flatnonzero((m > 0.6) & (m < 0.9))[:1]
+    return np.concatenate([conf, unsure, mid])
+
+
+def pick_examples(y, pe, pc, k=3):
+    """Distinct-label examples for the end-to-end tests (see README)."""
+    et, ct, em = pe.argmax(1), pc.argmax(1), pe.max(1)
+    conf = np.flatnonzero((em >= 0.995) & (et == ct) & (ct == y))
+    # Prefer unsure rows where the edge would be wrong and the cloud is clearly right,
+    # so a test can tell "escalated" from "answered at the edge" by the answer alone.
+    uns_best = np.flatnonzero((em <= 0.6) & (ct == y) & (et != ct) & (pc.max(1) >= 0.9))
+    uns_strict = np.flatnonzero((em <= 0.6) & (ct == y) & (et != ct))
+    uns_loose = np.flatnonzero((em <= 0.6) & (ct == y))
+    out = []
+    for kind, cands in (("confident", [conf]), ("unsure", [uns_best, uns_strict, uns_loose])):
+        chosen, labels = [], set()
+        for pool in cands:
+            for i in pool:
+                if len(chosen) < k and int(y[i]) not in labels:
+                    chosen.append(i)
+                    labels.add(int(y[i]))
+        assert len(chosen) == k, kind
+        out += [(kind if j == 0 else f"{kind}-{j + 1}", i) for j, i in enumerate(chosen)]
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    for d in (EDGE_DIR, CLOUD_DIR, EVAL_DIR):
+        d.mkdir(parents=True, exist_ok=True)
+
+    px, y = source_images()
+    # Disjoint source images: nothing in the eval streams is derived from a training image.
+    px_tr, px_ev, y_tr, y_ev = train_test_split(px, y, test_size=0.4, stratify=y, random_state=0)
+
+    # Independent RNG per artifact so changing one does not reshuffle the others.
+    s_px, s_y = sample_augmented(px_ev, y_ev, STREAM_N, np.random.default_rng(1001), AUG["stream"])
+    d_px, d_y = sample_augmented(px_ev, y_ev, DRIFT_N, np.random.default_rng(1002), AUG["drift"])
+    write_stream(EVAL_DIR / "stream.bin", s_px, s_y, 0)
+    write_stream(EVAL_DIR / "drift.bin", d_px, d_y, 1)
+
+    # Edge: deliberately small and lightly augmented, so it is decent but often unsure
+    # on stream traffic -- that is what makes the cascade interesting. (Clean-only
+    # training collapses to ~53% on the stream: it never saw a non-black background.)
+    e_px, e_y = sample_augmented(px_tr, y_tr, 10_000, np.random.default_rng(2002), AUG["edge_train"])
+    e_px, e_y = np.concatenate([px_tr, e_px]), np.concatenate([y_tr, e_y])
+    edge = MLPClassifier(hidden_layer_sizes=(24,), alpha=1e-3, max_iter=300, random_state=0)
+    edge.fit(to_input(e_px), e_y)
+
+    # Cloud: wide and trained on heavily augmented copies of the train-source images.
+    c_px, c_y = sample_augmented(px_tr, y_tr, 60_000, np.random.default_rng(2001), AUG["cloud_train"])
+    c_px, c_y = np.concatenate([px_tr, c_px]), np.concatenate([y_tr, c_y])
+    cloud = MLPClassifier(hidden_layer_sizes=(256, 128), alpha=1e-4, batch_size=256,
+                          max_iter=40, early_stopping=False, random_state=0)
+    cloud.fit(to_input(c_px), c_y)
+
+    edge_fp32 = export_mlp(edge, "digits_edge_fp32")
+    # Calibrate on train-source images plus stream-like augmentation of them, so
+    # activation ranges cover realistic traffic without touching eval sources.
+    cal_px = np.concatenate([px_tr, augment(px_tr, np.random.default_rng(3001), AUG["stream"])])
+    edge_q = quantize_int8(edge_fp32, to_input(cal_px), "digits_edge")
+    cloud_m = export_mlp(cloud, "digits_cloud")
+
+    edge_path, cloud_path = EDGE_DIR / "digits-edge.onnx", CLOUD_DIR / "digits-cloud.onnx"
+    onnx.save(edge_q, edge_path)
+    onnx.save(cloud_m, cloud_path)
+    edge_bytes, cloud_bytes = edge_path.read_bytes(), cloud_path.read_bytes()
+    fp32_bytes = edge_fp32.SerializeToString()
+
+    # ---- evaluation (always on the exact bytes written to disk)
+    xs, xd = to_input(s_px), to_input(d_px)
+    p_ef = ort_probs(fp32_bytes, xs)
+    p_eq = ort_probs(edge_bytes, xs)
+    p_c = ort_probs(cloud_bytes, xs)
+    d_ef, d_eq, d_c = ort_probs(fp32_bytes, xd), ort_probs(edge_bytes, xd), ort_probs(cloud_bytes, xd)
+
+    # Sanity: ONNX export matches sklearn; int8 stays close to fp32; probs are sane.
+    assert np.abs(p_ef - edge.predict_proba(xs)).max() < 1e-4
+    assert np.abs(p_c - cloud.predict_proba(xs)).max() < 1e-4
+    for p in (p_ef, p_eq, p_c, d_eq, d_c):
+        assert np.allclose(p.sum(1), 1.0, atol=1e-4)
+        assert (p.max(1) < 0.999999).any() and not np.all(p == 1.0)
+    q_gap = np.abs(p_eq - p_ef).max(1)
+    q_agree = (p_eq.argmax(1) == p_ef.argmax(1)).mean()
+
+    acc = lambda p, t: float((p.argmax(1) == t).mean())
+    a = dict(edge_fp32=(acc(p_ef, s_y), acc(d_ef, d_y)), edge_int8=(acc(p_eq, s_y), acc(d_eq, d_y)),
+             cloud=(acc(p_c, s_y), acc(d_c, d_y)))
+    assert a["cloud"][0] - a["edge_int8"][0] >= 0.05, a
+
+    # ---- cascade table: escalate when edge max-prob < threshold
+    et, ct, em = p_eq.argmax(1), p_c.argmax(1), p_eq.max(1)
+    rows = []
+    for t in THRESHOLDS:
+        esc = em < t
+        ans = np.where(esc, ct, et)
+        rows.append([f"{t:.2f}", f"{esc.mean():.4f}", f"{(ans == s_y).mean():.4f}", f"{(ans == ct).mean():.4f}"])
+    orc = et != ct
+    rows.append(["oracle", f"{orc.mean():.4f}", f"{(np.where(orc, ct, et) == s_y).mean():.4f}", "1.0000"])
+    with open(EVAL_DIR / "cascade.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["threshold", "escalation_rate", "cascade_accuracy", "cloud_agreement"])
+        w.writerows(rows)
+
+    # ---- manifests with golden vectors (from stream.bin, computed on the committed files)
+    gi = pick_golden(p_eq)
+    write_manifest(EDGE_DIR / "digits-edge.toml", "digits-edge",
+                   "Small int8 QDQ MLP (64-24-10) for 8x8 digits; edge tier",
+                   edge_path, s_px[gi], p_eq[gi])
+    gi = pick_golden(p_c)
+    write_manifest(CLOUD_DIR / "digits-cloud.toml", "digits-cloud",
+                   "Wide fp32 MLP (64-256-128-10) for 8x8 digits trained on augmented data; cloud tier",
+                   cloud_path, s_px[gi], p_c[gi])
+
+    # ---- named end-to-end examples
+    lines = ["# Named examples from eval/stream.bin for end-to-end tests (generated by train.py).",
+             "# confident*: edge max prob >= 0.995 and edge top-1 == cloud top-1 == label.",
+             "# unsure*:    edge max prob <= 0.6, cloud top-1 == label (preferring edge top-1 != cloud top-1 and cloud max >= 0.9)."]
+    for name, i in pick_examples(s_y, p_eq, p_c):
+        lines += ["", "[[example]]", f'name = "{name}"', f"label = {int(s_y[i])}",
+                  f"pixels = {iarr(s_px[i])}", f"edge_probabilities = {farr(p_eq[i])}",
+                  f"cloud_probabilities = {farr(p_c[i])}"]
+    (EVAL_DIR / "examples.toml").write_text("\n".join(lines) + "\n")
+
+    # ---- report
+    nparams = lambda c: sum(w.size for w in c.coefs_) + sum(b.size for b in c.intercepts_)
+    print(f"edge  : {edge_path.stat().st_size} B, {nparams(edge)} params, ops {ops(edge_q)}")
+    print(f"cloud : {cloud_path.stat().st_size} B, {nparams(cloud)} params, ops {ops(cloud_m)}")
+    print(f"edge fp32 onnx size {len(fp32_bytes)} B")
+    for k, (s, d) in a.items():
+        print(f"acc {k:10s} stream {s:.4f}  drift {d:.4f}")
+    print(f"int8 vs fp32: max |dp| {q_gap.max():.4f}, mean max|dp| {q_gap.mean():.5f}, top-1 agree {q_agree:.4f}")
+    print("cascade:", *(",".join(r) for r in rows), sep="\n  ")
+    for f in sorted(HERE.rglob("*")):
+        if f.is_file() and f.suffix in (".onnx", ".toml", ".bin", ".csv"):
+            print(hashlib.sha256(f.read_bytes()).hexdigest()[:16], f.stat().st_size, f.relative_to(HERE))
+
+
+if __name__ == "__main__":
+    main()

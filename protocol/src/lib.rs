@@ -1,0 +1,18 @@
+//! The tierd wire format, shared by the edge agent and the cloud relay.
+//!
+//! This crate owns three things and does no I/O:
+//! - [`topic`]: the MQTT topic tree `tierd/v1/{device_id}/…` and its parser;
+//! - [`message`]: every message that crosses MQTT, as plain serde types;
+//! - [`codec`]: framing (version byte + kind byte + postcard body) with size limits checked
+//!   *before* anything is decoded.
+//!
+//! Tensors travel in their native dtype (u8 pixels stay u8, one byte each) because radio bytes
+//! cost energy on the device; JSON floats would be ~8x larger for the same image.
+
+pub mod codec;
+pub mod message;
+pub mod topic;
+
+pub use codec::{decode, encode, WireError, WireMessage, WIRE_VERSION};
+pub use message::*;
+pub use topic::{Topic, TopicError, TopicKind};

@@ -1,0 +1,206 @@
+//! The MQTT topic tree.
+//!
+//! | topic | direction | QoS | retained | payload |
+//! |---|---|---|---|---|
+//! | `tierd/v1/{device}/escalate` | agent → relay (shared subscription) | 0 | no | [`EscalationRequest`](crate::EscalationRequest) |
+//! | `tierd/v1/{device}/escalate/reply` | relay → agent | 0 | no | [`EscalationReply`](crate::EscalationReply) |
+//! | `tierd/v1/{device}/telemetry` | agent → relay | 1 | no | telemetry report (reserved) |
+//! | `tierd/v1/{device}/config` | relay → agent | 1 | yes | config document (reserved) |
+//! | `tierd/v1/{device}/config/ack` | agent → relay | 1 | no | config ack (reserved) |
+//! | `tierd/v1/{device}/status` | agent (and its last will) | 1 | yes | online/offline (reserved) |
+//!
+//! Escalations use QoS 0 on purpose: an escalation is bound by a deadline of a few hundred
+//! milliseconds, QoS 1 redelivery would arrive after the caller was already answered, and embedded
+//! rumqttd (which never sets TCP_NODELAY) turns every QoS 1 round trip into ~44 ms of Nagle delay.
+//! A lost escalation is covered by the agent's timeout and local fallback, never by waiting.
+
+use thiserror::Error;
+
+/// First two levels of every tierd topic.
+pub const PREFIX: &str = "tierd/v1";
+
+/// Longest device id accepted, in bytes.
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// Shared-subscription group the relays join, so several replicas split escalations.
+pub const RELAY_SHARE_GROUP: &str = "tierd-relay";
+
+/// What a topic carries, independent of the device it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TopicKind {
+    Escalate,
+    EscalateReply,
+    Telemetry,
+    Config,
+    ConfigAck,
+    Status,
+}
+
+impl TopicKind {
+    /// The topic suffix after `tierd/v1/{device}/`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            TopicKind::Escalate => "escalate",
+            TopicKind::EscalateReply => "escalate/reply",
+            TopicKind::Telemetry => "telemetry",
+            TopicKind::Config => "config",
+            TopicKind::ConfigAck => "config/ack",
+            TopicKind::Status => "status",
+        }
+    }
+
+    const ALL: [TopicKind; 6] = [
+        TopicKind::Escalate,
+        TopicKind::EscalateReply,
+        TopicKind::Telemetry,
+        TopicKind::Config,
+        TopicKind::ConfigAck,
+        TopicKind::Status,
+    ];
+}
+
+/// A parsed tierd topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic {
+    pub device_id: String,
+    pub kind: TopicKind,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TopicError {
+    #[error("topic {0:?} is not under {PREFIX}/")]
+    NotTierd(String),
+    #[error("topic {0:?} has an unknown suffix")]
+    UnknownSuffix(String),
+    #[error("invalid device id {id:?}: {why}")]
+    BadDeviceId { id: String, why: &'static str },
+}
+
+/// Checks a device id: 1–64 bytes of `[A-Za-z0-9_.-]`, so it can never inject MQTT wildcards
+/// (`+`, `#`) or extra topic levels (`/`).
+pub fn validate_device_id(id: &str) -> Result<(), TopicError> {
+    let bad = |why| {
+        Err(TopicError::BadDeviceId {
+            id: id.chars().take(80).collect(),
+            why,
+        })
+    };
+    if id.is_empty() {
+        return bad("empty");
+    }
+    if id.len() > MAX_DEVICE_ID_LEN {
+        return bad("longer than 64 bytes");
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return bad("only letters, digits, '_', '-' and '.' are allowed");
+    }
+    Ok(())
+}
+
+impl Topic {
+    pub fn new(device_id: &str, kind: TopicKind) -> Result<Self, TopicError> {
+        validate_device_id(device_id)?;
+        Ok(Topic {
+            device_id: device_id.to_owned(),
+            kind,
+        })
+    }
+
+    /// Parses `tierd/v1/{device}/{suffix}`.
+    pub fn parse(topic: &str) -> Result<Self, TopicError> {
+        let rest = topic
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or_else(|| TopicError::NotTierd(topic.chars().take(200).collect()))?;
+        let (device, suffix) = rest
+            .split_once('/')
+            .ok_or_else(|| TopicError::UnknownSuffix(topic.chars().take(200).collect()))?;
+        validate_device_id(device)?;
+        let kind = TopicKind::ALL
+            .into_iter()
+            .find(|k| k.suffix() == suffix)
+            .ok_or_else(|| TopicError::UnknownSuffix(topic.chars().take(200).collect()))?;
+        Ok(Topic {
+            device_id: device.to_owned(),
+            kind,
+        })
+    }
+
+    /// Filter matching this kind of topic for every device, e.g. `tierd/v1/+/telemetry`.
+    pub fn all_devices(kind: TopicKind) -> String {
+        format!("{PREFIX}/+/{}", kind.suffix())
+    }
+
+    /// The shared-subscription filter relays use for escalations.
+    pub fn relay_escalation_filter() -> String {
+        format!(
+            "$share/{RELAY_SHARE_GROUP}/{}",
+            Self::all_devices(TopicKind::Escalate)
+        )
+    }
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{PREFIX}/{}/{}", self.device_id, self.kind.suffix())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_kind() {
+        for kind in TopicKind::ALL {
+            let t = Topic::new("pi-4.field_07", kind).unwrap();
+            let s = t.to_string();
+            assert_eq!(Topic::parse(&s).unwrap(), t, "{s}");
+        }
+        assert_eq!(
+            Topic::new("d1", TopicKind::EscalateReply)
+                .unwrap()
+                .to_string(),
+            "tierd/v1/d1/escalate/reply"
+        );
+    }
+
+    #[test]
+    fn rejects_foreign_and_malformed_topics() {
+        assert!(matches!(
+            Topic::parse("other/v1/d/escalate"),
+            Err(TopicError::NotTierd(_))
+        ));
+        assert!(matches!(
+            Topic::parse("tierd/v1/d/nope"),
+            Err(TopicError::UnknownSuffix(_))
+        ));
+        assert!(matches!(
+            Topic::parse("tierd/v1/d"),
+            Err(TopicError::UnknownSuffix(_))
+        ));
+        assert!(matches!(
+            Topic::parse("tierd/v1/+/escalate"),
+            Err(TopicError::BadDeviceId { .. })
+        ));
+    }
+
+    #[test]
+    fn device_ids_cannot_inject_levels_or_wildcards() {
+        for bad in ["", "a/b", "a+", "#", "sp ace", &"x".repeat(65), "é"] {
+            assert!(validate_device_id(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_device_id(&"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn relay_filter_is_a_shared_subscription() {
+        assert_eq!(
+            Topic::relay_escalation_filter(),
+            "$share/tierd-relay/tierd/v1/+/escalate"
+        );
+    }
+}

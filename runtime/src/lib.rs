@@ -1,0 +1,52 @@
+//! What both daemons run: verified models ([`Model`]) and the MQTT connection ([`mqtt`]).
+//!
+//! A model file is not trusted: [`Model::load`] checks its sha256 against the manifest, compiles it
+//! with tract into an optimized plan once, then runs every golden vector and refuses the model if
+//! any output differs. That last check exists because a QDQ model quantized with onnxruntime's
+//! defaults loads fine in tract yet answers 1.0 for every class; only running it shows that.
+
+mod manifest;
+mod model;
+pub mod mqtt;
+
+pub use manifest::{Dtype, Golden, InputSpec, Manifest, OutputSpec, Preprocess};
+pub use model::{InputError, Model, Prediction};
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Why a model could not be loaded.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{path}: sha256 is {actual} but the manifest says {expected}; the file is corrupt or was replaced")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: tract cannot load this model: {reason}")]
+    Compile { path: PathBuf, reason: String },
+    #[error("{model}: golden vector {index} differs at class {class}: expected {expected:.6}, got {actual:.6} (|diff| {diff:.2e} > tolerance {tolerance:.1e}); the model computes wrong results in this runtime")]
+    GoldenMismatch {
+        model: String,
+        index: usize,
+        class: usize,
+        expected: f32,
+        actual: f32,
+        diff: f32,
+        tolerance: f32,
+    },
+    #[error("{model}: golden vector {index} failed to run: {reason}")]
+    GoldenRun {
+        model: String,
+        index: usize,
+        reason: String,
+    },
+}

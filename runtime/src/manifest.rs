@@ -1,0 +1,236 @@
+//! Model manifests: the TOML file beside each `.onnx` that says what the model is, how to feed
+//! it, and what it must answer for a few golden inputs.
+//!
+//! Parsing is strict (`deny_unknown_fields`): a typo in a manifest is an error, not a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ModelError;
+
+/// Element types a manifest may name (Open Inference Protocol spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Dtype {
+    #[serde(rename = "UINT8")]
+    Uint8,
+    #[serde(rename = "FP32")]
+    Fp32,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Uint8 => "UINT8",
+            Dtype::Fp32 => "FP32",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Name of the ONNX graph input.
+    pub name: String,
+    /// Shape of one request's input, batch dimension included (e.g. `[1, 64]`).
+    pub shape: Vec<usize>,
+    /// Element type of the ONNX graph input.
+    pub dtype: Dtype,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Element type clients send (raw sensor values).
+    pub wire_dtype: Dtype,
+    /// `model_input = wire_value * scale + offset`.
+    pub scale: f32,
+    pub offset: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Name of the ONNX graph output holding class probabilities.
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+/// An input with the probabilities the model must produce for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Golden {
+    pub pixels: Vec<u8>,
+    pub probabilities: Vec<f32>,
+    /// Largest absolute difference allowed per probability.
+    pub tolerance: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    /// Path of the ONNX file, relative to the manifest.
+    pub file: PathBuf,
+    /// Hex sha256 of the ONNX file.
+    pub sha256: String,
+    pub input: InputSpec,
+    pub preprocess: Preprocess,
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub golden: Vec<Golden>,
+    /// Directory of the manifest, for resolving `file`.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+impl Manifest {
+    /// Reads and checks a manifest (the model file itself is checked by [`crate::Model::load`]).
+    pub fn from_path(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        let mut m = Self::parse(&text).map_err(|reason| ModelError::Manifest {
+            path: path.to_owned(),
+            reason,
+        })?;
+        m.dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        Ok(m)
+    }
+
+    /// Parses and checks manifest text; the error is a human-readable reason.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let m: Manifest = toml::from_str(text).map_err(|e| e.to_string())?;
+        m.check()?;
+        Ok(m)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(format!(
+                "name {:?} must be non-empty and use only letters, digits, '-', '_', '.'",
+                self.name
+            ));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "sha256 {:?} is not 64 hex digits",
+                self.sha256
+            ));
+        }
+        if self.input.shape.is_empty() || self.input.shape.contains(&0) {
+            return Err(format!(
+                "input.shape {:?} must be non-empty with positive dimensions",
+                self.input.shape
+            ));
+        }
+        if self.input.shape[0] != 1 {
+            return Err(format!(
+                "input.shape {:?}: the first (batch) dimension must be 1",
+                self.input.shape
+            ));
+        }
+        if self.input.dtype != Dtype::Fp32 {
+            return Err("input.dtype: only FP32 model inputs are supported".into());
+        }
+        if !self.preprocess.scale.is_finite() || !self.preprocess.offset.is_finite() {
+            return Err("preprocess.scale and preprocess.offset must be finite".into());
+        }
+        if self.output.labels.len() < 2 {
+            return Err("output.labels needs at least two classes".into());
+        }
+        let n_in = self.input_elements();
+        for (i, g) in self.golden.iter().enumerate() {
+            if g.pixels.len() != n_in {
+                return Err(format!(
+                    "golden[{i}] has {} pixels, the input holds {n_in}",
+                    g.pixels.len()
+                ));
+            }
+            if g.probabilities.len() != self.output.labels.len() {
+                return Err(format!(
+                    "golden[{i}] has {} probabilities for {} labels",
+                    g.probabilities.len(),
+                    self.output.labels.len()
+                ));
+            }
+            if !(g.tolerance.is_finite() && g.tolerance > 0.0 && g.tolerance < 0.5) {
+                return Err(format!("golden[{i}].tolerance must be in (0, 0.5)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of elements in one request's input.
+    pub fn input_elements(&self) -> usize {
+        self.input.shape.iter().product()
+    }
+
+    /// `name@version`, the identity used on the wire and in logs.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    pub fn model_path(&self) -> PathBuf {
+        self.dir.join(&self.file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "m"
+version = "1"
+file = "m.onnx"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+[input]
+name = "input"
+shape = [1, 2]
+dtype = "FP32"
+[preprocess]
+wire_dtype = "UINT8"
+scale = 0.5
+offset = 0.0
+[output]
+name = "probabilities"
+labels = ["a", "b"]
+[[golden]]
+pixels = [1, 2]
+probabilities = [0.5, 0.5]
+tolerance = 0.001
+"#;
+
+    #[test]
+    fn parses_a_good_manifest() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.id(), "m@1");
+        assert_eq!(m.input_elements(), 2);
+    }
+
+    #[test]
+    fn rejects_bad_manifests_with_a_reason() {
+        let cases = [
+            (GOOD.replace("name = \"m\"", "name = \"m\"\ncolour = 1"), "unknown field"),
+            (GOOD.replace("0000000000", "zz"), "sha256"),
+            (GOOD.replace("shape = [1, 2]", "shape = [2, 2]"), "batch"),
+            (GOOD.replace("pixels = [1, 2]", "pixels = [1]"), "golden[0]"),
+            (GOOD.replace("labels = [\"a\", \"b\"]", "labels = [\"a\"]"), "labels"),
+            (GOOD.replace("\"FP32\"", "\"FP64\""), "unknown variant"),
+        ];
+        for (text, needle) in cases {
+            let err = Manifest::parse(&text).unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+}
