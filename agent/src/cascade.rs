@@ -72,13 +72,16 @@ pub fn top1(probs: &[f32]) -> usize {
     probs
         .iter()
         .enumerate()
-        .fold((0, f32::MIN), |(bi, bp), (i, &p)| {
-            if p > bp {
-                (i, p)
-            } else {
-                (bi, bp)
-            }
-        })
+        .fold(
+            (0, f32::MIN),
+            |(bi, bp), (i, &p)| {
+                if p > bp {
+                    (i, p)
+                } else {
+                    (bi, bp)
+                }
+            },
+        )
         .0
 }
 
@@ -220,7 +223,10 @@ mod tests {
         assert!(!should_escalate(0.9, 0.9));
         assert!(should_escalate(0.8999, 0.9));
         assert!(!should_escalate(0.0, 0.0), "threshold 0 never escalates");
-        assert!(should_escalate(0.999, 1.01), "threshold above 1 always escalates");
+        assert!(
+            should_escalate(0.999, 1.01),
+            "threshold above 1 always escalates"
+        );
     }
 
     #[test]
@@ -240,6 +246,10 @@ mod tests {
         assert_eq!(a.probabilities, edge);
         assert_eq!(a.fallback.unwrap().as_str(), "timeout");
         let a = resolve(edge.clone(), Some(Ok(vec![1.0])));
-        assert_eq!(a.tier, Tier::EdgeFallback, "wrong-length cloud answer is not passed on");
+        assert_eq!(
+            a.tier,
+            Tier::EdgeFallback,
+            "wrong-length cloud answer is not passed on"
+        );
     }
 }

@@ -223,7 +223,10 @@ mod tests {
         for (text, key) in [
             ("device_id = \"a/b\"", "device_id"),
             ("[cascade]\nthreshold = 2.0", "cascade.threshold"),
-            ("[cascade]\nescalation_timeout_ms = 0", "escalation_timeout_ms"),
+            (
+                "[cascade]\nescalation_timeout_ms = 0",
+                "escalation_timeout_ms",
+            ),
             ("[cascade]\nsignal = \"vibes\"", "unknown variant"),
             ("[cascade]\nthreshhold = 0.5", "unknown field"),
             ("[mqtt]\npassword = \"x\"", "mqtt.password"),

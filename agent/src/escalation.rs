@@ -154,7 +154,13 @@ impl Escalator {
         let wait = async {
             // QoS 0: see the topic table in tierd-protocol for why escalations are not QoS 1.
             self.client
-                .publish_with_properties(&self.request_topic, QoS::AtMostOnce, false, payload, props)
+                .publish_with_properties(
+                    &self.request_topic,
+                    QoS::AtMostOnce,
+                    false,
+                    payload,
+                    props,
+                )
                 .await
                 .map_err(|_| FallbackReason::PublishFailed)?;
             self.stats.bytes_out.fetch_add(len, Ordering::Relaxed);
@@ -203,7 +209,10 @@ impl Escalator {
             }
             None => {
                 stats.late_replies.fetch_add(1, Ordering::Relaxed);
-                debug!(request_id = reply.request_id, "reply for no waiting request (late or duplicate)");
+                debug!(
+                    request_id = reply.request_id,
+                    "reply for no waiting request (late or duplicate)"
+                );
             }
         }
     }

@@ -88,8 +88,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
-        .route("/v2/models/{name}/versions/{version}", get(model_metadata_v))
-        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(model_metadata_v),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready_v),
+        )
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         // Bodies are read under our own limit so the client gets a JSON 400 naming the limit.
@@ -113,7 +119,10 @@ async fn body_limit(
     if declared.is_some_and(|n| n > limit as u64) {
         return ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("request body of {} bytes exceeds the limit of {limit} bytes", declared.unwrap_or(0)),
+            format!(
+                "request body of {} bytes exceeds the limit of {limit} bytes",
+                declared.unwrap_or(0)
+            ),
         )
         .into_response();
     }
@@ -121,8 +130,11 @@ async fn body_limit(
     let (parts, body) = req.into_parts();
     match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => {
-            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
-                .await
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
         }
         Err(_) => ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -161,7 +173,10 @@ fn check_model(state: &AppState, name: &str, version: Option<&str>) -> Result<()
         if v != m.version {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("model {name:?} has no version {v:?}; loaded version is {:?}", m.version),
+                format!(
+                    "model {name:?} has no version {v:?}; loaded version is {:?}",
+                    m.version
+                ),
             ));
         }
     }
@@ -182,7 +197,11 @@ async fn model_metadata_v(
     metadata(&state, &name, Some(&version))
 }
 
-fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<ModelMetadata>, ApiError> {
+fn metadata(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Json<ModelMetadata>, ApiError> {
     check_model(state, name, version)?;
     let m = state.model.manifest();
     let shape: Vec<i64> = m.input.shape.iter().map(|&d| d as i64).collect();
@@ -271,12 +290,10 @@ async fn infer_checked(
             "inference queue is full; retry shortly",
         ));
     };
-    let _worker = state
-        .admission
-        .workers
-        .acquire()
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down"))?;
+    let _worker =
+        state.admission.workers.acquire().await.map_err(|_| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down")
+        })?;
     check_model(state, name, version)?;
 
     let header_len = match headers.get("inference-header-content-length") {
@@ -299,15 +316,13 @@ async fn infer_checked(
         }
     }
     let input = oip::input_tensor(&req, binary, &manifest.input.name).map_err(bad)?;
-    let edge = state
-        .model
-        .predict(&input)
-        .map_err(|e| match e {
-            tierd_runtime::InputError::Runtime(m) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("edge model failed: {m}"))
-            }
-            other => bad(other.to_string()),
-        })?;
+    let edge = state.model.predict(&input).map_err(|e| match e {
+        tierd_runtime::InputError::Runtime(m) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("edge model failed: {m}"),
+        ),
+        other => bad(other.to_string()),
+    })?;
 
     let policy = *state.policy.borrow();
     let confidence = cascade::confidence(&edge.probabilities, policy.signal);
@@ -344,11 +359,17 @@ async fn infer_checked(
     if let Some(label) = manifest.output.labels.get(top) {
         params.insert("label".into(), label.clone().into());
     }
-    params.insert("edge_compute_us".into(), json!(edge.compute.as_micros() as u64));
+    params.insert(
+        "edge_compute_us".into(),
+        json!(edge.compute.as_micros() as u64),
+    );
     if let Some(us) = cloud_us {
         params.insert("escalation_us".into(), json!(us));
     }
-    params.insert("latency_us".into(), json!(started.elapsed().as_micros() as u64));
+    params.insert(
+        "latency_us".into(),
+        json!(started.elapsed().as_micros() as u64),
+    );
     Ok(Json(InferResponse {
         model_name: manifest.name.clone(),
         model_version: manifest.version.clone(),

@@ -4,7 +4,7 @@
 //! - [`oip`]: Open Inference Protocol v2 parsing (pure).
 //! - [`http`]: the local API and admission control.
 //! - [`escalation`]: the MQTT path to the relay, with deadlines and fallback.
-//! - [`config`]: `agent.toml`.
+//! - [`config`]: the `agent.toml` schema.
 //!
 //! [`Agent::start`] does everything that can fail (config checks, model verification, binding the
 //! port, TLS setup) before it returns, so "started" means "ready to serve" — the moment a
@@ -25,6 +25,8 @@ use tierd_runtime::{Model, ModelError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
+
+pub use tierd_runtime::shutdown_signal;
 
 use crate::cascade::Signal;
 use crate::config::{AgentConfig, ConfigError};
@@ -86,12 +88,13 @@ impl Agent {
         let options = config.mqtt.options(&config.default_client_id())?;
         let (escalator, eventloop) =
             Escalator::new(options, &config.device_id, config.cascade.max_in_flight)?;
-        let listener = TcpListener::bind(config.http.listen)
-            .await
-            .map_err(|e| AgentError::Bind {
-                addr: config.http.listen,
-                source: e,
-            })?;
+        let listener =
+            TcpListener::bind(config.http.listen)
+                .await
+                .map_err(|e| AgentError::Bind {
+                    addr: config.http.listen,
+                    source: e,
+                })?;
         let policy = Policy {
             threshold: config.cascade.threshold,
             signal: config.cascade.signal,
@@ -139,7 +142,10 @@ impl Agent {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish,
     /// and closes the MQTT session.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AgentError> {
         let addr = self.local_addr().map_err(AgentError::Serve)?;
         info!(%addr, "serving Open Inference Protocol v2");
         let app = http::router(self.state.clone());
@@ -152,27 +158,4 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.mqtt_task).await;
         Ok(())
     }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    info!("shutdown requested");
 }

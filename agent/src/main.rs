@@ -10,7 +10,11 @@ use edge_agent::{shutdown_signal, Agent};
 use tierd_runtime::Model;
 
 #[derive(Parser)]
-#[command(name = "edge-agent", version, about = "tierd edge agent: local inference, escalating unsure requests to the cloud relay")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "tierd edge agent: local inference, escalating unsure requests to the cloud relay"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +42,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -79,7 +83,11 @@ fn check_model(manifest: &std::path::Path, runs: usize) -> anyhow::Result<()> {
     if !m.description.is_empty() {
         println!("about      {}", m.description);
     }
-    println!("file       {} ({} bytes, sha256 ok)", m.model_path().display(), model.file_bytes());
+    println!(
+        "file       {} ({} bytes, sha256 ok)",
+        m.model_path().display(),
+        model.file_bytes()
+    );
     println!(
         "input      {} {:?} {} (clients send {}; x * {} + {})",
         m.input.name,
@@ -89,9 +97,18 @@ fn check_model(manifest: &std::path::Path, runs: usize) -> anyhow::Result<()> {
         m.preprocess.scale,
         m.preprocess.offset
     );
-    println!("output     {} ({} labels: {})", m.output.name, m.output.labels.len(), m.output.labels.join(","));
+    println!(
+        "output     {} ({} labels: {})",
+        m.output.name,
+        m.output.labels.len(),
+        m.output.labels.join(",")
+    );
     println!("golden     {} vectors match", m.golden.len());
     let (mean, p99) = model.time_forward(runs)?;
-    println!("forward    mean {:.1} us, p99 {:.1} us over {runs} runs", mean.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
+    println!(
+        "forward    mean {:.1} us, p99 {:.1} us over {runs} runs",
+        mean.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6
+    );
     Ok(())
 }

@@ -74,7 +74,10 @@ pub struct ModelMetadata {
 }
 
 /// Parses a request body. `header_len` is the value of `Inference-Header-Content-Length`, if any.
-pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<(InferRequest, &[u8]), String> {
+pub fn parse_request(
+    body: &[u8],
+    header_len: Option<usize>,
+) -> Result<(InferRequest, &[u8]), String> {
     let (json, binary) = match header_len {
         Some(n) if n > body.len() => {
             return Err(format!(
@@ -91,7 +94,11 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<(InferReq
 }
 
 /// Converts the single input of a request into a tensor, taking binary data from `binary`.
-pub fn input_tensor(req: &InferRequest, binary: &[u8], expected_name: &str) -> Result<Tensor, String> {
+pub fn input_tensor(
+    req: &InferRequest,
+    binary: &[u8],
+    expected_name: &str,
+) -> Result<Tensor, String> {
     let input = match req.inputs.as_slice() {
         [one] => one,
         [] => return Err("request has no inputs".into()),
@@ -110,7 +117,8 @@ pub fn input_tensor(req: &InferRequest, binary: &[u8], expected_name: &str) -> R
     }
     let mut shape = Vec::with_capacity(input.shape.len());
     for &d in &input.shape {
-        let d = u32::try_from(d).map_err(|_| format!("shape {:?} has an invalid dimension {d}", input.shape))?;
+        let d = u32::try_from(d)
+            .map_err(|_| format!("shape {:?} has an invalid dimension {d}", input.shape))?;
         shape.push(d);
     }
     let binary_size = input
@@ -118,9 +126,9 @@ pub fn input_tensor(req: &InferRequest, binary: &[u8], expected_name: &str) -> R
         .as_ref()
         .and_then(|p| p.get("binary_data_size"))
         .map(|v| {
-            v.as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| "parameters.binary_data_size must be a non-negative integer".to_string())
+            v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                "parameters.binary_data_size must be a non-negative integer".to_string()
+            })
         })
         .transpose()?;
     let data = match (binary_size, &input.data) {
@@ -146,8 +154,11 @@ fn binary_data(datatype: &str, bytes: &[u8]) -> Result<TensorData, String> {
     match datatype {
         "UINT8" => Ok(TensorData::U8(bytes.to_vec())),
         "FP32" => {
-            if bytes.len() % 4 != 0 {
-                return Err(format!("FP32 binary data of {} bytes is not a multiple of 4", bytes.len()));
+            if !bytes.len().is_multiple_of(4) {
+                return Err(format!(
+                    "FP32 binary data of {} bytes is not a multiple of 4",
+                    bytes.len()
+                ));
             }
             Ok(TensorData::F32(
                 bytes
@@ -161,7 +172,9 @@ fn binary_data(datatype: &str, bytes: &[u8]) -> Result<TensorData, String> {
 }
 
 fn unsupported(datatype: &str) -> String {
-    format!("datatype {datatype:?} is not supported; send UINT8 (raw pixels) or FP32 (preprocessed)")
+    format!(
+        "datatype {datatype:?} is not supported; send UINT8 (raw pixels) or FP32 (preprocessed)"
+    )
 }
 
 /// Flattens row-major (possibly nested) JSON arrays, checking each element's type and range.
@@ -228,7 +241,10 @@ mod tests {
 
     #[test]
     fn parses_flat_and_nested_uint8() {
-        let t = req(r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"UINT8","data":[0,1,2,255]}]}"#).unwrap();
+        let t = req(
+            r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"UINT8","data":[0,1,2,255]}]}"#,
+        )
+        .unwrap();
         assert_eq!(t.data, TensorData::U8(vec![0, 1, 2, 255]));
         let t = req(r#"{"inputs":[{"name":"input","shape":[2,2],"datatype":"UINT8","data":[[0,1],[2,3]]}]}"#).unwrap();
         assert_eq!(t.data, TensorData::U8(vec![0, 1, 2, 3]));
@@ -236,7 +252,9 @@ mod tests {
 
     #[test]
     fn parses_fp32() {
-        let t = req(r#"{"inputs":[{"name":"input","shape":[2],"datatype":"FP32","data":[0.5, 1]}]}"#).unwrap();
+        let t =
+            req(r#"{"inputs":[{"name":"input","shape":[2],"datatype":"FP32","data":[0.5, 1]}]}"#)
+                .unwrap();
         assert_eq!(t.data, TensorData::F32(vec![0.5, 1.0]));
     }
 
@@ -246,13 +264,19 @@ mod tests {
         let mut body = header.to_vec();
         body.extend_from_slice(&[7, 8, 9]);
         let (r, bin) = parse_request(&body, Some(header.len())).unwrap();
-        assert_eq!(input_tensor(&r, bin, "input").unwrap().data, TensorData::U8(vec![7, 8, 9]));
+        assert_eq!(
+            input_tensor(&r, bin, "input").unwrap().data,
+            TensorData::U8(vec![7, 8, 9])
+        );
 
         let header = br#"{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
         let mut body = header.to_vec();
         body.extend_from_slice(&1.5f32.to_le_bytes());
         let (r, bin) = parse_request(&body, Some(header.len())).unwrap();
-        assert_eq!(input_tensor(&r, bin, "input").unwrap().data, TensorData::F32(vec![1.5]));
+        assert_eq!(
+            input_tensor(&r, bin, "input").unwrap().data,
+            TensorData::F32(vec![1.5])
+        );
     }
 
     #[test]
@@ -260,18 +284,44 @@ mod tests {
         for (body, needle) in [
             ("{not json", "malformed JSON"),
             (r#"{"inputs":[]}"#, "no inputs"),
-            (r#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[1]}]}"#, "unknown input"),
-            (r#"{"inputs":[{"name":"input","shape":[1],"datatype":"INT64","data":[1]}]}"#, "not supported"),
-            (r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8","data":[256]}]}"#, "data[0]"),
-            (r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8","data":[1.5]}]}"#, "not a UINT8"),
-            (r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8","data":["a"]}]}"#, "not a number"),
-            (r#"{"inputs":[{"name":"input","shape":[3],"datatype":"UINT8","data":[1,2]}]}"#, "elements"),
-            (r#"{"inputs":[{"name":"input","shape":[-1],"datatype":"UINT8","data":[1]}]}"#, "invalid dimension"),
-            (r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8"}]}"#, "no data"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[1]}]}"#,
+                "unknown input",
+            ),
+            (
+                r#"{"inputs":[{"name":"input","shape":[1],"datatype":"INT64","data":[1]}]}"#,
+                "not supported",
+            ),
+            (
+                r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8","data":[256]}]}"#,
+                "data[0]",
+            ),
+            (
+                r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8","data":[1.5]}]}"#,
+                "not a UINT8",
+            ),
+            (
+                r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8","data":["a"]}]}"#,
+                "not a number",
+            ),
+            (
+                r#"{"inputs":[{"name":"input","shape":[3],"datatype":"UINT8","data":[1,2]}]}"#,
+                "elements",
+            ),
+            (
+                r#"{"inputs":[{"name":"input","shape":[-1],"datatype":"UINT8","data":[1]}]}"#,
+                "invalid dimension",
+            ),
+            (
+                r#"{"inputs":[{"name":"input","shape":[1],"datatype":"UINT8"}]}"#,
+                "no data",
+            ),
         ] {
             let err = req(body).unwrap_err();
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
         }
-        assert!(parse_request(b"{}", Some(10)).unwrap_err().contains("exceeds"));
+        assert!(parse_request(b"{}", Some(10))
+            .unwrap_err()
+            .contains("exceeds"));
     }
 }

@@ -1,1 +1,67 @@
-fn main() {}
+//! `cloud-relay`: answers escalations with the cloud model.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cloud_relay::config::RelayConfig;
+use cloud_relay::Relay;
+
+#[derive(Parser)]
+#[command(
+    name = "cloud-relay",
+    version,
+    about = "tierd cloud relay: answers escalations with the bigger model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay. Without `[mqtt]` in the config it embeds a broker.
+    Run {
+        /// Config file (TOML). Without it every key takes its documented default.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cli { command } = Cli::parse();
+    let result = match command {
+        Command::Run { config } => run(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloud-relay: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match config {
+        Some(p) => RelayConfig::load(&p)?,
+        None => RelayConfig::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let relay = Relay::start(config).await?;
+        relay.serve(tierd_runtime::shutdown_signal()).await;
+        anyhow::Ok(())
+    })
+}

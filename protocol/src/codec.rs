@@ -65,10 +65,11 @@ pub enum WireError {
 /// Encodes a message with its header; fails if the result would exceed the kind's limit.
 pub fn encode<M: WireMessage>(msg: &M) -> Result<Vec<u8>, WireError> {
     let mut out = vec![WIRE_VERSION, M::KIND];
-    let out = postcard::to_extend(msg, std::mem::take(&mut out)).map_err(|e| WireError::Encode {
-        name: M::NAME,
-        reason: e.to_string(),
-    })?;
+    let out =
+        postcard::to_extend(msg, std::mem::take(&mut out)).map_err(|e| WireError::Encode {
+            name: M::NAME,
+            reason: e.to_string(),
+        })?;
     if out.len() > M::MAX_BYTES {
         return Err(WireError::TooLarge {
             name: M::NAME,
@@ -161,7 +162,10 @@ mod tests {
                 request_id: 7,
                 outcome,
             };
-            assert_eq!(decode::<EscalationReply>(&encode(&rep).unwrap()).unwrap(), rep);
+            assert_eq!(
+                decode::<EscalationReply>(&encode(&rep).unwrap()).unwrap(),
+                rep
+            );
         }
     }
 

@@ -164,7 +164,9 @@ mod tests {
 
     #[test]
     fn validates_element_count_and_limits() {
-        assert!(t(vec![1, 64], TensorData::U8(vec![0; 64])).validate().is_ok());
+        assert!(t(vec![1, 64], TensorData::U8(vec![0; 64]))
+            .validate()
+            .is_ok());
         assert_eq!(
             t(vec![1, 64], TensorData::U8(vec![0; 63])).validate(),
             Err(TensorError::ElementCount {

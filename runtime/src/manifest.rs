@@ -122,10 +122,7 @@ impl Manifest {
             ));
         }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "sha256 {:?} is not 64 hex digits",
-                self.sha256
-            ));
+            return Err(format!("sha256 {:?} is not 64 hex digits", self.sha256));
         }
         if self.input.shape.is_empty() || self.input.shape.contains(&0) {
             return Err(format!(
@@ -221,11 +218,17 @@ tolerance = 0.001
     #[test]
     fn rejects_bad_manifests_with_a_reason() {
         let cases = [
-            (GOOD.replace("name = \"m\"", "name = \"m\"\ncolour = 1"), "unknown field"),
+            (
+                GOOD.replace("name = \"m\"", "name = \"m\"\ncolour = 1"),
+                "unknown field",
+            ),
             (GOOD.replace("0000000000", "zz"), "sha256"),
             (GOOD.replace("shape = [1, 2]", "shape = [2, 2]"), "batch"),
             (GOOD.replace("pixels = [1, 2]", "pixels = [1]"), "golden[0]"),
-            (GOOD.replace("labels = [\"a\", \"b\"]", "labels = [\"a\"]"), "labels"),
+            (
+                GOOD.replace("labels = [\"a\", \"b\"]", "labels = [\"a\"]"),
+                "labels",
+            ),
             (GOOD.replace("\"FP32\"", "\"FP64\""), "unknown variant"),
         ];
         for (text, needle) in cases {

@@ -17,7 +17,10 @@ pub enum InputError {
     #[error(transparent)]
     Tensor(#[from] TensorError),
     #[error("datatype {got} is not accepted; send {wire} (raw values) or FP32 (preprocessed)")]
-    Dtype { got: &'static str, wire: &'static str },
+    Dtype {
+        got: &'static str,
+        wire: &'static str,
+    },
     #[error("shape {got:?} does not match the model input {expected:?} (or {unbatched:?})")]
     Shape {
         got: Vec<u32>,
@@ -48,7 +51,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("id", &self.manifest.id()).finish()
+        f.debug_struct("Model")
+            .field("id", &self.manifest.id())
+            .finish()
     }
 }
 
@@ -103,8 +108,8 @@ impl Model {
                 .probabilities;
             for (class, (&expected, &actual)) in g.probabilities.iter().zip(&got).enumerate() {
                 let diff = (expected - actual).abs();
-                // `!(diff <= tol)` also catches NaN.
-                if !(diff <= g.tolerance) {
+                // NaN compares false to everything, so test "within tolerance" and negate.
+                if diff.is_nan() || diff > g.tolerance {
                     return Err(ModelError::GoldenMismatch {
                         model: m.id(),
                         index,
@@ -241,7 +246,10 @@ fn compile(bytes: &[u8], m: &Manifest) -> TractResult<Arc<TypedRunnableModel>> {
     let input_ix = model
         .input_outlets()?
         .iter()
-        .position(|o| model.outlet_label(*o) == Some(m.input.name.as_str()) || model.node(o.node).name == m.input.name)
+        .position(|o| {
+            model.outlet_label(*o) == Some(m.input.name.as_str())
+                || model.node(o.node).name == m.input.name
+        })
         .ok_or_else(|| anyhow::anyhow!("the graph has no input named {:?}", m.input.name))?;
     if input_ix != 0 || model.input_outlets()?.len() != 1 {
         anyhow::bail!("the graph must have exactly one input, {:?}", m.input.name);

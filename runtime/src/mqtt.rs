@@ -252,12 +252,20 @@ mod tests {
         let mut c = MqttConfig::default();
         assert!(c.validate().is_ok());
         c.password = Some("x".into());
-        assert!(c.validate().unwrap_err().to_string().contains("mqtt.password"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mqtt.password"));
         let c = MqttConfig {
             client_cert_file: Some("c.pem".into()),
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("client_key_file"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("client_key_file"));
     }
 
     #[test]

@@ -1,0 +1,342 @@
+//! Answering escalations: take requests from the shared subscription, run the cloud model, reply
+//! to the requesting device.
+//!
+//! One task owns the MQTT event loop and hands each publish to a bounded queue; a fixed pool of
+//! workers answers them. A full queue is answered with `Overloaded` instead of growing memory.
+//! Every reject is logged with the device id and counted; nothing a client sends can stop the
+//! loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use tierd_protocol::{
+    decode, encode, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome, Topic,
+    TopicKind,
+};
+use tierd_runtime::mqtt::Backoff;
+use tierd_runtime::{InputError, Model};
+use tokio::sync::{mpsc, watch, Mutex};
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub answered: AtomicU64,
+    pub errors: AtomicU64,
+    pub rejected: AtomicU64,
+    pub overloaded: AtomicU64,
+}
+
+/// Decides the reply to one decoded request. Pure apart from running the model.
+pub fn answer(model: &Model, serves: &[String], req: &EscalationRequest) -> ReplyOutcome {
+    let edge_name = req.edge_model.split('@').next().unwrap_or_default();
+    if !serves.is_empty() && !serves.iter().any(|s| s == edge_name) {
+        return ReplyOutcome::Error {
+            code: ReplyErrorCode::UnknownModel,
+            message: format!(
+                "this relay answers for {serves:?}, not edge model {:?}",
+                req.edge_model
+            ),
+        };
+    }
+    match model.predict(&req.input) {
+        Ok(p) => ReplyOutcome::Answer {
+            model: model.id(),
+            probabilities: p.probabilities,
+            compute_us: p.compute.as_micros().min(u128::from(u32::MAX)) as u32,
+        },
+        Err(InputError::Runtime(m)) => ReplyOutcome::Error {
+            code: ReplyErrorCode::Internal,
+            message: m,
+        },
+        Err(e) => ReplyOutcome::Error {
+            code: ReplyErrorCode::BadShape,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// One unit of work for a worker.
+struct Job {
+    device_id: String,
+    reply_topic: String,
+    correlation: Option<Bytes>,
+    payload: Bytes,
+    received: Instant,
+}
+
+/// Where a reply goes, or why the request is dropped without one.
+///
+/// The reply topic must be the sending device's own: a forged request must not turn the relay
+/// into a publisher on arbitrary topics.
+fn route(publish: &Publish) -> Result<Job, String> {
+    let topic =
+        std::str::from_utf8(&publish.topic).map_err(|_| "topic is not UTF-8".to_string())?;
+    let parsed = Topic::parse(topic).map_err(|e| e.to_string())?;
+    if parsed.kind != TopicKind::Escalate {
+        return Err(format!("unexpected topic {topic}"));
+    }
+    let own_reply = Topic::new(&parsed.device_id, TopicKind::EscalateReply)
+        .map_err(|e| e.to_string())?
+        .to_string();
+    let props = publish.properties.as_ref();
+    if let Some(rt) = props.and_then(|p| p.response_topic.as_deref()) {
+        if rt != own_reply {
+            return Err(format!(
+                "device {} asked for replies on {rt:?}, which is not its own reply topic",
+                parsed.device_id
+            ));
+        }
+    }
+    Ok(Job {
+        device_id: parsed.device_id,
+        reply_topic: own_reply,
+        correlation: props.and_then(|p| p.correlation_data.clone()),
+        payload: publish.payload.clone(),
+        received: Instant::now(),
+    })
+}
+
+async fn work(
+    model: Model,
+    serves: Arc<Vec<String>>,
+    client: AsyncClient,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    stats: Arc<RelayStats>,
+) {
+    loop {
+        let job = {
+            let mut rx = rx.lock().await;
+            match rx.recv().await {
+                Some(j) => j,
+                None => return,
+            }
+        };
+        let (request_id, outcome) = match decode::<EscalationRequest>(&job.payload) {
+            Ok(req) => {
+                let queued = job.received.elapsed();
+                if queued > Duration::from_millis(u64::from(req.deadline_ms)) {
+                    // The agent has already answered its caller; skip the work.
+                    debug!(device = %job.device_id, request_id = req.request_id, "deadline passed in queue; dropped");
+                    continue;
+                }
+                (req.request_id, answer(&model, &serves, &req))
+            }
+            Err(e) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                warn!(device = %job.device_id, error = %e, "rejected escalation");
+                // Without a decodable request id, the reply can only be matched by correlation data.
+                let id = job
+                    .correlation
+                    .as_ref()
+                    .and_then(|c| <[u8; 8]>::try_from(c.as_ref()).ok())
+                    .map(u64::from_be_bytes);
+                match id {
+                    Some(id) => (
+                        id,
+                        ReplyOutcome::Error {
+                            code: ReplyErrorCode::BadRequest,
+                            message: e.to_string(),
+                        },
+                    ),
+                    None => continue,
+                }
+            }
+        };
+        match &outcome {
+            ReplyOutcome::Answer { .. } => stats.answered.fetch_add(1, Ordering::Relaxed),
+            ReplyOutcome::Error { code, message } => {
+                warn!(device = %job.device_id, request_id, ?code, %message, "escalation answered with an error");
+                stats.errors.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        publish_reply(&client, &job, request_id, outcome).await;
+    }
+}
+
+async fn publish_reply(client: &AsyncClient, job: &Job, request_id: u64, outcome: ReplyOutcome) {
+    let reply = EscalationReply {
+        request_id,
+        outcome,
+    };
+    let payload = match encode(&reply) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(device = %job.device_id, error = %e, "cannot encode reply");
+            return;
+        }
+    };
+    let props = PublishProperties {
+        correlation_data: job.correlation.clone(),
+        ..Default::default()
+    };
+    if let Err(e) = client
+        .publish_with_properties(&job.reply_topic, QoS::AtMostOnce, false, payload, props)
+        .await
+    {
+        warn!(device = %job.device_id, error = %e, "cannot publish reply");
+    }
+}
+
+/// What the escalation service needs besides its MQTT connection.
+pub struct Service {
+    pub model: Model,
+    /// Edge model names answered for; empty = any.
+    pub serves: Vec<String>,
+    pub workers: usize,
+    pub queue: usize,
+    pub stats: Arc<RelayStats>,
+}
+
+/// Runs the escalation service until `shutdown` flips: event loop plus `workers` workers.
+pub async fn run(
+    service: Service,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Service {
+        model,
+        serves,
+        workers,
+        queue,
+        stats,
+    } = service;
+    let (tx, rx) = mpsc::channel::<Job>(queue);
+    let rx = Arc::new(Mutex::new(rx));
+    let serves = Arc::new(serves);
+    let mut pool = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        pool.push(tokio::spawn(work(
+            model.clone(),
+            serves.clone(),
+            client.clone(),
+            rx.clone(),
+            stats.clone(),
+        )));
+    }
+    let filter = Topic::relay_escalation_filter();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut connected = false;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.changed() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                connected = true;
+                if let Err(e) = client.try_subscribe(&filter, QoS::AtMostOnce) {
+                    warn!(error = %e, "cannot queue subscription");
+                }
+                info!(%filter, "connected; taking escalations");
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => match route(&p) {
+                Ok(job) => {
+                    if let Err(mpsc::error::TrySendError::Full(job)) = tx.try_send(job) {
+                        stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                        let reply = EscalationReply {
+                            request_id: job
+                                .correlation
+                                .as_ref()
+                                .and_then(|c| <[u8; 8]>::try_from(c.as_ref()).ok())
+                                .map(u64::from_be_bytes)
+                                .unwrap_or(0),
+                            outcome: ReplyOutcome::Error {
+                                code: ReplyErrorCode::Overloaded,
+                                message: "relay queue is full".into(),
+                            },
+                        };
+                        if let Ok(payload) = encode(&reply) {
+                            let props = PublishProperties {
+                                correlation_data: job.correlation.clone(),
+                                ..Default::default()
+                            };
+                            let _ = client.try_publish_with_properties(
+                                &job.reply_topic,
+                                QoS::AtMostOnce,
+                                false,
+                                payload,
+                                props,
+                            );
+                        }
+                    }
+                }
+                Err(why) => {
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(%why, "ignored message");
+                }
+            },
+            Ok(_) => {}
+            Err(e) => {
+                if connected {
+                    warn!(error = %e, "MQTT connection lost; reconnecting");
+                } else {
+                    debug!(error = %e, "MQTT connect failed");
+                }
+                connected = false;
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    drop(tx);
+    for w in pool {
+        let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
+    }
+    if client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = eventloop.poll().await {
+                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(topic: &str, response_topic: Option<&str>) -> Publish {
+        let mut p = Publish::new(topic, QoS::AtMostOnce, vec![1, 2, 3], None);
+        p.properties = Some(PublishProperties {
+            response_topic: response_topic.map(str::to_owned),
+            correlation_data: Some(Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 9])),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn routes_replies_to_the_sender_only() {
+        let job = route(&publish(
+            "tierd/v1/pi-1/escalate",
+            Some("tierd/v1/pi-1/escalate/reply"),
+        ))
+        .unwrap();
+        assert_eq!(job.device_id, "pi-1");
+        assert_eq!(job.reply_topic, "tierd/v1/pi-1/escalate/reply");
+        let job = route(&publish("tierd/v1/pi-1/escalate", None)).unwrap();
+        assert_eq!(job.reply_topic, "tierd/v1/pi-1/escalate/reply");
+        let err = route(&publish(
+            "tierd/v1/pi-1/escalate",
+            Some("tierd/v1/pi-2/escalate/reply"),
+        ))
+        .err()
+        .unwrap();
+        assert!(err.contains("not its own"), "{err}");
+        assert!(route(&publish("tierd/v1/pi-1/telemetry", None)).is_err());
+        assert!(route(&publish("elsewhere", None)).is_err());
+    }
+}
