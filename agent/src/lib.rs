@@ -136,6 +136,16 @@ impl Agent {
         self.state.escalator.stats().clone()
     }
 
+    /// Whether the MQTT session to the broker is up (escalations possible).
+    pub fn mqtt_connected(&self) -> bool {
+        self.state.escalator.is_connected()
+    }
+
+    /// A handle that reports the MQTT connection state after `serve` has taken the agent.
+    pub fn escalator(&self) -> Escalator {
+        self.state.escalator.clone()
+    }
+
     pub fn policy(&self) -> Policy {
         *self.policy_tx.borrow()
     }

@@ -1,1 +1,268 @@
-fn main() {}
+//! `tierd-demo`: the whole path on one machine with nothing installed.
+//!
+//! Starts a cloud relay (with its embedded broker) and an edge agent in this process — the same
+//! library code the daemons run — then replays the labelled evaluation stream through the agent's
+//! HTTP API like a local app would, and prints what the cascade did: where requests were answered,
+//! accuracy against the true labels next to edge-only and cloud-only, latency per tier, and the
+//! bytes that went over MQTT.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use cloud_relay::config::RelayConfig;
+use cloud_relay::Relay;
+use edge_agent::config::AgentConfig;
+use edge_agent::Agent;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tierd_runtime::mqtt::MqttConfig;
+use tierd_runtime::{stream, Model};
+use tokio::sync::Semaphore;
+
+#[derive(Parser)]
+#[command(name = "tierd-demo", about = "Relay + embedded broker + agent on this machine, replaying the evaluation stream")]
+struct Args {
+    /// Evaluation stream to replay.
+    #[arg(long, default_value_os_t = repo_path("models/eval/stream.bin"))]
+    stream: PathBuf,
+    /// Replay only the first N records (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Requests in flight at once (like several local apps).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Escalation threshold on the max softmax probability.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f32,
+    /// Escalation timeout in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    timeout_ms: u64,
+}
+
+fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+#[derive(Default)]
+struct TierStats {
+    count: u64,
+    correct: u64,
+    latency_us: Option<Histogram<u64>>,
+}
+
+impl TierStats {
+    fn record(&mut self, correct: bool, us: u64) {
+        self.count += 1;
+        self.correct += u64::from(correct);
+        let h = self
+            .latency_us
+            .get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid"));
+        let _ = h.record(us.max(1));
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(demo(args))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn demo(args: Args) -> anyhow::Result<()> {
+    let mut records = stream::read(&args.stream)?;
+    if args.limit > 0 {
+        records.truncate(args.limit);
+    }
+    let edge_manifest = repo_path("models/edge/digits-edge.toml");
+    let cloud_manifest = repo_path("models/cloud/digits-cloud.toml");
+
+    // 1. The relay with its embedded broker, on a free port so a local Mosquitto is no obstacle.
+    let broker_port = free_port()?;
+    let mut relay_cfg = RelayConfig::default();
+    relay_cfg.model.manifest = cloud_manifest.clone();
+    relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
+    let relay = Relay::start(relay_cfg).await.context("starting the relay")?;
+    let relay_stats = relay.stats();
+    let (stop_relay, relay_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let relay_task = tokio::spawn(relay.serve(async {
+        let _ = relay_stop_rx.await;
+    }));
+
+    // 2. The agent, speaking HTTP on a free port and MQTT to that broker.
+    let mut agent_cfg = AgentConfig {
+        device_id: "demo-pi".into(),
+        mqtt: MqttConfig {
+            port: broker_port,
+            ..MqttConfig::default()
+        },
+        ..AgentConfig::default()
+    };
+    agent_cfg.http.listen = ([127, 0, 0, 1], 0).into();
+    agent_cfg.model.manifest = edge_manifest.clone();
+    agent_cfg.cascade.threshold = args.threshold;
+    agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
+    let agent = Agent::start(agent_cfg).await.context("starting the agent")?;
+    let addr = agent.local_addr()?;
+    let counters = agent.counters();
+    let mqtt = agent.mqtt_stats();
+    let escalator = agent.escalator();
+    let (stop_agent, agent_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent_task = tokio::spawn(agent.serve(async {
+        let _ = agent_stop_rx.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !escalator.is_connected() {
+        if Instant::now() > deadline {
+            bail!("the agent did not connect to the embedded broker on port {broker_port} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The relay subscribes right after it connects; give its SUBSCRIBE a moment to land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("tierd demo: relay + embedded broker on 127.0.0.1:{broker_port}, agent on http://{addr}");
+    println!(
+        "replaying {} images from {} (threshold {}, timeout {} ms, {} in flight)",
+        records.len(),
+        args.stream.display(),
+        args.threshold,
+        args.timeout_ms,
+        args.concurrency
+    );
+
+    // 3. Replay through HTTP.
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let url = Arc::new(format!("http://{addr}/v2/models/digits-edge/infer"));
+    let sem = Arc::new(Semaphore::new(args.concurrency));
+    let mut handles = Vec::with_capacity(records.len());
+    let started = Instant::now();
+    for (i, r) in records.iter().enumerate() {
+        let permit = sem.clone().acquire_owned().await?;
+        let client = client.clone();
+        let url = url.clone();
+        let body = json!({
+            "id": i.to_string(),
+            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "UINT8", "data": r.pixels}],
+        });
+        let label = r.label;
+        handles.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let resp = client.post(url.as_str()).json(&body).send().await;
+            let us = t.elapsed().as_micros() as u64;
+            drop(permit);
+            let v: Value = resp?.error_for_status()?.json().await?;
+            anyhow::Ok((label, us, v))
+        }));
+        let done = i + 1;
+        if done % (records.len() / 10).max(1) == 0 {
+            println!(
+                "  {:>3}% sent  ({done} requests, edge {} / cloud {} / fallback {})",
+                done * 100 / records.len(),
+                counters.edge.load(Ordering::Relaxed),
+                counters.cloud.load(Ordering::Relaxed),
+                counters.edge_fallback.load(Ordering::Relaxed),
+            );
+        }
+    }
+    let mut per_tier: [(&str, TierStats); 3] = [
+        ("edge", TierStats::default()),
+        ("cloud", TierStats::default()),
+        ("edge_fallback", TierStats::default()),
+    ];
+    let mut fallback_reasons = std::collections::BTreeMap::<String, u64>::new();
+    for h in handles {
+        let (label, us, v) = h.await??;
+        let tier = v["parameters"]["tier"].as_str().unwrap_or("?").to_owned();
+        let predicted = v["parameters"]["label"].as_str().and_then(|s| s.parse::<u8>().ok());
+        if let Some(r) = v["parameters"]["fallback_reason"].as_str() {
+            *fallback_reasons.entry(r.to_owned()).or_default() += 1;
+        }
+        let slot = per_tier
+            .iter_mut()
+            .find(|(name, _)| *name == tier)
+            .with_context(|| format!("unexpected tier {tier:?} in response"))?;
+        slot.1.record(predicted == Some(label), us);
+    }
+    let elapsed = started.elapsed();
+
+    // 4. Baselines from the same images: each model run directly.
+    let edge = Model::load(&edge_manifest)?;
+    let cloud = Model::load(&cloud_manifest)?;
+    let (mut edge_ok, mut cloud_ok) = (0u64, 0u64);
+    for r in &records {
+        let t = edge.manifest().wire_input(r.pixels.clone());
+        edge_ok += u64::from(argmax(&edge.predict(&t)?.probabilities) == usize::from(r.label));
+        cloud_ok += u64::from(argmax(&cloud.predict(&t)?.probabilities) == usize::from(r.label));
+    }
+
+    let n = records.len() as f64;
+    let total: u64 = per_tier.iter().map(|(_, s)| s.count).sum();
+    let correct: u64 = per_tier.iter().map(|(_, s)| s.correct).sum();
+    println!();
+    println!("== summary ==================================================");
+    println!("requests            {total} in {:.1} s ({:.0} req/s)", elapsed.as_secs_f64(), total as f64 / elapsed.as_secs_f64());
+    for (name, s) in &per_tier {
+        let (p50, p95) = s
+            .latency_us
+            .as_ref()
+            .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.95)))
+            .unwrap_or((0, 0));
+        println!(
+            "  {name:<14} {:>6} ({:>5.1}%)  latency p50 {:>6.2} ms  p95 {:>6.2} ms",
+            s.count,
+            100.0 * s.count as f64 / n,
+            p50 as f64 / 1000.0,
+            p95 as f64 / 1000.0
+        );
+    }
+    for (reason, count) in &fallback_reasons {
+        println!("    fallback reason {reason}: {count}");
+    }
+    println!("accuracy vs labels");
+    println!("  edge only        {:>6.2}%", 100.0 * edge_ok as f64 / n);
+    println!("  cloud only       {:>6.2}%", 100.0 * cloud_ok as f64 / n);
+    println!("  tierd cascade    {:>6.2}%  with {:.1}% of requests sent to the cloud", 100.0 * correct as f64 / n, 100.0 * per_tier[1].1.count as f64 / n);
+    println!(
+        "MQTT (agent side)   sent {} bytes in {} messages, received {} bytes in {} messages",
+        mqtt.bytes_out.load(Ordering::Relaxed),
+        mqtt.messages_out.load(Ordering::Relaxed),
+        mqtt.bytes_in.load(Ordering::Relaxed),
+        mqtt.messages_in.load(Ordering::Relaxed),
+    );
+    println!(
+        "relay               answered {}, errors {}, rejected {}",
+        relay_stats.answered.load(Ordering::Relaxed),
+        relay_stats.errors.load(Ordering::Relaxed),
+        relay_stats.rejected.load(Ordering::Relaxed),
+    );
+
+    let _ = stop_agent.send(());
+    let _ = agent_task.await;
+    let _ = stop_relay.send(());
+    let _ = relay_task.await;
+    if total != records.len() as u64 {
+        bail!("{} requests sent but {total} answered", records.len());
+    }
+    Ok(())
+}
+
+fn argmax(p: &[f32]) -> usize {
+    edge_agent::cascade::top1(p)
+}

@@ -8,6 +8,7 @@
 mod manifest;
 mod model;
 pub mod mqtt;
+pub mod stream;
 
 pub use manifest::{Dtype, Golden, InputSpec, Manifest, OutputSpec, Preprocess};
 pub use model::{InputError, Model, Prediction};

@@ -177,6 +177,14 @@ impl Manifest {
         format!("{}@{}", self.name, self.version)
     }
 
+    /// A tensor of raw wire values shaped like this model's input.
+    pub fn wire_input(&self, values: Vec<u8>) -> tierd_protocol::Tensor {
+        tierd_protocol::Tensor {
+            shape: self.input.shape.iter().map(|&d| d as u32).collect(),
+            data: tierd_protocol::TensorData::U8(values),
+        }
+    }
+
     pub fn model_path(&self) -> PathBuf {
         self.dir.join(&self.file)
     }

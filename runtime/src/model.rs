@@ -94,10 +94,7 @@ impl Model {
     fn verify_golden(&self) -> Result<(), ModelError> {
         let m = &self.manifest;
         for (index, g) in m.golden.iter().enumerate() {
-            let input = Tensor {
-                shape: m.input.shape.iter().map(|&d| d as u32).collect(),
-                data: TensorData::U8(g.pixels.clone()),
-            };
+            let input = m.wire_input(g.pixels.clone());
             let got = self
                 .predict(&input)
                 .map_err(|e| ModelError::GoldenRun {
@@ -222,10 +219,7 @@ impl Model {
             .first()
             .map(|g| g.pixels.clone())
             .unwrap_or_else(|| vec![0; m.input_elements()]);
-        let input = Tensor {
-            shape: m.input.shape.iter().map(|&d| d as u32).collect(),
-            data: TensorData::U8(pixels),
-        };
+        let input = m.wire_input(pixels);
         let mut times = Vec::with_capacity(n.max(1));
         for _ in 0..n.max(1) {
             times.push(self.predict(&input)?.compute);

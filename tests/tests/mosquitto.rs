@@ -1,0 +1,122 @@
+//! The production layout: Mosquitto as the broker, relays and agents joining it via `[mqtt]`.
+//!
+//! These tests need Mosquitto (`apt-get install mosquitto`); they fail without it unless
+//! `TIERD_SKIP_MOSQUITTO=1`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tierd_e2e::{
+    assert_probs_close, confident_examples, free_port, start_mosquitto, unsure_examples,
+    AgentOptions, AgentProc, RelayBroker, RelayProc,
+};
+
+const TOL: f32 = 1e-4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_on_mosquitto_answers_then_agent_falls_back_when_it_dies() {
+    let Some(mut mosquitto) = start_mosquitto(free_port()).await else {
+        return;
+    };
+    let mut relay = RelayProc::start("mq-r1", RelayBroker::External(mosquitto.port)).await;
+    mosquitto.wait_for_suback("cloud-relay-mq-r1").await;
+    let timeout_ms = 300;
+    let agent = AgentProc::start(
+        AgentOptions::new("mq-dev-1", mosquitto.port).escalation_timeout_ms(timeout_ms),
+    )
+    .await;
+    mosquitto.wait_for_suback("edge-agent-mq-dev-1").await;
+
+    let unsure = unsure_examples();
+    for ex in &unsure {
+        let r = agent.infer(&ex.pixels).await;
+        r.assert_ok_from("cloud", &ex.name);
+        assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, TOL, &ex.name);
+    }
+
+    // The relay crashes; Mosquitto and the agent's session stay up, so escalations go nowhere.
+    relay.kill();
+    for ex in &unsure {
+        let r = agent.infer(&ex.pixels).await;
+        r.assert_ok_from("edge_fallback", &ex.name);
+        assert_eq!(r.fallback_reason(), Some("timeout"), "{}", r.body);
+        assert!(
+            r.elapsed >= Duration::from_millis(timeout_ms),
+            "{}: answered after {:?}, before the escalation timeout",
+            ex.name,
+            r.elapsed
+        );
+        assert!(
+            r.elapsed < Duration::from_millis(timeout_ms + 1700),
+            "{}: fallback took {:?} with escalation_timeout_ms = {timeout_ms}",
+            ex.name,
+            r.elapsed
+        );
+        assert_probs_close(&r.probabilities(), &ex.edge_probabilities, TOL, &ex.name);
+    }
+    for ex in confident_examples() {
+        let r = agent.infer(&ex.pixels).await;
+        r.assert_ok_from("edge", &ex.name);
+        assert_probs_close(&r.probabilities(), &ex.edge_probabilities, TOL, &ex.name);
+    }
+
+    // A replacement relay takes over without touching the agent.
+    let _relay2 = RelayProc::start("mq-r1", RelayBroker::External(mosquitto.port)).await;
+    mosquitto
+        .proc
+        .wait_for_log_count(
+            "Sending SUBACK to cloud-relay-mq-r1",
+            2,
+            tierd_e2e::READY_TIMEOUT,
+        )
+        .await;
+    let ex = &unsure[0];
+    let r = agent.infer(&ex.pixels).await;
+    r.assert_ok_from("cloud", &format!("{} after relay restart", ex.name));
+    assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, TOL, &ex.name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_relays_share_the_escalations() {
+    let Some(mut mosquitto) = start_mosquitto(free_port()).await else {
+        return;
+    };
+    let _a = RelayProc::start("mq-share-a", RelayBroker::External(mosquitto.port)).await;
+    let _b = RelayProc::start("mq-share-b", RelayBroker::External(mosquitto.port)).await;
+    mosquitto.wait_for_suback("cloud-relay-mq-share-a").await;
+    mosquitto.wait_for_suback("cloud-relay-mq-share-b").await;
+    let agent = Arc::new(AgentProc::start(AgentOptions::new("mq-share-dev", mosquitto.port)).await);
+    mosquitto.wait_for_suback("edge-agent-mq-share-dev").await;
+
+    let unsure = unsure_examples();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let ex = unsure[i % unsure.len()].clone();
+        let agent = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = agent.infer(&ex.pixels).await;
+            (i, ex, r)
+        }));
+    }
+    for t in tasks {
+        let (i, ex, r) = t.await.expect("request task");
+        let what = format!("request {i} ({})", ex.name);
+        r.assert_ok_from("cloud", &what);
+        assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, TOL, &what);
+    }
+
+    // Mosquitto logs every PUBLISH it sends: each escalation went to exactly one relay, and the
+    // shared subscription spread them over both.
+    let topic = "'tierd/v1/mq-share-dev/escalate'";
+    let to_a = mosquitto.publishes_sent_to("cloud-relay-mq-share-a", topic);
+    let to_b = mosquitto.publishes_sent_to("cloud-relay-mq-share-b", topic);
+    assert_eq!(
+        to_a + to_b,
+        40,
+        "escalations delivered: {to_a} to relay a, {to_b} to relay b"
+    );
+    assert!(
+        to_a > 0 && to_b > 0,
+        "shared subscription did not spread the load: {to_a} to relay a, {to_b} to relay b"
+    );
+}
