@@ -12,6 +12,7 @@
 
 pub mod cascade;
 pub mod config;
+pub mod energy;
 pub mod escalation;
 pub mod http;
 pub mod oip;

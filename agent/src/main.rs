@@ -1,4 +1,5 @@
-//! `edge-agent`: the daemon (`run`) and a model checker (`check-model`).
+//! `edge-agent`: the daemon (`run`), a model checker (`check-model`) and an energy meter probe
+//! (`energy probe`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,20 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         runs: usize,
     },
+    /// Energy meters (RAPL, INA3221 hwmon, INA219, CPU-time estimate).
+    Energy {
+        #[command(subcommand)]
+        cmd: EnergyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnergyCmd {
+    /// List the detected meters and print one reading per second (watts, joules since start).
+    Probe {
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +65,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::CheckModel { manifest, runs } => check_model(&manifest, runs),
+        Command::Energy {
+            cmd: EnergyCmd::Probe { seconds },
+        } => edge_agent::energy::probe(
+            &edge_agent::energy::Roots::default(),
+            None,
+            seconds,
+            &mut std::io::stdout().lock(),
+        )
+        .context("energy probe"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

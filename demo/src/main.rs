@@ -24,7 +24,10 @@ use tierd_runtime::{stream, Model};
 use tokio::sync::Semaphore;
 
 #[derive(Parser)]
-#[command(name = "tierd-demo", about = "Relay + embedded broker + agent on this machine, replaying the evaluation stream")]
+#[command(
+    name = "tierd-demo",
+    about = "Relay + embedded broker + agent on this machine, replaying the evaluation stream"
+)]
 struct Args {
     /// Evaluation stream to replay.
     #[arg(long, default_value_os_t = repo_path("models/eval/stream.bin"))]
@@ -44,7 +47,9 @@ struct Args {
 }
 
 fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
 }
 
 #[derive(Default)]
@@ -58,9 +63,9 @@ impl TierStats {
     fn record(&mut self, correct: bool, us: u64) {
         self.count += 1;
         self.correct += u64::from(correct);
-        let h = self
-            .latency_us
-            .get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid"));
+        let h = self.latency_us.get_or_insert_with(|| {
+            Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
+        });
         let _ = h.record(us.max(1));
     }
 }
@@ -83,7 +88,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn demo(args: Args) -> anyhow::Result<()> {
@@ -99,7 +106,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let mut relay_cfg = RelayConfig::default();
     relay_cfg.model.manifest = cloud_manifest.clone();
     relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
-    let relay = Relay::start(relay_cfg).await.context("starting the relay")?;
+    let relay = Relay::start(relay_cfg)
+        .await
+        .context("starting the relay")?;
     let relay_stats = relay.stats();
     let (stop_relay, relay_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let relay_task = tokio::spawn(relay.serve(async {
@@ -119,7 +128,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     agent_cfg.model.manifest = edge_manifest.clone();
     agent_cfg.cascade.threshold = args.threshold;
     agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
-    let agent = Agent::start(agent_cfg).await.context("starting the agent")?;
+    let agent = Agent::start(agent_cfg)
+        .await
+        .context("starting the agent")?;
     let addr = agent.local_addr()?;
     let counters = agent.counters();
     let mqtt = agent.mqtt_stats();
@@ -137,7 +148,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     // The relay subscribes right after it connects; give its SUBSCRIBE a moment to land.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    println!("tierd demo: relay + embedded broker on 127.0.0.1:{broker_port}, agent on http://{addr}");
+    println!(
+        "tierd demo: relay + embedded broker on 127.0.0.1:{broker_port}, agent on http://{addr}"
+    );
     println!(
         "replaying {} images from {} (threshold {}, timeout {} ms, {} in flight)",
         records.len(),
@@ -190,7 +203,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     for h in handles {
         let (label, us, v) = h.await??;
         let tier = v["parameters"]["tier"].as_str().unwrap_or("?").to_owned();
-        let predicted = v["parameters"]["label"].as_str().and_then(|s| s.parse::<u8>().ok());
+        let predicted = v["parameters"]["label"]
+            .as_str()
+            .and_then(|s| s.parse::<u8>().ok());
         if let Some(r) = v["parameters"]["fallback_reason"].as_str() {
             *fallback_reasons.entry(r.to_owned()).or_default() += 1;
         }
@@ -217,7 +232,11 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let correct: u64 = per_tier.iter().map(|(_, s)| s.correct).sum();
     println!();
     println!("== summary ==================================================");
-    println!("requests            {total} in {:.1} s ({:.0} req/s)", elapsed.as_secs_f64(), total as f64 / elapsed.as_secs_f64());
+    println!(
+        "requests            {total} in {:.1} s ({:.0} req/s)",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
     for (name, s) in &per_tier {
         let (p50, p95) = s
             .latency_us
@@ -238,7 +257,11 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     println!("accuracy vs labels");
     println!("  edge only        {:>6.2}%", 100.0 * edge_ok as f64 / n);
     println!("  cloud only       {:>6.2}%", 100.0 * cloud_ok as f64 / n);
-    println!("  tierd cascade    {:>6.2}%  with {:.1}% of requests sent to the cloud", 100.0 * correct as f64 / n, 100.0 * per_tier[1].1.count as f64 / n);
+    println!(
+        "  tierd cascade    {:>6.2}%  with {:.1}% of requests sent to the cloud",
+        100.0 * correct as f64 / n,
+        100.0 * per_tier[1].1.count as f64 / n
+    );
     println!(
         "MQTT (agent side)   sent {} bytes in {} messages, received {} bytes in {} messages",
         mqtt.bytes_out.load(Ordering::Relaxed),

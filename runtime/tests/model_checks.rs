@@ -167,9 +167,11 @@ fn the_wrong_model_file_for_a_manifest_is_a_golden_mismatch() {
     write_toml(&path, &edge);
 
     let err = Model::load(&path).unwrap_err();
+    // (Golden vector 0 is a clear "0" that both models answer with ~1.0, so the mismatch shows
+    // on a later vector.)
     assert!(
-        matches!(err, ModelError::GoldenMismatch { index: 0, .. }),
-        "expected a golden mismatch on vector 0, got {err:?}"
+        matches!(err, ModelError::GoldenMismatch { .. }),
+        "expected a golden mismatch, got {err:?}"
     );
     assert!(err.to_string().contains("digits-edge@1.0.0"), "{err}");
 }
@@ -284,9 +286,19 @@ fn predictions_match_the_recorded_examples() {
     for ex in examples() {
         let input = u8_tensor(&[1, 64], ex.pixels.clone());
         let e = edge.predict(&input).unwrap().probabilities;
-        assert_close(&e, &ex.edge_probabilities, TOL, &format!("edge {}", ex.name));
+        assert_close(
+            &e,
+            &ex.edge_probabilities,
+            TOL,
+            &format!("edge {}", ex.name),
+        );
         let c = cloud.predict(&input).unwrap().probabilities;
-        assert_close(&c, &ex.cloud_probabilities, TOL, &format!("cloud {}", ex.name));
+        assert_close(
+            &c,
+            &ex.cloud_probabilities,
+            TOL,
+            &format!("cloud {}", ex.name),
+        );
         let sum: f32 = e.iter().sum();
         assert!((sum - 1.0).abs() < 1e-3, "{}: edge sums to {sum}", ex.name);
         assert_eq!(top1(&c), ex.label, "{}: cloud top-1", ex.name);

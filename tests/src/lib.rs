@@ -119,7 +119,11 @@ pub fn examples() -> Vec<Example> {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let file: ExampleFile =
         toml::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()));
-    assert!(!file.example.is_empty(), "{} has no examples", path.display());
+    assert!(
+        !file.example.is_empty(),
+        "{} has no examples",
+        path.display()
+    );
     file.example
 }
 
@@ -158,13 +162,16 @@ pub fn unsure_examples() -> Vec<Example> {
 pub fn top1(p: &[f32]) -> usize {
     p.iter()
         .enumerate()
-        .fold((0, f32::MIN), |(bi, bp), (i, &x)| {
-            if x > bp {
-                (i, x)
-            } else {
-                (bi, bp)
-            }
-        })
+        .fold(
+            (0, f32::MIN),
+            |(bi, bp), (i, &x)| {
+                if x > bp {
+                    (i, x)
+                } else {
+                    (bi, bp)
+                }
+            },
+        )
         .0
 }
 
@@ -233,7 +240,8 @@ impl InferResult {
             .iter()
             .map(|v| {
                 v.as_f64()
-                    .unwrap_or_else(|| panic!("non-number {v} in outputs[0].data")) as f32
+                    .unwrap_or_else(|| panic!("non-number {v} in outputs[0].data"))
+                    as f32
             })
             .collect()
     }
@@ -245,7 +253,11 @@ impl InferResult {
 
     /// Panics unless the status is 200 and the answer came from `tier`.
     pub fn assert_ok_from(&self, tier: &str, what: &str) {
-        assert_eq!(self.status, 200, "{what}: status {}: {}", self.status, self.body);
+        assert_eq!(
+            self.status, 200,
+            "{what}: status {}: {}",
+            self.status, self.body
+        );
         assert_eq!(self.tier(), tier, "{what}: wrong tier in {}", self.body);
     }
 }
@@ -266,7 +278,9 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log_path: &Path) -> Proc {
         let log = File::create(log_path)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-        let log2 = log.try_clone().expect("cannot duplicate the log file handle");
+        let log2 = log
+            .try_clone()
+            .expect("cannot duplicate the log file handle");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log2))
             .stderr(Stdio::from(log));
@@ -694,7 +708,8 @@ impl AgentProc {
 
     /// `POST path` with a JSON body.
     pub async fn post_json(&self, path: &str, body: &Value) -> InferResult {
-        self.post_raw(path, body.to_string().into_bytes(), &[]).await
+        self.post_raw(path, body.to_string().into_bytes(), &[])
+            .await
     }
 
     /// Infers one UINT8 input with the edge model's name.

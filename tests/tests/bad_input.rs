@@ -74,7 +74,10 @@ async fn bad_requests_get_precise_errors_and_the_agent_keeps_serving() {
     let pixels = &good.pixels;
 
     let r = agent
-        .post_json("/v2/models/nope/infer", &input(json!([1, 64]), "UINT8", json!(pixels)))
+        .post_json(
+            "/v2/models/nope/infer",
+            &input(json!([1, 64]), "UINT8", json!(pixels)),
+        )
         .await;
     assert_rejected(&r, 404, &["nope", EDGE_MODEL], "unknown model");
 
@@ -112,9 +115,7 @@ async fn bad_requests_get_precise_errors_and_the_agent_keeps_serving() {
         .await;
     assert_rejected(&r, 400, &["INT64", "not supported"], "datatype INT64");
 
-    let r = agent
-        .post_raw(INFER, b"{\"inputs\": [".to_vec(), &[])
-        .await;
+    let r = agent.post_raw(INFER, b"{\"inputs\": [".to_vec(), &[]).await;
     assert_rejected(&r, 400, &["malformed JSON"], "malformed JSON");
 
     let big = vec![b' '; 10 * 1024];
@@ -140,7 +141,10 @@ async fn bad_requests_get_precise_errors_and_the_agent_keeps_serving() {
     assert_rejected(&r, 400, &["data[5]", "300", "UINT8"], "UINT8 value 300");
 
     let r = agent
-        .post_json(INFER, &input(json!([1, 64]), "FP32", json!([f64::MAX; 64])))
+        .post_json(
+            INFER,
+            &input(json!([1, 64]), "FP32", json!(vec![f64::MAX; 64])),
+        )
         .await;
     assert_rejected(&r, 400, &["data[0]", "FP32"], "FP32 overflow");
 
@@ -160,7 +164,12 @@ async fn bad_requests_get_precise_errors_and_the_agent_keeps_serving() {
             &[("Inference-Header-Content-Length", "100".into())],
         )
         .await;
-    assert_rejected(&r, 400, &["exceeds the body length"], "header length > body");
+    assert_rejected(
+        &r,
+        400,
+        &["exceeds the body length"],
+        "header length > body",
+    );
 
     // After all of that, the agent still answers.
     let r = agent.infer(pixels).await;

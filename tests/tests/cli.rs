@@ -52,7 +52,12 @@ fn check_model_accepts_the_committed_models() {
     }
     // The relative path from the repository root, as the README shows it.
     let out = Command::new(bin_path("edge-agent"))
-        .args(["check-model", "models/edge/digits-edge.toml", "--runs", "10"])
+        .args([
+            "check-model",
+            "models/edge/digits-edge.toml",
+            "--runs",
+            "10",
+        ])
         .current_dir(repo_root())
         .output()
         .expect("run edge-agent");
@@ -81,8 +86,15 @@ fn check_model_rejects_a_tampered_file() {
         "tampered model accepted:\n{}",
         text(&out.stdout)
     );
-    assert!(stderr.contains("sha256"), "stderr does not mention sha256:\n{stderr}");
-    assert!(!text(&out.stdout).contains("golden"), "{}", text(&out.stdout));
+    assert!(
+        stderr.contains("sha256"),
+        "stderr does not mention sha256:\n{stderr}"
+    );
+    assert!(
+        !text(&out.stdout).contains("golden"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
@@ -90,11 +102,7 @@ fn run_rejects_an_invalid_config_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, "[cascade]\nthreshold = 7\n").unwrap();
-    let out = edge_agent(&[
-        "run".as_ref(),
-        "--config".as_ref(),
-        config.as_os_str(),
-    ]);
+    let out = edge_agent(&["run".as_ref(), "--config".as_ref(), config.as_os_str()]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "invalid config accepted:\n{stderr}");
     assert!(
@@ -104,11 +112,7 @@ fn run_rejects_an_invalid_config_naming_the_key() {
 
     // A missing config file is an error too, naming the file.
     let missing = dir.path().join("nope.toml");
-    let out = edge_agent(&[
-        "run".as_ref(),
-        "--config".as_ref(),
-        missing.as_os_str(),
-    ]);
+    let out = edge_agent(&["run".as_ref(), "--config".as_ref(), missing.as_os_str()]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "missing config accepted:\n{stderr}");
     assert!(stderr.contains("nope.toml"), "{stderr}");

@@ -134,7 +134,11 @@ async fn metadata_and_health() {
     let (_relay, agent) = relay_and_agent("emb-metadata").await;
 
     let (status, body) = agent.get("/v2/health/live").await;
-    assert_eq!((status, &body["live"]), (200, &serde_json::json!(true)), "{body}");
+    assert_eq!(
+        (status, &body["live"]),
+        (200, &serde_json::json!(true)),
+        "{body}"
+    );
     let (status, body) = agent.get("/v2/health/ready").await;
     assert_eq!(
         (status, &body["ready"]),
@@ -165,7 +169,10 @@ async fn metadata_and_health() {
     );
     let (status, body) = agent.get("/v2/models/nope").await;
     assert_eq!(status, 404, "{body}");
-    assert!(body["error"].as_str().unwrap_or("").contains("nope"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("nope"),
+        "{body}"
+    );
 
     let (status, body) = agent.get("/v2").await;
     assert_eq!(status, 200, "{body}");
