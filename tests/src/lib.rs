@@ -736,8 +736,17 @@ async fn read_response(resp: reqwest::Response) -> (u16, Value) {
 // ---------------------------------------------------------------------------------------------
 // Mosquitto
 
-/// The Mosquitto broker binary, if installed.
+/// Overrides where the Mosquitto binary is looked for (a path; if it is not a file, Mosquitto
+/// counts as not installed).
+pub const MOSQUITTO_BIN_ENV: &str = "TIERD_MOSQUITTO";
+
+/// The Mosquitto broker binary, if installed: `$TIERD_MOSQUITTO`, else `/usr/sbin/mosquitto`, else
+/// `mosquitto` on `PATH`.
 pub fn mosquitto_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(MOSQUITTO_BIN_ENV) {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
     let standard = PathBuf::from("/usr/sbin/mosquitto");
     if standard.is_file() {
         return Some(standard);
@@ -771,8 +780,9 @@ pub async fn start_mosquitto(port: u16) -> Option<Mosquitto> {
             return None;
         }
         panic!(
-            "mosquitto is not installed (looked for /usr/sbin/mosquitto and on PATH): \
-             `apt-get install mosquitto`, or set {SKIP_MOSQUITTO_ENV}=1 to skip these tests"
+            "mosquitto is not installed (looked at ${MOSQUITTO_BIN_ENV} if set, else \
+             /usr/sbin/mosquitto and PATH): `apt-get install mosquitto`, \
+             or set {SKIP_MOSQUITTO_ENV}=1 to skip these tests"
         );
     };
     let dir = tempfile::Builder::new()

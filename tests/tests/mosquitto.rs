@@ -110,6 +110,7 @@ async fn two_relays_share_the_escalations() {
     let topic = "'tierd/v1/mq-share-dev/escalate'";
     let to_a = mosquitto.publishes_sent_to("cloud-relay-mq-share-a", topic);
     let to_b = mosquitto.publishes_sent_to("cloud-relay-mq-share-b", topic);
+    eprintln!("escalations delivered: {to_a} to relay a, {to_b} to relay b");
     assert_eq!(
         to_a + to_b,
         40,
