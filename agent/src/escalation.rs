@@ -249,6 +249,10 @@ pub async fn run_event_loop(
                 {
                     warn!(error = %e, "cannot queue subscription");
                 }
+            }
+            // Escalate only once the reply subscription is confirmed: before that a reply
+            // could be dropped by the broker and the caller would wait out the timeout.
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
                 escalator.connected.store(true, Ordering::Relaxed);
                 if was_connected {
                     escalator.stats.reconnects.fetch_add(1, Ordering::Relaxed);

@@ -148,7 +148,10 @@ async fn work(
             }
         };
         match &outcome {
-            ReplyOutcome::Answer { .. } => stats.answered.fetch_add(1, Ordering::Relaxed),
+            ReplyOutcome::Answer { compute_us, .. } => {
+                debug!(device = %job.device_id, request_id, compute_us, "answered escalation");
+                stats.answered.fetch_add(1, Ordering::Relaxed)
+            }
             ReplyOutcome::Error { code, message } => {
                 warn!(device = %job.device_id, request_id, ?code, %message, "escalation answered with an error");
                 stats.errors.fetch_add(1, Ordering::Relaxed)
@@ -234,6 +237,9 @@ pub async fn run(
                 if let Err(e) = client.try_subscribe(&filter, QoS::AtMostOnce) {
                     warn!(error = %e, "cannot queue subscription");
                 }
+            }
+            // Logged on the broker's confirmation so the line is a true readiness signal.
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
                 info!(%filter, "connected; taking escalations");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match route(&p) {

@@ -177,11 +177,22 @@ impl Manifest {
         format!("{}@{}", self.name, self.version)
     }
 
-    /// A tensor of raw wire values shaped like this model's input.
+    /// A tensor of raw wire values shaped like this model's input, in the manifest's wire dtype.
     pub fn wire_input(&self, values: Vec<u8>) -> tierd_protocol::Tensor {
+        let data = match self.preprocess.wire_dtype {
+            Dtype::Uint8 => tierd_protocol::TensorData::U8(values),
+            // An FP32-wire model takes raw values as floats; preprocessing is then skipped, so
+            // apply it here to keep golden vectors meaning the same thing for both wire types.
+            Dtype::Fp32 => tierd_protocol::TensorData::F32(
+                values
+                    .into_iter()
+                    .map(|v| f32::from(v) * self.preprocess.scale + self.preprocess.offset)
+                    .collect(),
+            ),
+        };
         tierd_protocol::Tensor {
             shape: self.input.shape.iter().map(|&d| d as u32).collect(),
-            data: tierd_protocol::TensorData::U8(values),
+            data,
         }
     }
 

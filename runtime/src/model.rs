@@ -16,7 +16,7 @@ use crate::{Manifest, ModelError};
 pub enum InputError {
     #[error(transparent)]
     Tensor(#[from] TensorError),
-    #[error("datatype {got} is not accepted; send {wire} (raw values) or FP32 (preprocessed)")]
+    #[error("datatype {got} is not accepted; send {}", accepted(wire))]
     Dtype {
         got: &'static str,
         wire: &'static str,
@@ -31,6 +31,14 @@ pub enum InputError {
     Batch(u32),
     #[error("model failed to run: {0}")]
     Runtime(String),
+}
+
+fn accepted(wire: &str) -> String {
+    if wire == "FP32" {
+        "FP32".into()
+    } else {
+        format!("{wire} (raw values) or FP32 (preprocessed)")
+    }
 }
 
 /// A model's answer for one input.
