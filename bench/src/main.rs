@@ -168,9 +168,15 @@ async fn latency_rounds(
     let unsure_input = edge.manifest().wire_input(unsure.pixels.clone());
     let unsure_edge_probs = edge.predict(&unsure_input)?.probabilities;
     let edge_id = edge.id();
-    let next_id = AtomicU64::new(1);
+    // Request ids seeded from the clock like the agent's, so the varint-encoded id (and with it
+    // the payload) has the same size as a real escalation's.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1);
+    let next_id = AtomicU64::new(seed);
     let echo_payload_bytes =
-        inproc::escalation_payload(0, &edge_id, &unsure_input, &unsure_edge_probs)?.len();
+        inproc::escalation_payload(seed, &edge_id, &unsure_input, &unsure_edge_probs)?.len();
 
     eprintln!("warm-up: {} of each side", args.warmup);
     let w = args.warmup;
@@ -446,23 +452,24 @@ fn report(
         o,
         "\n### 5. Binary sizes (release profile, symbols stripped)\n"
     );
-    let _ = writeln!(o, "| binary | bytes | MiB | `file` |");
-    let _ = writeln!(o, "|---|---:|---:|---|");
+    let _ = writeln!(o, "| binary | bytes | MiB | path | `file -b` |");
+    let _ = writeln!(o, "|---|---:|---:|---|---|");
     for b in sizes {
         match b.bytes {
             Some(n) => {
                 let _ = writeln!(
                     o,
-                    "| {} | {n} | {:.2} | {} |",
+                    "| {} | {n} | {:.2} | `{}` | {} |",
                     b.label,
                     n as f64 / (1024.0 * 1024.0),
+                    b.path.display(),
                     b.file.as_deref().unwrap_or("?")
                 );
             }
             None => {
                 let _ = writeln!(
                     o,
-                    "| {} | not built (`{}`) | – | – |",
+                    "| {} | not built | – | `{}` | – |",
                     b.label,
                     b.path.display()
                 );
