@@ -278,15 +278,5 @@ pub async fn run_event_loop(
         }
     }
     escalator.connected.store(false, Ordering::Relaxed);
-    // Best effort: tell the broker we are leaving so it drops the session promptly.
-    if escalator.client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Ok(ev) = eventloop.poll().await {
-                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
+    tierd_runtime::mqtt::disconnect(&escalator.client, &mut eventloop).await;
 }

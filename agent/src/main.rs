@@ -54,13 +54,7 @@ enum EnergyCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tierd_runtime::init_logging("info,rumqttd=off");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(config),

@@ -298,16 +298,7 @@ pub async fn run(
     for w in pool {
         let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
     }
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Ok(ev) = eventloop.poll().await {
-                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
+    tierd_runtime::mqtt::disconnect(&client, &mut eventloop).await;
 }
 
 #[cfg(test)]

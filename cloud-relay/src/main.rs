@@ -30,13 +30,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tierd_runtime::init_logging("info,rumqttd=off");
     let Cli { command } = Cli::parse();
     let result = match command {
         Command::Run { config } => run(config),

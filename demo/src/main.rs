@@ -71,12 +71,7 @@ impl TierStats {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
-        )
-        .init();
+    tierd_runtime::init_logging("warn,rumqttd=off");
     let args = Args::parse();
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");

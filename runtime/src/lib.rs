@@ -52,6 +52,18 @@ pub enum ModelError {
     },
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` or else `default` (e.g. `"info,rumqttd=off"`: the
+/// embedded broker logs every ordinary client disconnect as an error).
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Resolves on SIGTERM or Ctrl-C: the signal both daemons drain on.
 pub async fn shutdown_signal() {
     let term = async {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::MqttOptions;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -176,6 +176,22 @@ impl MqttConfig {
             _ => Ok(builder.with_no_client_auth()),
         }
     }
+}
+
+/// Sends DISCONNECT and drives the event loop until it is written (at most 500 ms), so the broker
+/// drops the session promptly instead of waiting for the keep-alive to expire.
+pub async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(ev) = eventloop.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Installs ring as the process-wide rustls provider. Call once at start: with no provider
