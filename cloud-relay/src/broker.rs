@@ -55,8 +55,11 @@ pub fn start(listen: SocketAddr) -> Result<(), BrokerError> {
         router: RouterConfig {
             max_connections: 10_000,
             max_outgoing_packet_count: 200,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
+            // rumqttd keeps every publish in a per-filter in-memory log until the oldest segment
+            // is evicted; tierd needs only live delivery, so keep that log small. With rumqttd's
+            // example values (100 MiB x 10) the relay grew ~0.8 KiB per escalation, unbounded.
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
             ..RouterConfig::default()
         },
         v5: Some(HashMap::from([("1".to_string(), server)])),
