@@ -11,6 +11,8 @@ use thiserror::Error;
 use tierd_runtime::mqtt::MqttConfig;
 
 use crate::cascade::Signal;
+use crate::energy::attribution::{Link, LinkModel};
+use crate::energy::{EnergySource, Ina219Config};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -34,6 +36,68 @@ pub struct AgentConfig {
     pub model: ModelConfig,
     pub cascade: CascadeConfig,
     pub mqtt: MqttConfig,
+    pub telemetry: TelemetryConfig,
+    pub energy: EnergyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Record latencies and publish reports. Off: counters only, no reports, no `/metrics`
+    /// latency histograms (for measuring the overhead, not for production).
+    pub enabled: bool,
+    /// Seconds between reports on `tierd/v1/{device_id}/telemetry`.
+    pub interval_s: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnergyConfig {
+    /// `auto` (RAPL, hwmon, a configured INA219; else the estimate), or one of `rapl`, `hwmon`,
+    /// `ina219`, `estimate`. A chosen source that fails falls back to the estimate, flagged.
+    pub source: EnergySource,
+    /// How often the meter is read; integrating meters (hwmon, INA219) need at least 1 Hz.
+    pub sample_interval_ms: u64,
+    /// Radio link of the escalations, for the radio energy model: `ethernet`, `wifi`, `lte`.
+    pub link: Link,
+    /// Override the link's modelled joules per payload byte.
+    pub joules_per_byte: Option<f64>,
+    /// Override the link's modelled joules per MQTT message (connection/tail overhead).
+    pub joules_per_message: Option<f64>,
+    /// An external INA219 on I2C (Raspberry Pi 4). Absent: none.
+    pub ina219: Option<Ina219Config>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            enabled: true,
+            interval_s: 30.0,
+        }
+    }
+}
+
+impl Default for EnergyConfig {
+    fn default() -> Self {
+        EnergyConfig {
+            source: EnergySource::Auto,
+            sample_interval_ms: 1000,
+            link: Link::Wifi,
+            joules_per_byte: None,
+            joules_per_message: None,
+            ina219: None,
+        }
+    }
+}
+
+impl EnergyConfig {
+    pub fn link_model(&self) -> LinkModel {
+        let base = self.link.model();
+        LinkModel {
+            joules_per_byte: self.joules_per_byte.unwrap_or(base.joules_per_byte),
+            joules_per_message: self.joules_per_message.unwrap_or(base.joules_per_message),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +141,8 @@ impl Default for AgentConfig {
             model: ModelConfig::default(),
             cascade: CascadeConfig::default(),
             mqtt: MqttConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            energy: EnergyConfig::default(),
         }
     }
 }
@@ -185,7 +251,52 @@ impl AgentConfig {
         if let Err(e) = self.mqtt.validate() {
             return bad(e.to_string());
         }
+        let t = &self.telemetry;
+        if !(t.interval_s.is_finite() && (0.1..=86_400.0).contains(&t.interval_s)) {
+            return bad(format!(
+                "telemetry.interval_s = {} must be within [0.1, 86400]",
+                t.interval_s
+            ));
+        }
+        let e = &self.energy;
+        if !(10..=60_000).contains(&e.sample_interval_ms) {
+            return bad(format!(
+                "energy.sample_interval_ms = {} must be within [10, 60000]",
+                e.sample_interval_ms
+            ));
+        }
+        for (key, v) in [
+            ("energy.joules_per_byte", e.joules_per_byte),
+            ("energy.joules_per_message", e.joules_per_message),
+        ] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v >= 0.0) {
+                    return bad(format!("{key} = {v} must be a non-negative number"));
+                }
+            }
+        }
+        if let Some(i) = &e.ina219 {
+            if !(0x40..=0x4F).contains(&i.address) {
+                return bad(format!(
+                    "energy.ina219.address = {:#x} must be within 0x40-0x4f",
+                    i.address
+                ));
+            }
+            let positive = |v: f64| v.is_finite() && v > 0.0;
+            if !(positive(i.shunt_ohms) && positive(i.max_current_a)) {
+                return bad(
+                    "energy.ina219.shunt_ohms and max_current_a must be positive numbers".into(),
+                );
+            }
+        }
+        if e.source == EnergySource::Ina219 && e.ina219.is_none() {
+            return bad("energy.source = \"ina219\" needs an [energy.ina219] section".into());
+        }
         Ok(())
+    }
+
+    pub fn telemetry_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.telemetry.interval_s)
     }
 
     pub fn escalation_timeout(&self) -> Duration {
@@ -231,6 +342,14 @@ mod tests {
             ("[cascade]\nthreshhold = 0.5", "unknown field"),
             ("[mqtt]\npassword = \"x\"", "mqtt.password"),
             ("[http]\nlisten = \"nowhere\"", "invalid socket address"),
+            ("[telemetry]\ninterval_s = 0", "telemetry.interval_s"),
+            ("[energy]\nsource = \"ina219\"", "[energy.ina219]"),
+            ("[energy]\nlink = \"carrier_pigeon\"", "unknown variant"),
+            ("[energy]\njoules_per_byte = -1.0", "energy.joules_per_byte"),
+            (
+                "[energy.ina219]\nbus = \"/dev/i2c-1\"\naddress = 0x20\nshunt_ohms = 0.1\nmax_current_a = 3.2",
+                "energy.ina219.address",
+            ),
         ] {
             let err = AgentConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{key:?} not in {err:?}");

@@ -98,6 +98,17 @@ impl Escalator {
         ))
     }
 
+    /// Where the telemetry loop publishes: QoS 1 on `tierd/v1/{device}/telemetry`.
+    pub fn report_sink(
+        &self,
+        device_id: &str,
+    ) -> Result<MqttReportSink, tierd_protocol::TopicError> {
+        Ok(MqttReportSink {
+            client: self.client.clone(),
+            topic: Topic::new(device_id, TopicKind::Telemetry)?.to_string(),
+        })
+    }
+
     pub fn stats(&self) -> &Arc<MqttStats> {
         &self.stats
     }
@@ -222,6 +233,22 @@ impl Escalator {
         if let Ok(mut map) = self.pending.lock() {
             map.clear();
         }
+    }
+}
+
+/// Publishes telemetry reports on the agent's MQTT connection.
+pub struct MqttReportSink {
+    client: AsyncClient,
+    topic: String,
+}
+
+impl crate::telemetry::ReportSink for MqttReportSink {
+    fn send(&self, payload: Vec<u8>) -> Result<(), String> {
+        // QoS 1: a report is small and rare, and the broker's PUBACK is what lets a later
+        // store-and-forward know it can drop its copy.
+        self.client
+            .try_publish(&self.topic, QoS::AtLeastOnce, false, payload)
+            .map_err(|e| e.to_string())
     }
 }
 

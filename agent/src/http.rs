@@ -1,7 +1,7 @@
 //! The local HTTP API: Open Inference Protocol v2 routes, admission control, error mapping.
 //! The decision itself is in [`crate::cascade`]; this module only moves bytes and statuses.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,30 +14,11 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
-use crate::cascade::{self, Tier};
+use tierd_protocol::LatencySeries;
+
+use crate::cascade;
 use crate::oip::{self, InferResponse, ModelMetadata, ResponseOutput, TensorMetadata};
 use crate::AppState;
-
-/// Request counters by outcome; read by the demo and, later, telemetry.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub edge: AtomicU64,
-    pub cloud: AtomicU64,
-    pub edge_fallback: AtomicU64,
-    pub bad_request: AtomicU64,
-    pub overloaded: AtomicU64,
-}
-
-impl Counters {
-    pub fn count(&self, tier: Tier) {
-        let c = match tier {
-            Tier::Edge => &self.edge,
-            Tier::Cloud => &self.cloud,
-            Tier::EdgeFallback => &self.edge_fallback,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// Bounded admission: `workers` requests run, up to `queue` more wait; the rest get 503.
 #[derive(Debug)]
@@ -86,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route(
@@ -150,6 +132,24 @@ async fn server_metadata() -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "extensions": ["binary_tensor_data"],
     }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match crate::metrics::render(&state.metrics) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics could not be encoded",
+        )
+        .into_response(),
+    }
 }
 
 async fn live() -> Json<Value> {
@@ -267,7 +267,11 @@ async fn infer_inner(
     let result = infer_checked(&state, &name, version.as_deref(), &headers, &body, started).await;
     if let Err(e) = &result {
         if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::NOT_FOUND {
-            state.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+            state
+                .recorder
+                .counters
+                .bad_request
+                .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(status = %e.status, error = %e.message, "rejected request");
         }
     }
@@ -284,7 +288,11 @@ async fn infer_checked(
 ) -> Result<Json<InferResponse>, ApiError> {
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
     let Ok(_slot) = state.admission.slots.clone().try_acquire_owned() else {
-        state.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+        state
+            .recorder
+            .counters
+            .overloaded
+            .fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "inference queue is full; retry shortly",
@@ -294,6 +302,8 @@ async fn infer_checked(
         state.admission.workers.acquire().await.map_err(|_| {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down")
         })?;
+    let recorder = &state.recorder;
+    recorder.record(LatencySeries::StageQueue, started.elapsed());
     check_model(state, name, version)?;
 
     let header_len = match headers.get("inference-header-content-length") {
@@ -323,6 +333,7 @@ async fn infer_checked(
         ),
         other => bad(other.to_string()),
     })?;
+    recorder.record(LatencySeries::StageForward, edge.compute);
 
     let policy = *state.policy.borrow();
     let confidence = cascade::confidence(&edge.probabilities, policy.signal);
@@ -339,13 +350,19 @@ async fn infer_checked(
                 policy.escalation_timeout,
             )
             .await;
-        cloud_us = Some(t.elapsed().as_micros() as u64);
+        let took = t.elapsed();
+        recorder.record(LatencySeries::StageEscalation, took);
+        cloud_us = Some(took.as_micros() as u64);
         Some(r)
     } else {
         None
     };
     let answer = cascade::resolve(edge.probabilities, cloud);
-    state.counters.count(answer.tier);
+    recorder.counters.count(answer.tier);
+    if let Some(reason) = &answer.fallback {
+        recorder.counters.count_fallback(reason);
+    }
+    recorder.record_path(answer.tier, started.elapsed());
 
     let mut params = Map::new();
     params.insert("tier".into(), answer.tier.as_str().into());

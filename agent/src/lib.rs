@@ -4,6 +4,9 @@
 //! - [`oip`]: Open Inference Protocol v2 parsing (pure).
 //! - [`http`]: the local API and admission control.
 //! - [`escalation`]: the MQTT path to the relay, with deadlines and fallback.
+//! - [`telemetry`]: latency histograms, counters and the periodic report over MQTT.
+//! - [`metrics`]: `/metrics` in the Prometheus text format.
+//! - [`energy`]: where energy is measured (one module per meter) and attributed.
 //! - [`config`]: the `agent.toml` schema.
 //!
 //! [`Agent::start`] does everything that can fail (config checks, model verification, binding the
@@ -15,7 +18,9 @@ pub mod config;
 pub mod energy;
 pub mod escalation;
 pub mod http;
+pub mod metrics;
 pub mod oip;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,8 +36,11 @@ pub use tierd_runtime::shutdown_signal;
 
 use crate::cascade::Signal;
 use crate::config::{AgentConfig, ConfigError};
+use crate::energy::sampler::Sampler;
+use crate::energy::Roots;
 use crate::escalation::{Escalator, MqttStats};
-use crate::http::{Admission, Counters};
+use crate::http::Admission;
+use crate::telemetry::{DeviceProbe, LatestReport, Recorder, Reporter};
 
 /// The cascade settings in force; swapped live when remote config arrives.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,7 +56,8 @@ pub struct AppState {
     pub escalator: Escalator,
     pub policy: watch::Receiver<Policy>,
     pub admission: Admission,
-    pub counters: Arc<Counters>,
+    pub recorder: Arc<Recorder>,
+    pub metrics: prometheus_client::registry::Registry,
     pub max_body_bytes: usize,
 }
 
@@ -69,6 +78,8 @@ pub enum AgentError {
     DeviceId(#[from] tierd_protocol::TopicError),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot start the energy sampler thread: {0}")]
+    Sampler(std::io::Error),
 }
 
 /// A started agent: model verified, port bound, MQTT connecting in the background.
@@ -78,6 +89,9 @@ pub struct Agent {
     policy_tx: watch::Sender<Policy>,
     mqtt_task: tokio::task::JoinHandle<()>,
     stop_mqtt: watch::Sender<bool>,
+    telemetry_task: Option<tokio::task::JoinHandle<()>>,
+    stop_telemetry: watch::Sender<bool>,
+    latest: LatestReport,
 }
 
 impl Agent {
@@ -103,6 +117,49 @@ impl Agent {
         };
         let (policy_tx, policy_rx) = watch::channel(policy);
         let (stop_mqtt, stop_rx) = watch::channel(false);
+        let recorder = Arc::new(Recorder::new(config.telemetry.enabled));
+        let latest = LatestReport::default();
+        let metrics = metrics::registry(
+            &config.device_id,
+            recorder.clone(),
+            escalator.stats().clone(),
+            policy_rx.clone(),
+            latest.clone(),
+        );
+        let (stop_telemetry, stop_telemetry_rx) = watch::channel(false);
+        let telemetry_task = if config.telemetry.enabled {
+            let roots = Roots::default();
+            let stat_path = roots.proc_self_stat.clone();
+            let sampler = Sampler::start(
+                config.energy.source,
+                roots,
+                config.energy.ina219.clone(),
+                Duration::from_millis(config.energy.sample_interval_ms),
+            )
+            .map_err(AgentError::Sampler)?;
+            let energy = sampler.state();
+            info!(meter = %energy.meter, estimated = energy.estimated, "energy meter");
+            let reporter = Reporter {
+                device_id: config.device_id.clone(),
+                model: model.id(),
+                interval: config.telemetry_interval(),
+                recorder: recorder.clone(),
+                mqtt: escalator.stats().clone(),
+                policy: policy_rx.clone(),
+                sampler,
+                device: DeviceProbe::new(stat_path),
+                link: config.energy.link_model(),
+                latest: latest.clone(),
+            };
+            let sink = escalator.report_sink(&config.device_id)?;
+            Some(tokio::spawn(telemetry::run(
+                reporter,
+                sink,
+                stop_telemetry_rx,
+            )))
+        } else {
+            None
+        };
         let mqtt_task = tokio::spawn(escalation::run_event_loop(
             escalator.clone(),
             eventloop,
@@ -113,7 +170,8 @@ impl Agent {
             escalator,
             policy: policy_rx,
             admission: Admission::new(config.http.max_concurrent, config.http.max_queued),
-            counters: Arc::new(Counters::default()),
+            recorder,
+            metrics,
             max_body_bytes: config.http.max_body_bytes,
         });
         Ok(Agent {
@@ -122,6 +180,9 @@ impl Agent {
             policy_tx,
             mqtt_task,
             stop_mqtt,
+            telemetry_task,
+            stop_telemetry,
+            latest,
         })
     }
 
@@ -129,8 +190,14 @@ impl Agent {
         self.listener.local_addr()
     }
 
-    pub fn counters(&self) -> Arc<Counters> {
-        self.state.counters.clone()
+    /// Counters and latency histograms of the request path.
+    pub fn recorder(&self) -> Arc<Recorder> {
+        self.state.recorder.clone()
+    }
+
+    /// The last telemetry report published (None before the first interval ends).
+    pub fn latest_report(&self) -> LatestReport {
+        self.latest.clone()
     }
 
     pub fn mqtt_stats(&self) -> Arc<MqttStats> {
@@ -164,6 +231,12 @@ impl Agent {
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(AgentError::Serve)?;
+        // The last report covers the final partial window, so a clean stop loses no counts;
+        // it is queued before MQTT is closed, and the disconnect flushes it.
+        let _ = self.stop_telemetry.send(true);
+        if let Some(t) = self.telemetry_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         info!("HTTP drained; closing MQTT");
         let _ = self.stop_mqtt.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.mqtt_task).await;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use cloud_relay::config::RelayConfig;
 use cloud_relay::Relay;
 use edge_agent::config::AgentConfig;
+use edge_agent::telemetry::LatestReport;
 use edge_agent::{Agent, AgentError};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -41,11 +42,66 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// Relay (with its embedded broker) and agent, running on the server runtime.
 pub struct Servers {
     pub broker_port: u16,
+    /// Telemetry on, reporting every second (30x the default rate, to make its cost visible).
     pub agent_addr: SocketAddr,
-    stop_agent: oneshot::Sender<()>,
+    /// The same agent with `telemetry.enabled = false`: the baseline for the overhead.
+    pub agent_off_addr: SocketAddr,
+    /// The telemetry agent's latest report, to measure its encoded size.
+    pub latest: LatestReport,
+    stop_agents: Vec<oneshot::Sender<()>>,
     stop_relay: oneshot::Sender<()>,
-    agent_task: JoinHandle<Result<(), AgentError>>,
+    agent_tasks: Vec<JoinHandle<Result<(), AgentError>>>,
     relay_task: JoinHandle<()>,
+}
+
+struct Started {
+    addr: SocketAddr,
+    latest: LatestReport,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+async fn start_agent(
+    device_id: &str,
+    broker_port: u16,
+    telemetry: bool,
+) -> anyhow::Result<Started> {
+    let mut cfg = AgentConfig {
+        device_id: device_id.into(),
+        mqtt: MqttConfig {
+            port: broker_port,
+            ..MqttConfig::default()
+        },
+        ..AgentConfig::default()
+    };
+    cfg.http.listen = ([127, 0, 0, 1], 0).into();
+    cfg.model.manifest = repo_path("models/edge/digits-edge.toml");
+    cfg.cascade.escalation_timeout_ms = ESCALATION_TIMEOUT_MS;
+    cfg.telemetry.enabled = telemetry;
+    cfg.telemetry.interval_s = 1.0;
+    let agent = Agent::start(cfg)
+        .await
+        .with_context(|| format!("starting agent {device_id}"))?;
+    let addr = agent.local_addr()?;
+    let latest = agent.latest_report();
+    let escalator = agent.escalator();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(agent.serve(async {
+        let _ = rx.await;
+    }));
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !escalator.is_connected() {
+        if Instant::now() > deadline {
+            bail!("agent {device_id} did not connect to the embedded broker on port {broker_port}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Started {
+        addr,
+        latest,
+        stop,
+        task,
+    })
 }
 
 /// Must run on the server runtime: the relay and agent spawn their tasks onto the current one.
@@ -54,6 +110,7 @@ pub async fn start_servers() -> anyhow::Result<Servers> {
     let mut relay_cfg = RelayConfig::default();
     relay_cfg.model.manifest = repo_path("models/cloud/digits-cloud.toml");
     relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
+    relay_cfg.http.listen = ([127, 0, 0, 1], 0).into();
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;
@@ -62,39 +119,16 @@ pub async fn start_servers() -> anyhow::Result<Servers> {
         let _ = relay_rx.await;
     }));
 
-    let mut agent_cfg = AgentConfig {
-        device_id: "bench-edge".into(),
-        mqtt: MqttConfig {
-            port: broker_port,
-            ..MqttConfig::default()
-        },
-        ..AgentConfig::default()
-    };
-    agent_cfg.http.listen = ([127, 0, 0, 1], 0).into();
-    agent_cfg.model.manifest = repo_path("models/edge/digits-edge.toml");
-    agent_cfg.cascade.escalation_timeout_ms = ESCALATION_TIMEOUT_MS;
-    let agent = Agent::start(agent_cfg)
-        .await
-        .context("starting the agent")?;
-    let agent_addr = agent.local_addr()?;
-    let escalator = agent.escalator();
-    let (stop_agent, agent_rx) = oneshot::channel::<()>();
-    let agent_task = tokio::spawn(agent.serve(async {
-        let _ = agent_rx.await;
-    }));
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while !escalator.is_connected() {
-        if Instant::now() > deadline {
-            bail!("the agent did not connect to the embedded broker on port {broker_port}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let on = start_agent("bench-edge", broker_port, true).await?;
+    let off = start_agent("bench-edge-notel", broker_port, false).await?;
     Ok(Servers {
         broker_port,
-        agent_addr,
-        stop_agent,
+        agent_addr: on.addr,
+        agent_off_addr: off.addr,
+        latest: on.latest,
+        stop_agents: vec![on.stop, off.stop],
         stop_relay,
-        agent_task,
+        agent_tasks: vec![on.task, off.task],
         relay_task,
     })
 }
@@ -104,11 +138,19 @@ impl Servers {
         format!("http://{}/v2/models/digits-edge/infer", self.agent_addr)
     }
 
+    pub fn infer_url_without_telemetry(&self) -> String {
+        format!("http://{}/v2/models/digits-edge/infer", self.agent_off_addr)
+    }
+
     pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop_agent.send(());
-        tokio::time::timeout(STEP_TIMEOUT, self.agent_task)
-            .await
-            .context("the agent did not stop")???;
+        for stop in self.stop_agents {
+            let _ = stop.send(());
+        }
+        for task in self.agent_tasks {
+            tokio::time::timeout(STEP_TIMEOUT, task)
+                .await
+                .context("an agent did not stop")???;
+        }
         let _ = self.stop_relay.send(());
         tokio::time::timeout(STEP_TIMEOUT, self.relay_task)
             .await

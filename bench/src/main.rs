@@ -100,6 +100,11 @@ struct Tput {
     mixed_rps: Vec<f64>,
     mixed_cloud_share: f64,
     requests: usize,
+    /// Mixed stream against the agent with telemetry off (same rounds, interleaved).
+    mixed_off_rps: Vec<f64>,
+    /// Encoded size of the telemetry agent's last report.
+    report_bytes: Option<usize>,
+    reports_seen: u64,
 }
 
 async fn run(
@@ -125,7 +130,16 @@ async fn run(
         args, &edge, &cloud, confident, unsure, &client, &url, &mut echo,
     )
     .await?;
-    let tput = throughput_rounds(args, &client, &url, &confident_body, &input_name).await?;
+    let off_url = servers.infer_url_without_telemetry();
+    inproc::wait_for_tier(&client, &off_url, &unsure_body, "cloud").await?;
+    let mut tput =
+        throughput_rounds(args, &client, &url, &off_url, &confident_body, &input_name).await?;
+    // Let one more report go out so the sample covers a busy window.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    if let Some(r) = servers.latest.lock().ok().and_then(|l| l.clone()) {
+        tput.report_bytes = tierd_protocol::encode(&r).ok().map(|b| b.len());
+        tput.reports_seen = r.seq;
+    }
     echo.stop().await?;
     servers.stop().await?;
 
@@ -236,6 +250,7 @@ async fn throughput_rounds(
     args: &Args,
     client: &reqwest::Client,
     url: &str,
+    off_url: &str,
     confident_body: &bytes::Bytes,
     input_name: &str,
 ) -> anyhow::Result<Tput> {
@@ -272,6 +287,9 @@ async fn throughput_rounds(
         mixed_rps: Vec::new(),
         mixed_cloud_share: 0.0,
         requests: args.stream_records,
+        mixed_off_rps: Vec::new(),
+        report_bytes: None,
+        reports_seen: 0,
     };
     for r in 0..args.rounds {
         eprintln!("throughput round {}/{}", r + 1, args.rounds);
@@ -289,6 +307,10 @@ async fn throughput_rounds(
                 t.confident_rps.push(c.rps());
             }
         }
+        let off = inproc::throughput(client, off_url, mixed.clone(), args.concurrency)
+            .await
+            .context("mixed stream, telemetry off")?;
+        t.mixed_off_rps.push(off.rps());
     }
     Ok(t)
 }
@@ -448,9 +470,39 @@ fn report(
         c / m
     );
 
+    let _ = writeln!(o, "\n### 5. Cost of measuring (telemetry on vs off)\n");
+    let off = median(t.mixed_off_rps.iter().copied());
     let _ = writeln!(
         o,
-        "\n### 5. Binary sizes (release profile, symbols stripped)\n"
+        "| agent, mixed stream ({} requests per round) | req/s |",
+        t.requests
+    );
+    let _ = writeln!(o, "|---|---:|");
+    let _ = writeln!(
+        o,
+        "| telemetry off (`telemetry.enabled = false`: counters only) | {off:.0} |"
+    );
+    let _ = writeln!(
+        o,
+        "| telemetry on: 6 HDR histograms, energy sampler at 1 Hz, a report every 1 s | {m:.0} |"
+    );
+    let _ = writeln!(o, "| **ratio on / off** | **{:.3}x** |", m / off);
+    match t.report_bytes {
+        Some(b) => {
+            let _ = writeln!(
+                o,
+                "\nOne telemetry report: {b} bytes of postcard payload ({} reports sent by the telemetry agent during the run).",
+                t.reports_seen
+            );
+        }
+        None => {
+            let _ = writeln!(o, "\nNo telemetry report was produced during the run.");
+        }
+    }
+
+    let _ = writeln!(
+        o,
+        "\n### 6. Binary sizes (release profile, symbols stripped)\n"
     );
     let _ = writeln!(o, "| binary | bytes | MiB | path | `file -b` |");
     let _ = writeln!(o, "|---|---:|---:|---|---|");

@@ -29,6 +29,7 @@ pub struct RelayConfig {
     /// The broker to join. Absent: run the embedded broker below and use it.
     pub mqtt: Option<MqttConfig>,
     pub embedded_broker: EmbeddedBrokerConfig,
+    pub http: HttpConfig,
     /// Escalations processed at once.
     pub workers: usize,
     /// Escalations waiting for a worker; beyond it the relay answers `Overloaded`.
@@ -52,6 +53,25 @@ pub struct EmbeddedBrokerConfig {
     pub listen: SocketAddr,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `/metrics`, `/api/devices`, `/health`. Loopback by default; put a proxy with auth in
+    /// front before exposing it.
+    pub listen: SocketAddr,
+    /// Devices tracked at most; reports from further devices are dropped and counted.
+    pub max_devices: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+            max_devices: 100_000,
+        }
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
@@ -59,6 +79,7 @@ impl Default for RelayConfig {
             model: ModelConfig::default(),
             mqtt: None,
             embedded_broker: EmbeddedBrokerConfig::default(),
+            http: HttpConfig::default(),
             workers: 4,
             queue: 1024,
         }
@@ -127,6 +148,9 @@ impl RelayConfig {
         }
         if !(1..=1_000_000).contains(&self.queue) {
             return Err("queue must be within [1, 1000000]".into());
+        }
+        if !(1..=10_000_000).contains(&self.http.max_devices) {
+            return Err("http.max_devices must be within [1, 10000000]".into());
         }
         if let Some(m) = &self.mqtt {
             m.validate().map_err(|e| e.to_string())?;

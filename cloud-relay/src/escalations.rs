@@ -15,9 +15,12 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tierd_protocol::{
-    decode, encode, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome, Topic,
-    TopicKind,
+    decode, encode, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome,
+    TelemetryReport, Topic, TopicKind,
 };
+
+use crate::api::SharedFleet;
+use crate::fleet::Ingest;
 use tierd_runtime::mqtt::Backoff;
 use tierd_runtime::{InputError, Model};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -29,6 +32,8 @@ pub struct RelayStats {
     pub errors: AtomicU64,
     pub rejected: AtomicU64,
     pub overloaded: AtomicU64,
+    pub telemetry_accepted: AtomicU64,
+    pub telemetry_rejected: AtomicU64,
 }
 
 /// Decides the reply to one decoded request. Pure apart from running the model.
@@ -99,6 +104,48 @@ fn route(publish: &Publish) -> Result<Job, String> {
         payload: publish.payload.clone(),
         received: Instant::now(),
     })
+}
+
+fn is_telemetry(publish: &Publish) -> bool {
+    publish.topic.ends_with(b"/telemetry")
+}
+
+/// Decodes a telemetry report and files it in the fleet view; rejects are counted and logged.
+fn ingest_telemetry(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) {
+    let result = std::str::from_utf8(&publish.topic)
+        .map_err(|_| "topic is not UTF-8".to_string())
+        .and_then(|t| Topic::parse(t).map_err(|e| e.to_string()))
+        .and_then(|topic| {
+            let report = decode::<TelemetryReport>(&publish.payload)
+                .map_err(|e| format!("device {}: {e}", topic.device_id))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let mut fleet = fleet
+                .lock()
+                .map_err(|_| "fleet state poisoned".to_string())?;
+            fleet
+                .ingest(&topic.device_id, report, now)
+                .map(|outcome| (topic.device_id, outcome))
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok((device, outcome)) => {
+            stats.telemetry_accepted.fetch_add(1, Ordering::Relaxed);
+            match outcome {
+                Ingest::Gap { missing } => {
+                    warn!(%device, missing, "telemetry reports missing");
+                }
+                Ingest::Restart => info!(%device, "device agent restarted"),
+                Ingest::New => info!(%device, "first telemetry from device"),
+                _ => debug!(%device, ?outcome, "telemetry"),
+            }
+        }
+        Err(why) => {
+            stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
+            warn!(%why, "telemetry rejected");
+        }
+    }
 }
 
 async fn work(
@@ -193,6 +240,7 @@ pub struct Service {
     pub workers: usize,
     pub queue: usize,
     pub stats: Arc<RelayStats>,
+    pub fleet: SharedFleet,
 }
 
 /// Runs the escalation service until `shutdown` flips: event loop plus `workers` workers.
@@ -208,6 +256,7 @@ pub async fn run(
         workers,
         queue,
         stats,
+        fleet,
     } = service;
     let (tx, rx) = mpsc::channel::<Job>(queue);
     let rx = Arc::new(Mutex::new(rx));
@@ -223,6 +272,8 @@ pub async fn run(
         )));
     }
     let filter = Topic::relay_escalation_filter();
+    // Not shared: every replica sees every device's telemetry and can serve the fleet view.
+    let telemetry_filter = Topic::all_devices(TopicKind::Telemetry);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut connected = false;
     loop {
@@ -237,10 +288,16 @@ pub async fn run(
                 if let Err(e) = client.try_subscribe(&filter, QoS::AtMostOnce) {
                     warn!(error = %e, "cannot queue subscription");
                 }
+                if let Err(e) = client.try_subscribe(&telemetry_filter, QoS::AtLeastOnce) {
+                    warn!(error = %e, "cannot queue telemetry subscription");
+                }
             }
             // Logged on the broker's confirmation so the line is a true readiness signal.
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 info!(%filter, "connected; taking escalations");
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if is_telemetry(&p) => {
+                ingest_telemetry(&fleet, &stats, &p);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match route(&p) {
                 Ok(job) => {

@@ -2,13 +2,18 @@
 //!
 //! - [`escalations`]: answers escalations with the cloud model (shared subscription, worker pool).
 //! - [`broker`]: the embedded rumqttd used when no broker is configured.
+//! - [`fleet`]: every device's latest telemetry, with sequence-gap accounting (pure).
+//! - [`api`]: `/metrics`, `/api/devices` over HTTP.
 //! - [`config`]: the `relay.toml` schema.
 
+pub mod api;
 pub mod broker;
 pub mod config;
 pub mod escalations;
+pub mod fleet;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::v5::AsyncClient;
@@ -32,13 +37,21 @@ pub enum RelayError {
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
     Mqtt(#[from] tierd_runtime::mqtt::MqttSetupError),
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A started relay: model verified, broker (if embedded) listening, client connecting.
 pub struct Relay {
     stats: Arc<RelayStats>,
+    fleet: api::SharedFleet,
+    http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    http_task: tokio::task::JoinHandle<()>,
 }
 
 impl Relay {
@@ -50,25 +63,67 @@ impl Relay {
         if config.mqtt.is_none() {
             broker::start(config.embedded_broker.listen)?;
         }
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|e| RelayError::Bind {
+                addr: config.http.listen,
+                source: e,
+            })?;
+        let http_addr = listener.local_addr().map_err(|e| RelayError::Bind {
+            addr: config.http.listen,
+            source: e,
+        })?;
         let options = config
             .client_mqtt()
             .options(&format!("cloud-relay-{}", config.relay_id))?;
         let (client, eventloop) = AsyncClient::new(options, 1024);
         let stats = Arc::new(RelayStats::default());
         let (stop, stop_rx) = watch::channel(false);
+        let fleet = Arc::new(Mutex::new(fleet::Fleet::new(config.http.max_devices)));
+        let app = api::router(fleet.clone(), stats.clone());
+        let mut http_stop = stop_rx.clone();
+        let http_task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = http_stop.changed().await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "relay HTTP API failed");
+            }
+        });
+        info!(addr = %http_addr, "serving /metrics and /api/devices");
         let service = Service {
             model,
             serves: config.model.serves.clone(),
             workers: config.workers,
             queue: config.queue,
             stats: stats.clone(),
+            fleet: fleet.clone(),
         };
         let task = tokio::spawn(escalations::run(service, client, eventloop, stop_rx));
-        Ok(Relay { stats, stop, task })
+        Ok(Relay {
+            stats,
+            fleet,
+            http_addr,
+            stop,
+            task,
+            http_task,
+        })
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
         self.stats.clone()
+    }
+
+    /// Where `/metrics` and `/api/devices` are served (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn fleet(&self) -> api::SharedFleet {
+        self.fleet.clone()
     }
 
     /// Runs until `shutdown` resolves, then stops taking escalations and disconnects.
@@ -76,6 +131,7 @@ impl Relay {
         shutdown.await;
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.http_task).await;
         info!("relay stopped");
     }
 }

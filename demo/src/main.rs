@@ -101,10 +101,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let mut relay_cfg = RelayConfig::default();
     relay_cfg.model.manifest = cloud_manifest.clone();
     relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
+    relay_cfg.http.listen = ([127, 0, 0, 1], 0).into();
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;
     let relay_stats = relay.stats();
+    let relay_http = relay.http_addr();
+    let fleet = relay.fleet();
     let (stop_relay, relay_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let relay_task = tokio::spawn(relay.serve(async {
         let _ = relay_stop_rx.await;
@@ -123,11 +126,14 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     agent_cfg.model.manifest = edge_manifest.clone();
     agent_cfg.cascade.threshold = args.threshold;
     agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
+    // One report a second, so the relay's view is live while the replay runs.
+    agent_cfg.telemetry.interval_s = 1.0;
     let agent = Agent::start(agent_cfg)
         .await
         .context("starting the agent")?;
     let addr = agent.local_addr()?;
-    let counters = agent.counters();
+    let recorder = agent.recorder();
+    let counters = &recorder.counters;
     let mqtt = agent.mqtt_stats();
     let escalator = agent.escalator();
     let (stop_agent, agent_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -145,6 +151,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!(
         "tierd demo: relay + embedded broker on 127.0.0.1:{broker_port}, agent on http://{addr}"
+    );
+    println!(
+        "            agent metrics http://{addr}/metrics, fleet view http://{relay_http}/api/devices"
     );
     println!(
         "replaying {} images from {} (threshold {}, timeout {} ms, {} in flight)",
@@ -271,8 +280,52 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         relay_stats.rejected.load(Ordering::Relaxed),
     );
 
+    // The agent's last report covers the final partial window; once it has landed, the relay's
+    // fleet view accounts for every request.
     let _ = stop_agent.send(());
     let _ = agent_task.await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        let rec = fleet.lock().ok().and_then(|f| f.get("demo-pi").cloned());
+        let done = rec
+            .as_ref()
+            .is_some_and(|r| r.latest.totals.answered() == total);
+        if done || Instant::now() > deadline {
+            break rec;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    match &record {
+        Some(d) => {
+            let r = &d.latest;
+            let e = &r.energy;
+            println!(
+                "relay fleet view    demo-pi: {} reports (seq {}..{}, {} missing), totals edge {} / cloud {} / fallback {}",
+                d.reports,
+                d.first_seq,
+                d.last_seq,
+                d.missing_reports,
+                r.totals.edge,
+                r.totals.cloud,
+                r.totals.edge_fallback
+            );
+            println!(
+                "energy              meter {}{}: {:.3} J attributed to the agent in total{}",
+                e.meter,
+                if e.estimated {
+                    " (ESTIMATED: no power meter on this machine)"
+                } else {
+                    ""
+                },
+                e.total_joules,
+                e.error
+                    .as_deref()
+                    .map(|m| format!(" [{m}]"))
+                    .unwrap_or_default()
+            );
+        }
+        None => println!("relay fleet view    no telemetry from demo-pi reached the relay"),
+    }
     let _ = stop_relay.send(());
     let _ = relay_task.await;
     if total != records.len() as u64 {

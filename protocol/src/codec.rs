@@ -8,6 +8,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
 
 use crate::message::{EscalationReply, EscalationRequest};
+use crate::telemetry::TelemetryReport;
 
 /// Version of the framing and message schema. Bumped on any incompatible change.
 pub const WIRE_VERSION: u8 = 1;
@@ -34,6 +35,13 @@ impl WireMessage for EscalationReply {
     // Probabilities for up to ~1,000 classes plus an error message.
     const MAX_BYTES: usize = 8 * 1024;
     const NAME: &'static str = "escalation reply";
+}
+
+impl WireMessage for TelemetryReport {
+    const KIND: u8 = 3;
+    // A full report is ~300 bytes; the slack covers long meter errors and sensor labels.
+    const MAX_BYTES: usize = 16 * 1024;
+    const NAME: &'static str = "telemetry report";
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

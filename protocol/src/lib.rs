@@ -3,6 +3,7 @@
 //! This crate owns three things and does no I/O:
 //! - [`topic`]: the MQTT topic tree `tierd/v1/{device_id}/…` and its parser;
 //! - [`message`]: every message that crosses MQTT, as plain serde types;
+//! - [`telemetry`]: the periodic report each agent publishes (counts, latency, energy);
 //! - [`codec`]: framing (version byte + kind byte + postcard body) with size limits checked
 //!   *before* anything is decoded.
 //!
@@ -11,8 +12,10 @@
 
 pub mod codec;
 pub mod message;
+pub mod telemetry;
 pub mod topic;
 
 pub use codec::{decode, encode, WireError, WireMessage, WIRE_VERSION};
 pub use message::*;
+pub use telemetry::*;
 pub use topic::{Topic, TopicError, TopicKind};

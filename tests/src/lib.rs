@@ -429,6 +429,8 @@ pub struct RelayProc {
     pub proc: Proc,
     /// The broker port the relay uses (its embedded one, or the external one it joined).
     pub broker_port: u16,
+    /// Where its `/metrics` and `/api/devices` are served.
+    pub http_port: u16,
     pub relay_id: String,
     _dir: TempDir,
 }
@@ -455,8 +457,10 @@ impl RelayProc {
                     format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n"),
                 ),
             };
+            let http_port = free_port();
             let config = format!(
-                "relay_id = \"{relay_id}\"\n\n[model]\nmanifest = {}\n\n{broker_section}",
+                "relay_id = \"{relay_id}\"\n\n[model]\nmanifest = {}\n\n\
+                 [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{broker_section}",
                 toml_path(&cloud_manifest())
             );
             let config_path = dir.path().join("relay.toml");
@@ -474,16 +478,14 @@ impl RelayProc {
                     return RelayProc {
                         proc,
                         broker_port,
+                        http_port,
                         relay_id: relay_id.to_owned(),
                         _dir: dir,
                     };
                 }
                 if proc.exit_status().is_some() {
                     let log = proc.log();
-                    if broker == RelayBroker::Embedded
-                        && log.contains("cannot listen")
-                        && attempt < 3
-                    {
+                    if log.contains("cannot listen") && attempt < 3 {
                         break; // port race: retry with another port
                     }
                     proc.assert_running("starting");
@@ -504,6 +506,29 @@ impl RelayProc {
     pub fn kill(&mut self) {
         self.proc.kill();
     }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// GET on the relay's HTTP API: status and body text.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let resp = http_client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} on relay {}: {e}", self.relay_id));
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
+    /// GET on the relay's HTTP API, parsed as JSON.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let (status, text) = self.get_text(path).await;
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {text}"));
+        (status, body)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -520,6 +545,8 @@ pub struct AgentOptions {
     pub max_body_bytes: Option<usize>,
     /// Wait for the agent's "connected to MQTT broker" before returning from start.
     pub wait_for_mqtt: bool,
+    /// `telemetry.interval_s`.
+    pub telemetry_interval_s: f64,
 }
 
 impl AgentOptions {
@@ -532,7 +559,13 @@ impl AgentOptions {
             escalation_timeout_ms: 5000,
             max_body_bytes: None,
             wait_for_mqtt: true,
+            telemetry_interval_s: 30.0,
         }
+    }
+
+    pub fn telemetry_interval_s(mut self, s: f64) -> Self {
+        self.telemetry_interval_s = s;
+        self
     }
 
     pub fn escalation_timeout_ms(mut self, ms: u64) -> Self {
@@ -561,12 +594,14 @@ impl AgentOptions {
              [http]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n\
              [model]\nmanifest = {}\n\n\
              [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\n\
-             [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n",
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n\n\
+             [telemetry]\ninterval_s = {:?}\n",
             self.device_id,
             toml_path(&edge_manifest()),
             self.threshold,
             self.escalation_timeout_ms,
             self.mqtt_port,
+            self.telemetry_interval_s,
         )
     }
 }

@@ -104,7 +104,8 @@ pub fn parse_cpu_time(stat: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks.checked_mul(1000 / USER_HZ)?))
 }
 
-fn read_cpu_time(path: &Path) -> Result<Duration, EnergyError> {
+/// CPU time (user + system, all threads) of the process whose `stat` file this is.
+pub fn read_cpu_time(path: &Path) -> Result<Duration, EnergyError> {
     let text = read_text(path, SYSFS_PERMISSION_ADVICE)?;
     parse_cpu_time(&text).ok_or_else(|| EnergyError::Parse {
         path: path.to_path_buf(),

@@ -10,12 +10,15 @@
 //!
 //! Every meter reports *cumulative* joules since it was opened, so a caller attributes energy to
 //! an interval by differencing two samples; wraparound and integration live inside the meters.
-//! Nothing here is wired into the request path yet; telemetry will do that.
+//! [`sampler`] reads the chosen meter on its own thread; [`attribution`] splits the joules
+//! between inferences and escalations for telemetry.
 
+pub mod attribution;
 pub mod estimate;
 pub mod hwmon;
 pub mod ina219;
 pub mod rapl;
+pub mod sampler;
 
 use std::fmt;
 use std::io;
@@ -240,6 +243,7 @@ impl Default for Roots {
 
 /// An external INA219 to use; there is no way to probe for one safely, so it must be configured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Ina219Config {
     /// I2C bus device, e.g. `/dev/i2c-1`.
     pub bus: PathBuf,
@@ -251,7 +255,7 @@ pub struct Ina219Config {
     pub max_current_a: f64,
 }
 
-/// Which source to use, for a future `[energy] source = "..."` key in agent.toml.
+/// Which source to use: `[energy] source = "..."` in agent.toml.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EnergySource {

@@ -1,0 +1,338 @@
+//! The relay's HTTP API: `GET /metrics` (fleet and relay metrics, Prometheus text 0.0.4),
+//! `GET /api/devices` and `GET /api/devices/{id}` (JSON), `GET /health`.
+//!
+//! Metrics are produced at scrape time by a `prometheus-client` collector over the [`Fleet`],
+//! so a device that reports is visible at the next scrape with no per-device registration.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::escalations::RelayStats;
+use crate::fleet::Fleet;
+
+pub type SharedFleet = Arc<Mutex<Fleet>>;
+
+pub struct ApiState {
+    pub fleet: SharedFleet,
+    pub registry: Registry,
+}
+
+#[derive(Debug)]
+struct FleetCollector {
+    fleet: SharedFleet,
+    stats: Arc<RelayStats>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<T: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: Vec<(Labels, T)>,
+) -> std::fmt::Result {
+    if series.is_empty() {
+        return Ok(());
+    }
+    // Counter names go in without `_total`: the encoder appends it.
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in &series {
+        metric.encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for FleetCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.stats;
+        family(
+            &mut enc,
+            "tierd_relay_escalations",
+            "Escalations handled by this relay replica, by outcome.",
+            MetricType::Counter,
+            [
+                ("answered", &s.answered),
+                ("error", &s.errors),
+                ("rejected", &s.rejected),
+                ("overloaded", &s.overloaded),
+            ]
+            .into_iter()
+            .map(|(o, c)| {
+                (
+                    vec![("outcome", o.to_string())],
+                    ConstCounter::new(c.load(Ordering::Relaxed)),
+                )
+            })
+            .collect(),
+        )?;
+        family(
+            &mut enc,
+            "tierd_relay_telemetry_reports",
+            "Telemetry reports received, by what the relay made of them.",
+            MetricType::Counter,
+            [
+                ("accepted", &s.telemetry_accepted),
+                ("rejected", &s.telemetry_rejected),
+            ]
+            .into_iter()
+            .map(|(o, c)| {
+                (
+                    vec![("result", o.to_string())],
+                    ConstCounter::new(c.load(Ordering::Relaxed)),
+                )
+            })
+            .collect(),
+        )?;
+
+        let Ok(fleet) = self.fleet.lock() else {
+            return Ok(());
+        };
+        let dev = |d: &str, extra: &[(&'static str, &str)]| -> Labels {
+            let mut l = vec![("device", d.to_string())];
+            l.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+            l
+        };
+        let mut requests = Vec::new();
+        let mut missing = Vec::new();
+        let mut joules = Vec::new();
+        let mut per_request = Vec::new();
+        let mut latency = Vec::new();
+        let mut escalation_ratio = Vec::new();
+        let mut threshold = Vec::new();
+        let mut last_seen = Vec::new();
+        let mut cpu = Vec::new();
+        let mut temp = Vec::new();
+        for d in fleet.devices() {
+            let r = &d.latest;
+            let id = d.device_id.as_str();
+            for (tier, n) in [
+                ("edge", r.totals.edge),
+                ("cloud", r.totals.cloud),
+                ("edge_fallback", r.totals.edge_fallback),
+            ] {
+                requests.push((dev(id, &[("tier", tier)]), ConstCounter::new(n)));
+            }
+            missing.push((dev(id, &[]), ConstCounter::new(d.missing_reports)));
+            let e = &r.energy;
+            let estimated = if e.estimated { "true" } else { "false" };
+            joules.push((
+                dev(id, &[("meter", &e.meter), ("estimated", estimated)]),
+                ConstCounter::new(e.total_joules),
+            ));
+            if let Some(j) = e.joules_per_inference {
+                per_request.push((
+                    dev(id, &[("tier", "edge"), ("estimated", estimated)]),
+                    ConstGauge::new(j),
+                ));
+                if let Some(radio) = e.radio_joules_per_escalation {
+                    per_request.push((
+                        dev(id, &[("tier", "cloud"), ("estimated", estimated)]),
+                        ConstGauge::new(j + radio),
+                    ));
+                }
+            }
+            for l in &r.latency {
+                if l.count == 0 {
+                    continue;
+                }
+                let (kind, name) = l.series.label();
+                for (q, us) in [("0.5", l.p50_us), ("0.95", l.p95_us), ("0.99", l.p99_us)] {
+                    latency.push((
+                        dev(id, &[(kind, name), ("quantile", q)]),
+                        ConstGauge::new(us as f64 / 1e6),
+                    ));
+                }
+            }
+            if let Some(rate) = r.escalation_rate() {
+                escalation_ratio.push((dev(id, &[]), ConstGauge::new(rate)));
+            }
+            threshold.push((
+                dev(id, &[("signal", &r.signal)]),
+                ConstGauge::new(f64::from(r.threshold)),
+            ));
+            last_seen.push((
+                dev(id, &[]),
+                ConstGauge::new(d.last_seen_ms as f64 / 1000.0),
+            ));
+            cpu.push((
+                dev(id, &[]),
+                ConstGauge::new(f64::from(r.device.cpu_percent) / 100.0),
+            ));
+            if let Some(t) = r.device.temperature_c {
+                temp.push((dev(id, &[]), ConstGauge::new(f64::from(t))));
+            }
+        }
+        family(
+            &mut enc,
+            "tierd_device_requests",
+            "Requests each device answered since it started, by tier (from its latest report).",
+            MetricType::Counter,
+            requests,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_telemetry_missing_reports",
+            "Telemetry reports of the current agent run that never reached this relay.",
+            MetricType::Counter,
+            missing,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_energy_joules",
+            "Joules attributed to the agent since it started (compute + modelled radio).",
+            MetricType::Counter,
+            joules,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_energy_per_request_joules",
+            "Joules per request in the last window: local compute (edge), plus modelled radio (cloud).",
+            MetricType::Gauge,
+            per_request,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_latency_seconds",
+            "Latency quantiles over the device's last telemetry window, per path and stage.",
+            MetricType::Gauge,
+            latency,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_escalation_ratio",
+            "Share of answered requests escalated in the last window.",
+            MetricType::Gauge,
+            escalation_ratio,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_threshold",
+            "Escalation threshold in force on the device.",
+            MetricType::Gauge,
+            threshold,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_last_seen_timestamp_seconds",
+            "When the device's latest report arrived (relay clock).",
+            MetricType::Gauge,
+            last_seen,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_cpu_ratio",
+            "Whole-machine CPU use on the device over its last window, 0-1.",
+            MetricType::Gauge,
+            cpu,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_temperature_celsius",
+            "Hottest temperature sensor on the device.",
+            MetricType::Gauge,
+            temp,
+        )?;
+        let t = fleet.totals();
+        family(
+            &mut enc,
+            "tierd_fleet_requests",
+            "Requests answered by all devices, by tier (sum of their latest reports).",
+            MetricType::Counter,
+            [
+                ("edge", t.edge),
+                ("cloud", t.cloud),
+                ("edge_fallback", t.edge_fallback),
+            ]
+            .into_iter()
+            .map(|(tier, n)| (vec![("tier", tier.to_string())], ConstCounter::new(n)))
+            .collect(),
+        )?;
+        family(
+            &mut enc,
+            "tierd_fleet_devices",
+            "Devices that have reported to this relay.",
+            MetricType::Gauge,
+            vec![(Vec::new(), ConstGauge::new(fleet.len() as i64))],
+        )
+    }
+}
+
+pub fn router(fleet: SharedFleet, stats: Arc<RelayStats>) -> Router {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(FleetCollector {
+        fleet: fleet.clone(),
+        stats,
+    }));
+    let state = Arc::new(ApiState { fleet, registry });
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/devices", get(devices))
+        .route("/api/devices/{id}", get(device))
+        .route("/health", get(|| async { Json(json!({ "ok": true })) }))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::prometheus_text::encode(&mut out, &state.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            out,
+        )
+            .into_response(),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics could not be encoded".into(),
+        ),
+    }
+}
+
+async fn devices(State(state): State<Arc<ApiState>>) -> Response {
+    match state.fleet.lock() {
+        Ok(f) => {
+            let list: Vec<_> = f.devices().collect();
+            Json(json!({ "devices": list, "totals": f.totals() })).into_response()
+        }
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fleet state poisoned".into(),
+        ),
+    }
+}
+
+async fn device(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    match state.fleet.lock() {
+        Ok(f) => match f.get(&id) {
+            Some(d) => Json(json!(d)).into_response(),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("no telemetry from device {id:?} yet"),
+            ),
+        },
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fleet state poisoned".into(),
+        ),
+    }
+}
