@@ -2,6 +2,7 @@
 //!
 //! - [`escalations`]: answers escalations with the cloud model (shared subscription, worker pool).
 //! - [`broker`]: the embedded rumqttd used when no broker is configured.
+//! - [`tuner`]: where the escalation threshold is tuned, with a statistical certificate (pure).
 //! - [`fleet`]: every device's latest telemetry, with sequence-gap accounting (pure).
 //! - [`api`]: `/metrics`, `/api/devices` over HTTP.
 //! - [`config`]: the `relay.toml` schema.
@@ -11,6 +12,7 @@ pub mod broker;
 pub mod config;
 pub mod escalations;
 pub mod fleet;
+pub mod tuner;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
