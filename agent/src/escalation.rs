@@ -286,12 +286,16 @@ pub async fn run_event_loop(
                 }
                 was_connected = true;
                 info!("connected to MQTT broker");
+                tierd_runtime::systemd::status("serving; connected to the MQTT broker");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => escalator.route_reply(&p),
             Ok(_) => {}
             Err(e) => {
                 if escalator.connected.swap(false, Ordering::Relaxed) {
                     warn!(error = %e, "MQTT connection lost; escalations fall back to the edge until it returns");
+                    tierd_runtime::systemd::status(
+                        "serving from the edge only: MQTT connection lost, reconnecting",
+                    );
                 } else {
                     debug!(error = %e, "MQTT connect failed");
                 }

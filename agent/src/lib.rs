@@ -23,6 +23,7 @@ pub mod oip;
 pub mod telemetry;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +93,29 @@ pub struct Agent {
     telemetry_task: Option<tokio::task::JoinHandle<()>>,
     stop_telemetry: watch::Sender<bool>,
     latest: LatestReport,
+    mqtt_alive: Arc<AtomicBool>,
+}
+
+/// What the systemd watchdog checks before each ping: the HTTP server answers its own health
+/// route, the model still reproduces its golden vectors, and the MQTT task is running.
+#[derive(Clone)]
+pub struct Health {
+    state: Arc<AppState>,
+    addr: SocketAddr,
+    mqtt_alive: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub async fn check(&self) -> Result<(), String> {
+        if !self.mqtt_alive.load(Ordering::Relaxed) {
+            return Err("the MQTT task has stopped".into());
+        }
+        self.state
+            .model
+            .verify_golden()
+            .map_err(|e| format!("model self-test failed: {e}"))?;
+        tierd_runtime::systemd::probe_http(self.addr, "/v2/health/live").await
+    }
 }
 
 impl Agent {
@@ -160,11 +184,13 @@ impl Agent {
         } else {
             None
         };
-        let mqtt_task = tokio::spawn(escalation::run_event_loop(
-            escalator.clone(),
-            eventloop,
-            stop_rx,
-        ));
+        let mqtt_alive = Arc::new(AtomicBool::new(true));
+        let guard = tierd_runtime::systemd::AliveGuard(mqtt_alive.clone());
+        let mqtt_escalator = escalator.clone();
+        let mqtt_task = tokio::spawn(async move {
+            let _guard = guard;
+            escalation::run_event_loop(mqtt_escalator, eventloop, stop_rx).await;
+        });
         let state = Arc::new(AppState {
             model,
             escalator,
@@ -183,6 +209,7 @@ impl Agent {
             telemetry_task,
             stop_telemetry,
             latest,
+            mqtt_alive,
         })
     }
 
@@ -214,6 +241,15 @@ impl Agent {
         self.state.escalator.clone()
     }
 
+    /// The watchdog's self-check (see [`Health`]).
+    pub fn health(&self) -> std::io::Result<Health> {
+        Ok(Health {
+            state: self.state.clone(),
+            addr: self.local_addr()?,
+            mqtt_alive: self.mqtt_alive.clone(),
+        })
+    }
+
     pub fn policy(&self) -> Policy {
         *self.policy_tx.borrow()
     }
@@ -226,11 +262,23 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let addr = self.local_addr().map_err(AgentError::Serve)?;
         info!(%addr, "serving Open Inference Protocol v2");
+        let health = self.health().map_err(AgentError::Serve)?;
+        let (stop_watchdog, watchdog_rx) = watch::channel(false);
+        let watchdog = tokio::spawn(tierd_runtime::systemd::run_watchdog(
+            move || {
+                let h = health.clone();
+                async move { h.check().await }
+            },
+            watchdog_rx,
+        ));
         let app = http::router(self.state.clone());
-        axum::serve(self.listener, app)
+        let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(AgentError::Serve)?;
+            .map_err(AgentError::Serve);
+        let _ = stop_watchdog.send(true);
+        let _ = watchdog.await;
+        served?;
         // The last report covers the final partial window, so a clean stop loses no counts;
         // it is queued before MQTT is closed, and the disconnect flushes it.
         let _ = self.stop_telemetry.send(true);

@@ -89,7 +89,17 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async {
         let agent = Agent::start(config).await?;
-        agent.serve(shutdown_signal()).await?;
+        // Start has verified the model (sha256 + golden vectors) and bound the port.
+        let addr = agent.local_addr()?;
+        tierd_runtime::systemd::ready(&format!("serving on http://{addr}; MQTT connecting"));
+        agent
+            .serve(async {
+                shutdown_signal().await;
+                tierd_runtime::systemd::stopping(
+                    "stopping: draining requests, sending the last telemetry report",
+                );
+            })
+            .await?;
         Ok(())
     })
 }

@@ -15,11 +15,13 @@ pub mod fleet;
 pub mod tuner;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::v5::AsyncClient;
 use thiserror::Error;
+use tierd_runtime::systemd::AliveGuard;
 use tierd_runtime::{Model, ModelError};
 use tokio::sync::watch;
 use tracing::info;
@@ -54,6 +56,9 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
+    model: Model,
+    loop_alive: Arc<AtomicBool>,
+    http_alive: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -83,8 +88,14 @@ impl Relay {
         let (stop, stop_rx) = watch::channel(false);
         let fleet = Arc::new(Mutex::new(fleet::Fleet::new(config.http.max_devices)));
         let app = api::router(fleet.clone(), stats.clone());
+        // The watchdog's self-check reads these; the guards clear them when a task ends.
+        let loop_alive = Arc::new(AtomicBool::new(true));
+        let http_alive = Arc::new(AtomicBool::new(true));
+        let http_down = AliveGuard(http_alive.clone());
+        let loop_down = AliveGuard(loop_alive.clone());
         let mut http_stop = stop_rx.clone();
         let http_task = tokio::spawn(async move {
+            let _down = http_down;
             let shutdown = async move {
                 let _ = http_stop.changed().await;
             };
@@ -97,14 +108,17 @@ impl Relay {
         });
         info!(addr = %http_addr, "serving /metrics and /api/devices");
         let service = Service {
-            model,
+            model: model.clone(),
             serves: config.model.serves.clone(),
             workers: config.workers,
             queue: config.queue,
             stats: stats.clone(),
             fleet: fleet.clone(),
         };
-        let task = tokio::spawn(escalations::run(service, client, eventloop, stop_rx));
+        let task = tokio::spawn(async move {
+            let _down = loop_down;
+            escalations::run(service, client, eventloop, stop_rx).await;
+        });
         Ok(Relay {
             stats,
             fleet,
@@ -112,6 +126,9 @@ impl Relay {
             stop,
             task,
             http_task,
+            model,
+            loop_alive,
+            http_alive,
         })
     }
 
@@ -130,10 +147,39 @@ impl Relay {
 
     /// Runs until `shutdown` resolves, then stops taking escalations and disconnects.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        let (model, addr) = (self.model.clone(), self.http_addr);
+        let alive = [self.loop_alive.clone(), self.http_alive.clone()];
+        let watchdog = tokio::spawn(tierd_runtime::systemd::run_watchdog(
+            move || {
+                let (model, alive) = (model.clone(), alive.clone());
+                async move { self_check(&model, &alive, addr).await }
+            },
+            self.stop.subscribe(),
+        ));
         shutdown.await;
         let _ = self.stop.send(true);
+        let _ = watchdog.await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.http_task).await;
         info!("relay stopped");
     }
+}
+
+/// The watchdog's self-check: both tasks running, the model still reproduces its golden
+/// vectors, and the HTTP API answers.
+async fn self_check(
+    model: &Model,
+    alive: &[Arc<AtomicBool>; 2],
+    addr: SocketAddr,
+) -> Result<(), String> {
+    if !alive[0].load(Ordering::Relaxed) {
+        return Err("the escalation loop has stopped".into());
+    }
+    if !alive[1].load(Ordering::Relaxed) {
+        return Err("the HTTP API has stopped".into());
+    }
+    model
+        .verify_golden()
+        .map_err(|e| format!("model self-test failed: {e}"))?;
+    tierd_runtime::systemd::probe_http(addr, "/health").await
 }

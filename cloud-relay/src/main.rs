@@ -55,7 +55,17 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async {
         let relay = Relay::start(config).await?;
-        relay.serve(tierd_runtime::shutdown_signal()).await;
+        // Start has verified the model, started the embedded broker if any, bound the API.
+        tierd_runtime::systemd::ready(&format!(
+            "API on http://{}; MQTT connecting",
+            relay.http_addr()
+        ));
+        relay
+            .serve(async {
+                tierd_runtime::shutdown_signal().await;
+                tierd_runtime::systemd::stopping("stopping: finishing escalations in progress");
+            })
+            .await;
         anyhow::Ok(())
     })
 }

@@ -1,4 +1,5 @@
-//! What both daemons run: verified models ([`Model`]) and the MQTT connection ([`mqtt`]).
+//! What both daemons run: verified models ([`Model`]), the MQTT connection ([`mqtt`]) and the
+//! systemd notify protocol ([`systemd`]).
 //!
 //! A model file is not trusted: [`Model::load`] checks its sha256 against the manifest, compiles it
 //! with tract into an optimized plan once, then runs every golden vector and refuses the model if
@@ -9,6 +10,7 @@ mod manifest;
 mod model;
 pub mod mqtt;
 pub mod stream;
+pub mod systemd;
 
 pub use manifest::{Dtype, Golden, InputSpec, Manifest, OutputSpec, Preprocess};
 pub use model::{InputError, Model, Prediction};

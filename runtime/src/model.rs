@@ -99,7 +99,8 @@ impl Model {
         Ok(model)
     }
 
-    fn verify_golden(&self) -> Result<(), ModelError> {
+    /// Runs every golden vector through the compiled model; the watchdog self-check uses it too.
+    pub fn verify_golden(&self) -> Result<(), ModelError> {
         let m = &self.manifest;
         for (index, g) in m.golden.iter().enumerate() {
             let input = m.wire_input(g.pixels.clone());

@@ -404,7 +404,7 @@ impl Drop for Proc {
 }
 
 /// A daemon command with the test environment applied.
-fn daemon_command(binary: &str) -> Command {
+pub fn daemon_command(binary: &str) -> Command {
     let mut cmd = Command::new(bin_path(binary));
     cmd.env("RUST_LOG", RUST_LOG)
         .env("NO_COLOR", "1")
@@ -584,7 +584,8 @@ impl AgentOptions {
         self
     }
 
-    fn toml(&self, http_port: u16) -> String {
+    /// The agent.toml these options describe, serving HTTP on `http_port`.
+    pub fn toml(&self, http_port: u16) -> String {
         let body = self
             .max_body_bytes
             .map(|n| format!("max_body_bytes = {n}\n"))
