@@ -16,8 +16,8 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tierd_protocol::{
-    decode, encode, EscalationKind, EscalationReply, EscalationRequest, ReplyOutcome, Tensor,
-    Topic, TopicKind,
+    decode, encode, DeviceStatus, EscalationKind, EscalationReply, EscalationRequest, ReplyOutcome,
+    Tensor, Topic, TopicKind,
 };
 use tierd_runtime::mqtt::Backoff;
 use tokio::sync::{oneshot, Semaphore};
@@ -47,6 +47,8 @@ pub struct Escalator {
     client: AsyncClient,
     request_topic: String,
     reply_topic: String,
+    status_topic: String,
+    boot_id: u64,
     pending: Pending,
     in_flight: Arc<Semaphore>,
     connected: Arc<AtomicBool>,
@@ -74,6 +76,7 @@ impl Escalator {
         options: MqttOptions,
         device_id: &str,
         max_in_flight: usize,
+        boot_id: u64,
     ) -> Result<(Self, EventLoop), tierd_protocol::TopicError> {
         // The request channel only buffers our own publishes; in-flight escalations are bounded
         // by the semaphore below, so this never needs to be larger than that bound.
@@ -88,6 +91,8 @@ impl Escalator {
                 client,
                 request_topic: Topic::new(device_id, TopicKind::Escalate)?.to_string(),
                 reply_topic: Topic::new(device_id, TopicKind::EscalateReply)?.to_string(),
+                status_topic: Topic::new(device_id, TopicKind::Status)?.to_string(),
+                boot_id,
                 pending: Arc::new(Mutex::new(HashMap::new())),
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 connected: Arc::new(AtomicBool::new(false)),
@@ -236,6 +241,29 @@ impl Escalator {
     }
 }
 
+/// The encoded `DeviceStatus` for the status topic and the last will.
+pub fn status_payload(online: bool, boot_id: u64, reason: &str) -> Vec<u8> {
+    encode(&DeviceStatus {
+        online,
+        boot_id,
+        reason: reason.to_string(),
+    })
+    .unwrap_or_default()
+}
+
+impl Escalator {
+    /// Publishes the retained status (online after connecting, offline on a clean stop).
+    fn publish_status(&self, online: bool, reason: &str) {
+        let payload = status_payload(online, self.boot_id, reason);
+        if let Err(e) = self
+            .client
+            .try_publish(&self.status_topic, QoS::AtLeastOnce, true, payload)
+        {
+            warn!(error = %e, "cannot queue the status message");
+        }
+    }
+}
+
 /// Publishes telemetry reports on the agent's MQTT connection.
 pub struct MqttReportSink {
     client: AsyncClient,
@@ -286,6 +314,7 @@ pub async fn run_event_loop(
                 }
                 was_connected = true;
                 info!("connected to MQTT broker");
+                escalator.publish_status(true, "");
                 tierd_runtime::systemd::status("serving; connected to the MQTT broker");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => escalator.route_reply(&p),
@@ -308,6 +337,10 @@ pub async fn run_event_loop(
             }
         }
     }
-    escalator.connected.store(false, Ordering::Relaxed);
+    // Queued before the DISCONNECT, so a clean stop leaves "stopped" retained (a clean
+    // DISCONNECT also tells the broker not to publish the will).
+    if escalator.connected.swap(false, Ordering::Relaxed) {
+        escalator.publish_status(false, "stopped");
+    }
     tierd_runtime::mqtt::disconnect(&escalator.client, &mut eventloop).await;
 }

@@ -124,9 +124,27 @@ impl Agent {
         tierd_runtime::mqtt::install_crypto_provider();
         let model = Model::load(&config.model.manifest)?;
         info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
-        let options = config.mqtt.options(&config.default_client_id())?;
-        let (escalator, eventloop) =
-            Escalator::new(options, &config.device_id, config.cascade.max_in_flight)?;
+        let boot_id = telemetry::unix_ms(std::time::SystemTime::now());
+        let mut options = config.mqtt.options(&config.default_client_id())?;
+        // The broker publishes this, retained, if the connection dies without a clean
+        // DISCONNECT; a clean stop publishes its own "stopped" status instead.
+        let status_topic =
+            tierd_protocol::Topic::new(&config.device_id, tierd_protocol::TopicKind::Status)?
+                .to_string();
+        let will = escalation::status_payload(false, boot_id, "connection lost");
+        options.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            status_topic,
+            will,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+        let (escalator, eventloop) = Escalator::new(
+            options,
+            &config.device_id,
+            config.cascade.max_in_flight,
+            boot_id,
+        )?;
         let listener =
             TcpListener::bind(config.http.listen)
                 .await
@@ -165,6 +183,7 @@ impl Agent {
             info!(meter = %energy.meter, estimated = energy.estimated, "energy meter");
             let reporter = Reporter {
                 device_id: config.device_id.clone(),
+                boot_id,
                 model: model.id(),
                 interval: config.telemetry_interval(),
                 recorder: recorder.clone(),

@@ -388,7 +388,7 @@ impl DeviceProbe {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -399,6 +399,8 @@ pub type LatestReport = Arc<Mutex<Option<TelemetryReport>>>;
 /// What the reporting loop needs.
 pub struct Reporter {
     pub device_id: String,
+    /// Identifies this agent run (Unix ms at start); shared with the status messages.
+    pub boot_id: u64,
     pub model: String,
     pub interval: Duration,
     pub recorder: Arc<Recorder>,
@@ -413,10 +415,9 @@ pub struct Reporter {
 /// Publishes one report per interval until `shutdown` flips, then a last one covering the
 /// final partial window, so a clean stop loses no counts.
 pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Receiver<bool>) {
-    let boot = SystemTime::now();
-    let boot_id = unix_ms(boot);
+    let boot_id = r.boot_id;
     let mut seq = 0u64;
-    let mut start_ms = boot_id;
+    let mut start_ms = unix_ms(SystemTime::now());
     let mut prev_totals = TierCounts::default();
     let mut prev_fallbacks = FallbackCounts::default();
     let mut prev_joules = Some(0.0);

@@ -246,6 +246,16 @@ impl Collector for FleetCollector {
             MetricType::Gauge,
             temp,
         )?;
+        family(
+            &mut enc,
+            "tierd_device_online",
+            "1 while the device's retained status says online; 0 after a clean stop or its last will.",
+            MetricType::Gauge,
+            fleet
+                .statuses()
+                .map(|(d, st)| (dev(d, &[]), ConstGauge::new(i64::from(st.online))))
+                .collect(),
+        )?;
         let t = fleet.totals();
         family(
             &mut enc,
@@ -312,7 +322,9 @@ async fn devices(State(state): State<Arc<ApiState>>) -> Response {
     match state.fleet.lock() {
         Ok(f) => {
             let list: Vec<_> = f.devices().collect();
-            Json(json!({ "devices": list, "totals": f.totals() })).into_response()
+            let statuses: std::collections::BTreeMap<_, _> = f.statuses().collect();
+            Json(json!({ "devices": list, "status": statuses, "totals": f.totals() }))
+                .into_response()
         }
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -323,12 +335,16 @@ async fn devices(State(state): State<Arc<ApiState>>) -> Response {
 
 async fn device(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
     match state.fleet.lock() {
-        Ok(f) => match f.get(&id) {
-            Some(d) => Json(json!(d)).into_response(),
-            None => error(
+        Ok(f) => match (f.get(&id), f.status(&id)) {
+            (None, None) => error(
                 StatusCode::NOT_FOUND,
-                format!("no telemetry from device {id:?} yet"),
+                format!("no telemetry or status from device {id:?} yet"),
             ),
+            (record, status) => {
+                let mut body = record.map_or_else(|| json!({ "device_id": id }), |d| json!(d));
+                body["status"] = json!(status);
+                Json(body).into_response()
+            }
         },
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -15,7 +15,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tierd_protocol::{
-    decode, encode, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome,
+    decode, encode, DeviceStatus, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome,
     TelemetryReport, Topic, TopicKind,
 };
 
@@ -148,6 +148,37 @@ fn ingest_telemetry(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) 
     }
 }
 
+/// Files a device's online/offline status (its own, or its last will published by the broker).
+fn ingest_status(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) {
+    let result = std::str::from_utf8(&publish.topic)
+        .map_err(|_| "topic is not UTF-8".to_string())
+        .and_then(|t| Topic::parse(t).map_err(|e| e.to_string()))
+        .and_then(|topic| {
+            let status = decode::<DeviceStatus>(&publish.payload)
+                .map_err(|e| format!("device {}: {e}", topic.device_id))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let online = status.online;
+            let reason = status.reason.clone();
+            fleet
+                .lock()
+                .map_err(|_| "fleet state poisoned".to_string())?
+                .set_status(&topic.device_id, status, now)
+                .map_err(|e| e.to_string())?;
+            Ok((topic.device_id, online, reason))
+        });
+    match result {
+        Ok((device, online, reason)) => {
+            info!(%device, online, %reason, "device status");
+        }
+        Err(why) => {
+            stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
+            warn!(%why, "status rejected");
+        }
+    }
+}
+
 async fn work(
     model: Model,
     serves: Arc<Vec<String>>,
@@ -274,6 +305,7 @@ pub async fn run(
     let filter = Topic::relay_escalation_filter();
     // Not shared: every replica sees every device's telemetry and can serve the fleet view.
     let telemetry_filter = Topic::all_devices(TopicKind::Telemetry);
+    let status_filter = Topic::all_devices(TopicKind::Status);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut connected = false;
     loop {
@@ -291,6 +323,9 @@ pub async fn run(
                 if let Err(e) = client.try_subscribe(&telemetry_filter, QoS::AtLeastOnce) {
                     warn!(error = %e, "cannot queue telemetry subscription");
                 }
+                if let Err(e) = client.try_subscribe(&status_filter, QoS::AtLeastOnce) {
+                    warn!(error = %e, "cannot queue status subscription");
+                }
             }
             // Logged on the broker's confirmation so the line is a true readiness signal.
             Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -298,6 +333,9 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::Publish(p))) if is_telemetry(&p) => {
                 ingest_telemetry(&fleet, &stats, &p);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with(b"/status") => {
+                ingest_status(&fleet, &stats, &p);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match route(&p) {
                 Ok(job) => {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use thiserror::Error;
-use tierd_protocol::{TelemetryReport, TierCounts};
+use tierd_protocol::{DeviceStatus, TelemetryReport, TierCounts};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FleetError {
@@ -64,9 +64,20 @@ pub struct DeviceRecord {
     pub latest: TelemetryReport,
 }
 
+/// The latest retained status a device (or the broker, as its last will) published.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusRecord {
+    pub online: bool,
+    pub boot_id: u64,
+    pub reason: String,
+    /// Relay clock, Unix ms, when it arrived.
+    pub since_ms: u64,
+}
+
 #[derive(Debug)]
 pub struct Fleet {
     devices: BTreeMap<String, DeviceRecord>,
+    statuses: BTreeMap<String, StatusRecord>,
     max_devices: usize,
 }
 
@@ -84,6 +95,7 @@ impl Fleet {
     pub fn new(max_devices: usize) -> Self {
         Fleet {
             devices: BTreeMap::new(),
+            statuses: BTreeMap::new(),
             max_devices,
         }
     }
@@ -154,6 +166,41 @@ impl Fleet {
         } else {
             Ingest::Gap { missing }
         })
+    }
+
+    /// Records a status message. A status from an older agent run than the one already known
+    /// is ignored, so a late last will cannot mark a restarted device offline.
+    pub fn set_status(
+        &mut self,
+        device_id: &str,
+        status: DeviceStatus,
+        now_ms: u64,
+    ) -> Result<(), FleetError> {
+        if let Some(known) = self.statuses.get(device_id) {
+            if status.boot_id < known.boot_id {
+                return Ok(());
+            }
+        } else if self.statuses.len() >= self.max_devices {
+            return Err(FleetError::Full(self.max_devices, device_id.to_string()));
+        }
+        self.statuses.insert(
+            device_id.to_string(),
+            StatusRecord {
+                online: status.online,
+                boot_id: status.boot_id,
+                reason: status.reason,
+                since_ms: now_ms,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn status(&self, device_id: &str) -> Option<&StatusRecord> {
+        self.statuses.get(device_id)
+    }
+
+    pub fn statuses(&self) -> impl Iterator<Item = (&String, &StatusRecord)> {
+        self.statuses.iter()
     }
 
     pub fn devices(&self) -> impl Iterator<Item = &DeviceRecord> {
@@ -273,6 +320,25 @@ mod tests {
         let mut f = Fleet::new(10);
         f.ingest("a", report("a", 1, 6, 5), 0).expect("first");
         assert_eq!(f.get("a").map(|d| d.missing_reports), Some(5));
+    }
+
+    #[test]
+    fn a_late_will_from_an_old_run_does_not_mark_a_restarted_device_offline() {
+        let mut f = Fleet::new(10);
+        let st = |online, boot_id| DeviceStatus {
+            online,
+            boot_id,
+            reason: if online { "" } else { "connection lost" }.into(),
+        };
+        f.set_status("a", st(true, 1), 0).expect("online");
+        f.set_status("a", st(false, 1), 1).expect("will");
+        assert_eq!(f.status("a").map(|s| s.online), Some(false));
+        f.set_status("a", st(true, 2), 2).expect("restart");
+        f.set_status("a", st(false, 1), 3).expect("late will");
+        assert_eq!(
+            f.status("a").map(|s| (s.online, s.boot_id)),
+            Some((true, 2))
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
 
-use crate::message::{EscalationReply, EscalationRequest};
+use crate::message::{DeviceStatus, EscalationReply, EscalationRequest};
 use crate::telemetry::TelemetryReport;
 
 /// Version of the framing and message schema. Bumped on any incompatible change.
@@ -35,6 +35,12 @@ impl WireMessage for EscalationReply {
     // Probabilities for up to ~1,000 classes plus an error message.
     const MAX_BYTES: usize = 8 * 1024;
     const NAME: &'static str = "escalation reply";
+}
+
+impl WireMessage for DeviceStatus {
+    const KIND: u8 = 4;
+    const MAX_BYTES: usize = 1024;
+    const NAME: &'static str = "device status";
 }
 
 impl WireMessage for TelemetryReport {

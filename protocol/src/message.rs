@@ -154,6 +154,18 @@ pub struct EscalationReply {
     pub outcome: ReplyOutcome,
 }
 
+/// Agent → anyone on `tierd/v1/{device}/status`, QoS 1, retained. The offline form is also the
+/// agent's MQTT last will, which the broker publishes when the connection dies without a clean
+/// DISCONNECT (crash, power loss, network gone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub online: bool,
+    /// The agent run this is about (same as the telemetry reports' `boot_id`).
+    pub boot_id: u64,
+    /// For offline: `stopped` (clean shutdown) or `connection lost` (the last will).
+    pub reason: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,3 +121,64 @@ async fn two_relays_share_the_escalations() {
         "shared subscription did not spread the load: {to_a} to relay a, {to_b} to relay b"
     );
 }
+
+/// Polls the relay until the device's status matches, or fails with what it last saw.
+async fn wait_status(
+    relay: &RelayProc,
+    device: &str,
+    online: bool,
+    reason: &str,
+) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let (code, body) = relay.get_json(&format!("/api/devices/{device}")).await;
+        let st = &body["status"];
+        if code == 200 && st["online"] == online && st["reason"] == reason {
+            return st.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "status of {device} never became online={online} reason={reason:?}; last: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The retained status topic: online after connecting; the broker publishes the last will
+/// ("connection lost") when the agent is killed; a clean stop publishes "stopped" itself; a
+/// restarted agent is online again under a new boot id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_online_then_last_will_on_kill_then_stopped_on_sigterm() {
+    let Some(mut mosquitto) = start_mosquitto(free_port()).await else {
+        return;
+    };
+    let relay = RelayProc::start("mq-status", RelayBroker::External(mosquitto.port)).await;
+    mosquitto.wait_for_suback("cloud-relay-mq-status").await;
+    let device = "mq-status-dev";
+    let mut agent = AgentProc::start(AgentOptions::new(device, mosquitto.port)).await;
+    let first = wait_status(&relay, device, true, "").await;
+
+    agent.proc.kill();
+    let will = wait_status(&relay, device, false, "connection lost").await;
+    assert_eq!(
+        will["boot_id"], first["boot_id"],
+        "the will is about the run that died"
+    );
+
+    // A few ms apart at least, so the new run's boot id (start time in ms) is larger.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut again = AgentProc::start(AgentOptions::new(device, mosquitto.port)).await;
+    let second = wait_status(&relay, device, true, "").await;
+    assert!(
+        second["boot_id"].as_u64() > first["boot_id"].as_u64(),
+        "{first} then {second}"
+    );
+
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(again.proc.pid() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = again.proc.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}\n{}", again.proc.log_tail(20));
+    let stopped = wait_status(&relay, device, false, "stopped").await;
+    assert_eq!(stopped["boot_id"], second["boot_id"]);
+}
