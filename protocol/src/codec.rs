@@ -2,7 +2,7 @@
 //!
 //! The size limit of each message kind is checked before a single byte is decoded, the kind byte
 //! stops a message published on the wrong topic from being misread as another type, and trailing
-//! bytes are rejected so that one payload has exactly one meaning.
+//! bytes and non-canonical encodings are rejected so that one payload has exactly one meaning.
 
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
@@ -72,6 +72,8 @@ pub enum WireError {
     Body { name: &'static str, reason: String },
     #[error("{name} has {count} unexpected trailing bytes")]
     Trailing { name: &'static str, count: usize },
+    #[error("{name} is not in canonical form (e.g. an over-long varint); a tierd encoder never produces it")]
+    NonCanonical { name: &'static str },
     #[error("{name} could not be encoded: {reason}")]
     Encode { name: &'static str, reason: String },
 }
@@ -131,6 +133,18 @@ pub fn decode<M: WireMessage>(bytes: &[u8]) -> Result<M, WireError> {
             name: M::NAME,
             count: rest.len(),
         });
+    }
+    // postcard accepts over-long varints (0 as 80 80 80 00), so distinct payloads could carry
+    // the same message. Re-encoding makes "one payload, one meaning" hold exactly; it costs one
+    // small serialization and was found necessary by the property tests (tests/fuzz_wire.rs).
+    let again = postcard::to_extend(&msg, Vec::with_capacity(bytes.len())).map_err(|e| {
+        WireError::Encode {
+            name: M::NAME,
+            reason: e.to_string(),
+        }
+    })?;
+    if again.as_slice() != body {
+        return Err(WireError::NonCanonical { name: M::NAME });
     }
     Ok(msg)
 }
@@ -232,6 +246,30 @@ mod tests {
             data: TensorData::U8(vec![0; 100_000]),
         };
         assert!(matches!(encode(&req), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn over_long_varints_are_rejected() {
+        let reply = EscalationReply {
+            request_id: 0,
+            outcome: ReplyOutcome::Error {
+                code: ReplyErrorCode::Internal,
+                message: String::new(),
+            },
+        };
+        let bytes = encode(&reply).expect("encode");
+        assert_eq!(bytes[2], 0, "request_id 0 is one varint byte");
+        // The same 0 written as a two-byte varint: postcard alone would accept it.
+        let mut long = bytes[..2].to_vec();
+        long.extend_from_slice(&[0x80, 0x00]);
+        long.extend_from_slice(&bytes[3..]);
+        assert_eq!(
+            decode::<EscalationReply>(&long),
+            Err(WireError::NonCanonical {
+                name: "escalation reply"
+            })
+        );
+        assert_eq!(decode::<EscalationReply>(&bytes), Ok(reply));
     }
 
     #[test]

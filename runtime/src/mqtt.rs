@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -178,18 +178,18 @@ impl MqttConfig {
     }
 }
 
-/// Sends DISCONNECT and drives the event loop until it is written (at most 500 ms), so the broker
-/// drops the session promptly instead of waiting for the keep-alive to expire.
+/// Sends DISCONNECT and drives the event loop until the broker closes the connection (at most
+/// 1 s), so the broker drops the session promptly and does not publish our last will.
 pub async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
     if client.try_disconnect().is_err() {
         return;
     }
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Ok(ev) = eventloop.poll().await {
-            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                break;
-            }
-        }
+    // Keep reading until the broker closes the connection after our DISCONNECT. Closing our
+    // side first, with a PUBACK still unread, makes the kernel send RST, which can discard the
+    // DISCONNECT at the broker before it is read: the broker then publishes our last will
+    // ("connection lost") although we stopped cleanly. Seen in the Mosquitto status test.
+    let _ = tokio::time::timeout(Duration::from_millis(1000), async {
+        while eventloop.poll().await.is_ok() {}
     })
     .await;
 }
