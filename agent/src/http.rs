@@ -287,6 +287,8 @@ async fn infer_checked(
     started: Instant,
 ) -> Result<Json<InferResponse>, ApiError> {
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    // A request for a model we do not serve is refused before it takes a queue slot.
+    check_model(state, name, version)?;
     let Ok(_slot) = state.admission.slots.clone().try_acquire_owned() else {
         state
             .recorder
@@ -304,7 +306,6 @@ async fn infer_checked(
         })?;
     let recorder = &state.recorder;
     recorder.record(LatencySeries::StageQueue, started.elapsed());
-    check_model(state, name, version)?;
 
     let header_len = match headers.get("inference-header-content-length") {
         None => None,

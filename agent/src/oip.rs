@@ -143,7 +143,18 @@ pub fn input_tensor(
             }
             binary_data(&input.datatype, binary)?
         }
-        (None, Some(v)) => json_data(&input.datatype, v)?,
+        (None, Some(v)) => {
+            // Bytes after the JSON header that no input claims would be silently ignored;
+            // a client that sent them meant something else, so say so.
+            if !binary.is_empty() {
+                return Err(format!(
+                    "{} bytes follow the JSON header but input {:?} carries JSON data, not binary_data_size",
+                    binary.len(),
+                    input.name
+                ));
+            }
+            json_data(&input.datatype, v)?
+        }
     };
     let t = Tensor { shape, data };
     t.validate().map_err(|e| e.to_string())?;
@@ -277,6 +288,19 @@ mod tests {
             input_tensor(&r, bin, "input").unwrap().data,
             TensorData::F32(vec![1.5])
         );
+    }
+
+    #[test]
+    fn unclaimed_binary_bytes_are_rejected() {
+        let json =
+            br#"{"inputs":[{"name":"input","shape":[1,2],"datatype":"UINT8","data":[1,2]}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&[9, 9, 9]);
+        let (req, binary) = parse_request(&body, Some(json.len())).expect("parses");
+        let err = input_tensor(&req, binary, "input").expect_err("stray bytes");
+        assert!(err.contains("3 bytes follow the JSON header"), "{err}");
+        let (req, binary) = parse_request(json, Some(json.len())).expect("parses");
+        assert!(input_tensor(&req, binary, "input").is_ok());
     }
 
     #[test]
