@@ -131,6 +131,11 @@ pub struct CascadeConfig {
     pub escalation_timeout_ms: u64,
     /// Escalations awaiting a reply at once; beyond that requests fall back with `overload`.
     pub max_in_flight: usize,
+    /// Fraction of locally answered requests also sent to the cloud in the background, so the
+    /// relay's tuner can measure how often the edge is wrong above the threshold.
+    pub audit_rate: f64,
+    /// Cap on audits per second, whatever the traffic.
+    pub max_audits_per_second: u32,
 }
 
 impl Default for AgentConfig {
@@ -173,6 +178,8 @@ impl Default for CascadeConfig {
             signal: Signal::MaxProb,
             escalation_timeout_ms: 250,
             max_in_flight: 64,
+            audit_rate: 0.02,
+            max_audits_per_second: 10,
         }
     }
 }
@@ -237,6 +244,15 @@ impl AgentConfig {
         }
         if !(1..=10_000).contains(&c.max_in_flight) {
             return bad("cascade.max_in_flight must be within [1, 10000]".into());
+        }
+        if !(c.audit_rate.is_finite() && (0.0..=1.0).contains(&c.audit_rate)) {
+            return bad(format!(
+                "cascade.audit_rate = {} must be within [0, 1]",
+                c.audit_rate
+            ));
+        }
+        if c.max_audits_per_second > 10_000 {
+            return bad("cascade.max_audits_per_second must be at most 10000".into());
         }
         let h = &self.http;
         if !(1024..=64 * 1024 * 1024).contains(&h.max_body_bytes) {

@@ -130,6 +130,43 @@ impl Escalator {
         edge_probabilities: Vec<f32>,
         timeout: Duration,
     ) -> CloudResult {
+        self.ask(
+            EscalationKind::Escalation,
+            input,
+            edge_model,
+            edge_probabilities,
+            timeout,
+        )
+        .await
+    }
+
+    /// An audit: the same round trip for a request already answered locally, marked as such
+    /// on the wire. Shares the in-flight bound with escalations.
+    pub async fn audit(
+        &self,
+        input: Tensor,
+        edge_model: String,
+        edge_probabilities: Vec<f32>,
+        timeout: Duration,
+    ) -> CloudResult {
+        self.ask(
+            EscalationKind::Audit,
+            input,
+            edge_model,
+            edge_probabilities,
+            timeout,
+        )
+        .await
+    }
+
+    async fn ask(
+        &self,
+        kind: EscalationKind,
+        input: Tensor,
+        edge_model: String,
+        edge_probabilities: Vec<f32>,
+        timeout: Duration,
+    ) -> CloudResult {
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return Err(FallbackReason::Overload);
         };
@@ -139,7 +176,7 @@ impl Escalator {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = EscalationRequest {
             request_id,
-            kind: EscalationKind::Escalation,
+            kind,
             edge_model,
             deadline_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
             input,

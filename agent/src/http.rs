@@ -340,6 +340,19 @@ async fn infer_checked(
     let confidence = cascade::confidence(&edge.probabilities, policy.signal);
     let escalate = cascade::should_escalate(confidence, policy.threshold);
     let mut cloud_us = None;
+    if !escalate {
+        state.evidence.record_local(confidence);
+        if state.evidence.should_audit() {
+            spawn_audit(
+                state,
+                input.clone(),
+                &edge.probabilities,
+                confidence,
+                &policy,
+            );
+        }
+    }
+    let edge_top1 = cascade::top1(&edge.probabilities);
     let cloud = if escalate {
         let t = Instant::now();
         let r = state
@@ -358,6 +371,13 @@ async fn infer_checked(
     } else {
         None
     };
+    if escalate {
+        let agree = match &cloud {
+            Some(Ok(p)) => Some(cascade::top1(p) == edge_top1),
+            _ => None,
+        };
+        state.evidence.record_escalated(confidence, agree);
+    }
     let answer = cascade::resolve(edge.probabilities, cloud);
     recorder.counters.count(answer.tier);
     if let Some(reason) = &answer.fallback {
@@ -400,4 +420,29 @@ async fn infer_checked(
             data: answer.probabilities,
         }],
     }))
+}
+
+/// Sends a locally answered request to the cloud in the background and records whether the
+/// cloud agreed. The caller already has its answer; a failed audit is simply not counted.
+fn spawn_audit(
+    state: &AppState,
+    input: tierd_protocol::Tensor,
+    edge_probabilities: &[f32],
+    confidence: f32,
+    policy: &crate::Policy,
+) {
+    let escalator = state.escalator.clone();
+    let evidence = state.evidence.clone();
+    let model = state.model.id();
+    let probs = edge_probabilities.to_vec();
+    let edge_top1 = cascade::top1(&probs);
+    // Audits are not waited on by anyone, so they may take longer than a caller would.
+    let timeout = policy
+        .escalation_timeout
+        .max(std::time::Duration::from_secs(2));
+    tokio::spawn(async move {
+        if let Ok(cloud) = escalator.audit(input, model, probs, timeout).await {
+            evidence.record_audit(confidence, cascade::top1(&cloud) == edge_top1);
+        }
+    });
 }

@@ -6,6 +6,7 @@
 //! - [`escalation`]: the MQTT path to the relay, with deadlines and fallback.
 //! - [`telemetry`]: latency histograms, counters and the periodic report over MQTT.
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
+//! - [`evidence`]: per-bin counts and background audits for the relay's tuner.
 //! - [`energy`]: where energy is measured (one module per meter) and attributed.
 //! - [`config`]: the `agent.toml` schema.
 //!
@@ -17,6 +18,7 @@ pub mod cascade;
 pub mod config;
 pub mod energy;
 pub mod escalation;
+pub mod evidence;
 pub mod http;
 pub mod metrics;
 pub mod oip;
@@ -58,6 +60,7 @@ pub struct AppState {
     pub policy: watch::Receiver<Policy>,
     pub admission: Admission,
     pub recorder: Arc<Recorder>,
+    pub evidence: Arc<evidence::Evidence>,
     pub metrics: prometheus_client::registry::Registry,
     pub max_body_bytes: usize,
 }
@@ -160,6 +163,10 @@ impl Agent {
         let (policy_tx, policy_rx) = watch::channel(policy);
         let (stop_mqtt, stop_rx) = watch::channel(false);
         let recorder = Arc::new(Recorder::new(config.telemetry.enabled));
+        let evidence = Arc::new(evidence::Evidence::new(
+            config.cascade.audit_rate,
+            config.cascade.max_audits_per_second,
+        ));
         let latest = LatestReport::default();
         let metrics = metrics::registry(
             &config.device_id,
@@ -187,6 +194,7 @@ impl Agent {
                 model: model.id(),
                 interval: config.telemetry_interval(),
                 recorder: recorder.clone(),
+                evidence: evidence.clone(),
                 mqtt: escalator.stats().clone(),
                 policy: policy_rx.clone(),
                 sampler,
@@ -216,6 +224,7 @@ impl Agent {
             policy: policy_rx,
             admission: Admission::new(config.http.max_concurrent, config.http.max_queued),
             recorder,
+            evidence,
             metrics,
             max_body_bytes: config.http.max_body_bytes,
         });

@@ -404,6 +404,7 @@ pub struct Reporter {
     pub model: String,
     pub interval: Duration,
     pub recorder: Arc<Recorder>,
+    pub evidence: Arc<crate::evidence::Evidence>,
     pub mqtt: Arc<MqttStats>,
     pub policy: watch::Receiver<Policy>,
     pub sampler: Sampler,
@@ -472,6 +473,23 @@ pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Re
                 }
             }
             Err(e) => warn!(seq, error = %e, "telemetry report cannot be encoded"),
+        }
+        let calibration = tierd_protocol::CalibrationReport {
+            device_id: r.device_id.clone(),
+            boot_id,
+            seq,
+            signal: inputs.policy.signal.as_str().to_string(),
+            edges: crate::evidence::EDGES.to_vec(),
+            bins: r.evidence.take_window(),
+            audit_rate: r.evidence.audit_rate() as f32,
+        };
+        match encode(&calibration) {
+            Ok(bytes) => {
+                if let Err(e) = sink.send(bytes) {
+                    warn!(seq, error = %e, "calibration report not sent");
+                }
+            }
+            Err(e) => warn!(seq, error = %e, "calibration report cannot be encoded"),
         }
         prev_totals = totals;
         prev_fallbacks = fallbacks;

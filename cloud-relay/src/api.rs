@@ -116,6 +116,7 @@ impl Collector for FleetCollector {
         let mut last_seen = Vec::new();
         let mut cpu = Vec::new();
         let mut temp = Vec::new();
+        let mut proposed = Vec::new();
         for d in fleet.devices() {
             let r = &d.latest;
             let id = d.device_id.as_str();
@@ -174,6 +175,17 @@ impl Collector for FleetCollector {
             ));
             if let Some(t) = r.device.temperature_c {
                 temp.push((dev(id, &[]), ConstGauge::new(f64::from(t))));
+            }
+            if let Some(c) = &d.calibration {
+                let insufficient = if c.certificate.insufficient_evidence {
+                    "true"
+                } else {
+                    "false"
+                };
+                proposed.push((
+                    dev(id, &[("insufficient_evidence", insufficient)]),
+                    ConstGauge::new(f64::from(c.certificate.threshold)),
+                ));
             }
         }
         family(
@@ -238,6 +250,13 @@ impl Collector for FleetCollector {
             "Whole-machine CPU use on the device over its last window, 0-1.",
             MetricType::Gauge,
             cpu,
+        )?;
+        family(
+            &mut enc,
+            "tierd_device_proposed_threshold",
+            "Threshold the tuner certifies for the device (99 % agreement with the cloud, 95 % confidence).",
+            MetricType::Gauge,
+            proposed,
         )?;
         family(
             &mut enc,

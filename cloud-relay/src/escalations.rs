@@ -15,8 +15,8 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tierd_protocol::{
-    decode, encode, DeviceStatus, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome,
-    TelemetryReport, Topic, TopicKind,
+    decode, encode, CalibrationReport, DeviceStatus, EscalationReply, EscalationRequest,
+    ReplyErrorCode, ReplyOutcome, TelemetryReport, Topic, TopicKind, WireMessage,
 };
 
 use crate::api::SharedFleet;
@@ -116,6 +116,18 @@ fn ingest_telemetry(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) 
         .map_err(|_| "topic is not UTF-8".to_string())
         .and_then(|t| Topic::parse(t).map_err(|e| e.to_string()))
         .and_then(|topic| {
+            // Two message kinds share the telemetry topic; the kind byte says which.
+            if publish.payload.get(1) == Some(&<CalibrationReport as WireMessage>::KIND) {
+                let c = decode::<CalibrationReport>(&publish.payload)
+                    .map_err(|e| format!("device {}: {e}", topic.device_id))?;
+                let mut fleet = fleet
+                    .lock()
+                    .map_err(|_| "fleet state poisoned".to_string())?;
+                fleet
+                    .ingest_calibration(&topic.device_id, c)
+                    .map_err(|e| e.to_string())?;
+                return Ok((topic.device_id, Ingest::Calibration));
+            }
             let report = decode::<TelemetryReport>(&publish.payload)
                 .map_err(|e| format!("device {}: {e}", topic.device_id))?;
             let now = std::time::SystemTime::now()

@@ -7,14 +7,98 @@
 //! Every relay replica subscribes to all telemetry without a shared group, so each one holds
 //! the whole fleet and any replica can answer `/api/devices`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 use thiserror::Error;
-use tierd_protocol::{DeviceStatus, TelemetryReport, TierCounts};
+use tierd_protocol::{BinCounts, CalibrationReport, DeviceStatus, TelemetryReport, TierCounts};
+
+use crate::tuner::{self, Bin, Certificate, Costs, DeviceCosts, Limits, Outcomes, Policy};
+
+/// Calibration windows kept per device: the tuner's sliding evidence window.
+pub const CALIBRATION_WINDOWS: usize = 20;
+
+/// A device's recent evidence and what the tuner makes of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    pub signal: String,
+    pub edges: Vec<f32>,
+    pub audit_rate: f32,
+    /// Sum of the last windows' counts, per bin.
+    pub bins: Vec<BinCounts>,
+    /// The tuner's proposal for this device (not pushed yet: remote config is a later step).
+    pub certificate: Certificate,
+    #[serde(skip)]
+    windows: VecDeque<Vec<BinCounts>>,
+}
+
+fn sum_bins(windows: &VecDeque<Vec<BinCounts>>, n: usize) -> Vec<BinCounts> {
+    let mut out = vec![BinCounts::default(); n];
+    for w in windows {
+        for (o, b) in out.iter_mut().zip(w) {
+            o.escalated += b.escalated;
+            o.escalated_labelled += b.escalated_labelled;
+            o.escalated_agree += b.escalated_agree;
+            o.local += b.local;
+            o.audited += b.audited;
+            o.audited_agree += b.audited_agree;
+        }
+    }
+    out
+}
+
+/// The tuner's bins from the wire's counts.
+pub fn tuner_bins(edges: &[f32], counts: &[BinCounts]) -> Vec<Bin> {
+    edges
+        .iter()
+        .zip(counts)
+        .enumerate()
+        .map(|(i, (&lower, c))| Bin {
+            lower,
+            upper: edges.get(i + 1).copied().unwrap_or(1.0),
+            escalated_requests: c.escalated,
+            escalated: Outcomes {
+                labelled: c.escalated_labelled,
+                agree: c.escalated_agree,
+            },
+            local_requests: c.local,
+            audited: Outcomes {
+                labelled: c.audited,
+                agree: c.audited_agree,
+            },
+        })
+        .collect()
+}
+
+/// The relay's default policy until per-device policies are configurable: 99 % agreement with
+/// the cloud at 95 % confidence.
+fn tune_default(bins: &[Bin], current: f32) -> Certificate {
+    tuner::tune(
+        bins,
+        Policy::TargetAgreement {
+            target: 0.99,
+            delta: 0.05,
+        },
+        current,
+        &Limits::default(),
+        &Costs {
+            per_joule: 0.0,
+            per_cloud_call: 0.0,
+            per_latency_second: 0.0,
+            per_disagreement: 0.0,
+            per_slo_violation: 0.0,
+            latency_slo_s: 1.0,
+        },
+        &DeviceCosts::default(),
+    )
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FleetError {
+    #[error("calibration report from {0:?} has malformed bin edges")]
+    BadCalibration(String),
+    #[error("calibration report from {0:?} before any telemetry report")]
+    NoTelemetry(String),
     #[error("report for device {claimed:?} arrived on the topic of {topic:?}")]
     WrongTopic { claimed: String, topic: String },
     #[error("fleet is at its limit of {0} devices; report from {1:?} dropped")]
@@ -42,6 +126,8 @@ pub enum Ingest {
     Restart,
     /// From an earlier boot than the one already seen; ignored.
     Stale,
+    /// A calibration window, added to the device's evidence (see [`Fleet::ingest_calibration`]).
+    Calibration,
 }
 
 /// Per-device bookkeeping, serialized as-is by `/api/devices`.
@@ -62,6 +148,7 @@ pub struct DeviceRecord {
     /// Sum of the windows received this boot; equals `latest.totals` when nothing was missed.
     pub window_sums: TierCounts,
     pub latest: TelemetryReport,
+    pub calibration: Option<Calibration>,
 }
 
 /// The latest retained status a device (or the broker, as its last will) published.
@@ -133,6 +220,7 @@ impl Fleet {
             restarts,
             window_sums: report.window,
             latest: report,
+            calibration: None,
         };
         let Some(rec) = self.devices.get_mut(topic_device) else {
             if self.devices.len() >= self.max_devices {
@@ -147,7 +235,10 @@ impl Fleet {
         }
         if report.boot_id > rec.boot_id {
             let restarts = rec.restarts + 1;
+            // Evidence is about the model and traffic, not the agent run: keep it.
+            let calibration = rec.calibration.take();
             *rec = fresh(report, restarts);
+            rec.calibration = calibration;
             return Ok(Ingest::Restart);
         }
         if report.seq <= rec.last_seq {
@@ -166,6 +257,53 @@ impl Fleet {
         } else {
             Ingest::Gap { missing }
         })
+    }
+
+    /// Adds a window of calibration evidence and re-runs the tuner for the device.
+    pub fn ingest_calibration(
+        &mut self,
+        topic_device: &str,
+        c: CalibrationReport,
+    ) -> Result<(), FleetError> {
+        if c.device_id != topic_device {
+            return Err(FleetError::WrongTopic {
+                claimed: c.device_id,
+                topic: topic_device.to_string(),
+            });
+        }
+        if c.edges.len() != c.bins.len()
+            || c.edges.is_empty()
+            || !c.edges.windows(2).all(|w| w[0] < w[1])
+            || c.edges.iter().any(|e| !(0.0..=1.0).contains(e))
+        {
+            return Err(FleetError::BadCalibration(c.device_id));
+        }
+        let Some(rec) = self.devices.get_mut(topic_device) else {
+            return Err(FleetError::NoTelemetry(c.device_id));
+        };
+        let threshold = rec.latest.threshold;
+        let cal = rec.calibration.get_or_insert_with(|| Calibration {
+            signal: c.signal.clone(),
+            edges: c.edges.clone(),
+            audit_rate: c.audit_rate,
+            bins: Vec::new(),
+            certificate: tune_default(&[], threshold),
+            windows: VecDeque::new(),
+        });
+        // New bins or a new signal make old evidence incomparable: start over.
+        if cal.edges != c.edges || cal.signal != c.signal {
+            cal.windows.clear();
+            cal.edges = c.edges.clone();
+            cal.signal = c.signal.clone();
+        }
+        cal.audit_rate = c.audit_rate;
+        cal.windows.push_back(c.bins);
+        while cal.windows.len() > CALIBRATION_WINDOWS {
+            cal.windows.pop_front();
+        }
+        cal.bins = sum_bins(&cal.windows, cal.edges.len());
+        cal.certificate = tune_default(&tuner_bins(&cal.edges, &cal.bins), threshold);
+        Ok(())
     }
 
     /// Records a status message. A status from an older agent run than the one already known
@@ -339,6 +477,78 @@ mod tests {
             f.status("a").map(|s| (s.online, s.boot_id)),
             Some((true, 2))
         );
+    }
+
+    fn calibration(device: &str, bins: Vec<BinCounts>) -> CalibrationReport {
+        let n = bins.len();
+        CalibrationReport {
+            device_id: device.into(),
+            boot_id: 1,
+            seq: 1,
+            signal: "max_prob".into(),
+            edges: (0..n).map(|i| i as f32 / n as f32).collect(),
+            bins,
+            audit_rate: 0.5,
+        }
+    }
+
+    #[test]
+    fn calibration_windows_slide_and_feed_the_tuner() {
+        let mut f = Fleet::new(10);
+        assert!(matches!(
+            f.ingest_calibration("a", calibration("a", vec![BinCounts::default(); 4])),
+            Err(FleetError::NoTelemetry(_))
+        ));
+        f.ingest("a", report("a", 1, 1, 5), 0).expect("telemetry");
+        // Low bins disagree half the time; the top bin always agrees, audited half the time.
+        let window = vec![
+            BinCounts {
+                escalated: 100,
+                escalated_labelled: 100,
+                escalated_agree: 50,
+                ..Default::default()
+            },
+            BinCounts {
+                escalated: 100,
+                escalated_labelled: 100,
+                escalated_agree: 50,
+                ..Default::default()
+            },
+            BinCounts {
+                escalated: 100,
+                escalated_labelled: 100,
+                escalated_agree: 99,
+                ..Default::default()
+            },
+            BinCounts {
+                local: 700,
+                audited: 350,
+                audited_agree: 350,
+                ..Default::default()
+            },
+        ];
+        for _ in 0..(CALIBRATION_WINDOWS + 5) {
+            f.ingest_calibration("a", calibration("a", window.clone()))
+                .expect("calibration");
+        }
+        let cal = f
+            .get("a")
+            .and_then(|d| d.calibration.clone())
+            .expect("calibration");
+        // Only the last CALIBRATION_WINDOWS windows count.
+        assert_eq!(cal.bins[3].local, 700 * CALIBRATION_WINDOWS as u64);
+        let c = &cal.certificate;
+        assert!(!c.insufficient_evidence, "{c:?}");
+        // From 0.5 up the edge disagrees on 1 % of a tenth of the traffic: certified at 0.99.
+        // Adding bin 1 (half wrong, a tenth of the traffic) would cost 5 points: not.
+        assert_eq!(c.threshold, 0.5, "{c:?}");
+        assert!(c.agreement_lower_bound >= 0.99, "{c:?}");
+        let mut bad = calibration("a", window);
+        bad.edges[1] = 0.9;
+        assert!(matches!(
+            f.ingest_calibration("a", bad),
+            Err(FleetError::BadCalibration(_))
+        ));
     }
 
     #[test]

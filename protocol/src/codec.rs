@@ -8,7 +8,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
 
 use crate::message::{DeviceStatus, EscalationReply, EscalationRequest};
-use crate::telemetry::TelemetryReport;
+use crate::telemetry::{CalibrationReport, TelemetryReport};
 
 /// Version of the framing and message schema. Bumped on any incompatible change.
 pub const WIRE_VERSION: u8 = 1;
@@ -41,6 +41,13 @@ impl WireMessage for DeviceStatus {
     const KIND: u8 = 4;
     const MAX_BYTES: usize = 1024;
     const NAME: &'static str = "device status";
+}
+
+impl WireMessage for CalibrationReport {
+    const KIND: u8 = 5;
+    // 20 bins x 6 varints plus edges: well under 1 KiB; room for up to ~100 bins.
+    const MAX_BYTES: usize = 8 * 1024;
+    const NAME: &'static str = "calibration report";
 }
 
 impl WireMessage for TelemetryReport {

@@ -163,6 +163,36 @@ pub struct TelemetryReport {
     pub device: DeviceContext,
 }
 
+/// Per-confidence-bin evidence of one window, for the relay's tuner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BinCounts {
+    /// Requests escalated, and of those, how many got a cloud answer and agreed with the edge.
+    pub escalated: u64,
+    pub escalated_labelled: u64,
+    pub escalated_agree: u64,
+    /// Requests answered locally, and of those, how many were audited and agreed.
+    pub local: u64,
+    pub audited: u64,
+    pub audited_agree: u64,
+}
+
+/// Agent → relay on `tierd/v1/{device}/telemetry`, QoS 1, published with each
+/// [`TelemetryReport`] (same `boot_id` and `seq`). A separate message kind, so the report's
+/// schema did not change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationReport {
+    pub device_id: String,
+    pub boot_id: u64,
+    pub seq: u64,
+    /// `max_prob`, `margin` or `entropy`: what the bins are bins of.
+    pub signal: String,
+    /// Lower edges of the bins; bin `i` is `[edges[i], edges[i + 1])`, the last ends at 1.
+    pub edges: Vec<f32>,
+    pub bins: Vec<BinCounts>,
+    /// Fraction of local answers audited, as configured.
+    pub audit_rate: f32,
+}
+
 impl TelemetryReport {
     /// Share of answered requests in the window that were escalated; `None` for an idle window.
     pub fn escalation_rate(&self) -> Option<f64> {

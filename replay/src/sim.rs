@@ -25,15 +25,8 @@ impl Item {
     }
 }
 
-/// Confidence bin edges: finer near 1, where thresholds live.
-pub const EDGES: [f32; 20] = [
-    0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99,
-    0.995, 0.998, 0.999,
-];
-
-pub fn bin_of(confidence: f32) -> usize {
-    EDGES.iter().rposition(|&e| confidence >= e).unwrap_or(0)
-}
+/// The agent's bin edges, so the replay bins exactly as the daemons do.
+pub use edge_agent::evidence::{bin_of, EDGES};
 
 #[derive(Debug, Clone)]
 pub struct Config {

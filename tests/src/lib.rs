@@ -547,6 +547,8 @@ pub struct AgentOptions {
     pub wait_for_mqtt: bool,
     /// `telemetry.interval_s`.
     pub telemetry_interval_s: f64,
+    /// `cascade.audit_rate` (the agent's default, 0.02, unless set).
+    pub audit_rate: f64,
 }
 
 impl AgentOptions {
@@ -560,7 +562,14 @@ impl AgentOptions {
             max_body_bytes: None,
             wait_for_mqtt: true,
             telemetry_interval_s: 30.0,
+            audit_rate: 0.02,
         }
+    }
+
+    /// Audit this fraction of local answers, with no per-second cap in the way.
+    pub fn audit_rate(mut self, rate: f64) -> Self {
+        self.audit_rate = rate;
+        self
     }
 
     pub fn telemetry_interval_s(mut self, s: f64) -> Self {
@@ -594,13 +603,15 @@ impl AgentOptions {
             "device_id = \"{}\"\n\n\
              [http]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n\
              [model]\nmanifest = {}\n\n\
-             [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\n\
+             [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\
+             audit_rate = {:?}\nmax_audits_per_second = 10000\n\n\
              [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n\n\
              [telemetry]\ninterval_s = {:?}\n",
             self.device_id,
             toml_path(&edge_manifest()),
             self.threshold,
             self.escalation_timeout_ms,
+            self.audit_rate,
             self.mqtt_port,
             self.telemetry_interval_s,
         )

@@ -86,9 +86,12 @@ fn value_of(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
 async fn relay_shows_exactly_what_the_agent_answered() {
     let device = "tel-e2e";
     let relay = RelayProc::start("tel-relay", RelayBroker::Embedded).await;
-    let agent =
-        AgentProc::start(AgentOptions::new(device, relay.broker_port).telemetry_interval_s(0.3))
-            .await;
+    let agent = AgentProc::start(
+        AgentOptions::new(device, relay.broker_port)
+            .telemetry_interval_s(0.3)
+            .audit_rate(1.0),
+    )
+    .await;
 
     // A mix that exercises both tiers; the agent's own answers are the ground truth.
     let confident = confident_examples();
@@ -121,7 +124,13 @@ async fn relay_shows_exactly_what_the_agent_answered() {
                 .iter()
                 .map(|k| t[k].as_u64().unwrap_or(0))
                 .sum();
-            if answered == n as u64 {
+            // Audits complete in the background; wait until every local answer's audit has
+            // landed in a calibration window too.
+            let audited: u64 = body["calibration"]["bins"]
+                .as_array()
+                .map(|b| b.iter().map(|x| x["audited"].as_u64().unwrap_or(0)).sum())
+                .unwrap_or(0);
+            if answered == n as u64 && audited == t["edge"].as_u64().unwrap_or(u64::MAX) {
                 break body;
             }
             assert!(
@@ -151,6 +160,30 @@ async fn relay_shows_exactly_what_the_agent_answered() {
     assert_eq!(record["last_seq"], record["reports"], "{record}");
     assert_eq!(record["latest"]["seq"], record["last_seq"], "{record}");
     assert_eq!(&record["window_sums"], totals, "{record}");
+
+    // Calibration evidence: the bins account for every request exactly as answered, and every
+    // local answer was audited (audit_rate 1.0); the tuner has too little evidence to move.
+    let cal = &record["calibration"];
+    let bins = cal["bins"].as_array().cloned().unwrap_or_default();
+    let sum = |k: &str| -> u64 { bins.iter().map(|b| b[k].as_u64().unwrap_or(0)).sum() };
+    let tier = |k: &str| by_tier.get(k).copied().unwrap_or(0);
+    assert_eq!(sum("local"), tier("edge"), "{cal}");
+    assert_eq!(
+        sum("escalated"),
+        tier("cloud") + tier("edge_fallback"),
+        "{cal}"
+    );
+    assert_eq!(sum("escalated_labelled"), tier("cloud"), "{cal}");
+    assert_eq!(sum("audited"), tier("edge"), "{cal}");
+    assert!(sum("escalated_agree") <= sum("escalated_labelled"));
+    assert!(sum("audited_agree") <= sum("audited"));
+    assert_eq!(cal["edges"].as_array().map(Vec::len), Some(bins.len()));
+    let cert = &cal["certificate"];
+    assert_eq!(cert["insufficient_evidence"], true, "{cert}");
+    assert!(
+        (cert["threshold"].as_f64().unwrap_or(0.0) - 0.9).abs() < 1e-6,
+        "{cert}"
+    );
 
     // Energy: a named meter, flagged when estimated, with finite non-negative joules.
     let energy = &record["latest"]["energy"];

@@ -1,0 +1,176 @@
+//! Evidence for the relay's tuner: per confidence bin, how many requests were escalated or
+//! answered locally, and how often the edge agreed with the cloud where the cloud's answer is
+//! known — every escalation, plus **audits**: a random fraction of local answers that is also
+//! sent to the cloud in the background, never delaying the caller, so the tuner sees how often
+//! the edge is wrong *above* the threshold without bias.
+//!
+//! Counts are per window: the telemetry loop takes them with each report and sends them as a
+//! `CalibrationReport`.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::{RngExt, SeedableRng};
+use tierd_protocol::BinCounts;
+
+/// Lower bin edges, finer near 1 where thresholds live. The tuner only proposes thresholds on
+/// these edges, which its statistics rely on (see `cloud_relay::tuner`).
+pub const EDGES: [f32; 20] = [
+    0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99,
+    0.995, 0.998, 0.999,
+];
+
+pub fn bin_of(confidence: f32) -> usize {
+    EDGES.iter().rposition(|&e| confidence >= e).unwrap_or(0)
+}
+
+#[derive(Debug)]
+struct Limiter {
+    window_start: Instant,
+    used: u32,
+}
+
+#[derive(Debug)]
+pub struct Evidence {
+    bins: Mutex<[BinCounts; EDGES.len()]>,
+    rng: Mutex<rand::rngs::Xoshiro256PlusPlus>,
+    limiter: Mutex<Limiter>,
+    audit_rate: f64,
+    max_audits_per_second: u32,
+}
+
+impl Evidence {
+    pub fn new(audit_rate: f64, max_audits_per_second: u32) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Evidence {
+            bins: Mutex::new([BinCounts::default(); EDGES.len()]),
+            rng: Mutex::new(rand::rngs::Xoshiro256PlusPlus::seed_from_u64(seed)),
+            limiter: Mutex::new(Limiter {
+                window_start: Instant::now(),
+                used: 0,
+            }),
+            audit_rate,
+            max_audits_per_second,
+        }
+    }
+
+    pub fn audit_rate(&self) -> f64 {
+        self.audit_rate
+    }
+
+    fn with_bin(&self, confidence: f32, f: impl FnOnce(&mut BinCounts)) {
+        if let Ok(mut bins) = self.bins.lock() {
+            f(&mut bins[bin_of(confidence)]);
+        }
+    }
+
+    /// An escalated request; `agree` is `None` when no cloud answer came (fallback).
+    pub fn record_escalated(&self, confidence: f32, agree: Option<bool>) {
+        self.with_bin(confidence, |b| {
+            b.escalated += 1;
+            if let Some(a) = agree {
+                b.escalated_labelled += 1;
+                b.escalated_agree += u64::from(a);
+            }
+        });
+    }
+
+    pub fn record_local(&self, confidence: f32) {
+        self.with_bin(confidence, |b| b.local += 1);
+    }
+
+    /// A completed audit of a local answer.
+    pub fn record_audit(&self, confidence: f32, agree: bool) {
+        self.with_bin(confidence, |b| {
+            b.audited += 1;
+            b.audited_agree += u64::from(agree);
+        });
+    }
+
+    /// Whether to audit this local answer: a random draw at the audit rate, then a per-second
+    /// cap so a burst of traffic cannot turn into a burst of cloud calls.
+    pub fn should_audit(&self) -> bool {
+        if self.audit_rate <= 0.0 {
+            return false;
+        }
+        let drawn = self
+            .rng
+            .lock()
+            .map(|mut r| r.random_bool(self.audit_rate.min(1.0)))
+            .unwrap_or(false);
+        if !drawn {
+            return false;
+        }
+        let Ok(mut l) = self.limiter.lock() else {
+            return false;
+        };
+        if l.window_start.elapsed() >= Duration::from_secs(1) {
+            l.window_start = Instant::now();
+            l.used = 0;
+        }
+        if l.used >= self.max_audits_per_second {
+            return false;
+        }
+        l.used += 1;
+        true
+    }
+
+    /// The counts since the previous call, which starts a new window.
+    pub fn take_window(&self) -> Vec<BinCounts> {
+        match self.bins.lock() {
+            Ok(mut bins) => {
+                std::mem::replace(&mut *bins, [BinCounts::default(); EDGES.len()]).to_vec()
+            }
+            Err(_) => vec![BinCounts::default(); EDGES.len()],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bins_follow_the_edges() {
+        assert_eq!(bin_of(0.0), 0);
+        assert_eq!(bin_of(0.899), 9);
+        assert_eq!(bin_of(0.9), 10);
+        assert_eq!(bin_of(1.0), EDGES.len() - 1);
+        assert_eq!(bin_of(f32::NAN), 0);
+    }
+
+    #[test]
+    fn counts_land_in_their_bins_and_windows_reset() {
+        let e = Evidence::new(0.0, 10);
+        e.record_escalated(0.5, Some(true));
+        e.record_escalated(0.5, Some(false));
+        e.record_escalated(0.5, None);
+        e.record_local(0.97);
+        e.record_audit(0.97, false);
+        let w = e.take_window();
+        assert_eq!(
+            w[bin_of(0.5)],
+            BinCounts {
+                escalated: 3,
+                escalated_labelled: 2,
+                escalated_agree: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!((w[bin_of(0.97)].local, w[bin_of(0.97)].audited), (1, 1));
+        assert!(e.take_window().iter().all(|b| *b == BinCounts::default()));
+    }
+
+    #[test]
+    fn audits_follow_the_rate_and_the_cap() {
+        assert!(!(0..1000).any(|_| Evidence::new(0.0, 100).should_audit()));
+        let all = Evidence::new(1.0, 5);
+        let granted = (0..100).filter(|_| all.should_audit()).count();
+        assert_eq!(granted, 5, "capped at 5 per second");
+        let some = Evidence::new(0.2, 1_000_000);
+        let n = (0..10_000).filter(|_| some.should_audit()).count();
+        assert!((1_500..2_500).contains(&n), "{n} of 10000 at 20 %");
+    }
+}
