@@ -133,8 +133,9 @@ async fn relay_shows_exactly_what_the_agent_answered() {
             if answered == n as u64 && audited == t["edge"].as_u64().unwrap_or(u64::MAX) {
                 break body;
             }
+            // Equal but not done yet means audits are still landing; more is a bug.
             assert!(
-                answered < n as u64,
+                answered <= n as u64,
                 "relay counts more than was sent: {body}"
             );
         }
