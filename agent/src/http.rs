@@ -135,11 +135,11 @@ async fn server_metadata() -> Json<Value> {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    match crate::metrics::render(&state.metrics) {
+    match tierd_runtime::metrics::render(&state.metrics) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(tierd_runtime::metrics::CONTENT_TYPE),
             )],
             text,
         )

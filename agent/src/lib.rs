@@ -127,7 +127,7 @@ impl Agent {
         tierd_runtime::mqtt::install_crypto_provider();
         let model = Model::load(&config.model.manifest)?;
         info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
-        let boot_id = telemetry::unix_ms(std::time::SystemTime::now());
+        let boot_id = tierd_runtime::unix_ms();
         let mut options = config.mqtt.options(&config.default_client_id())?;
         // The broker publishes this, retained, if the connection dies without a clean
         // DISCONNECT; a clean stop publishes its own "stopped" status instead.

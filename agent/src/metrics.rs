@@ -11,10 +11,10 @@ use std::sync::Arc;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tierd_protocol::LatencySeries;
+use tierd_runtime::metrics::{counter, gauge, Labels};
 use tokio::sync::watch;
 
 use crate::escalation::MqttStats;
@@ -34,38 +34,6 @@ struct AgentCollector {
     mqtt: Arc<MqttStats>,
     policy: watch::Receiver<Policy>,
     latest: LatestReport,
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-fn counter(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: &[(Labels, u64)],
-) -> std::fmt::Result {
-    // Names go in without `_total`: the encoder appends it to counters.
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in series {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn gauge(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: &[(Labels, f64)],
-) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in series {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for AgentCollector {
@@ -243,11 +211,4 @@ pub fn registry(
         latest,
     }));
     r
-}
-
-/// Renders `registry` as Prometheus text.
-pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
-    let mut out = String::new();
-    prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?;
-    Ok(out)
 }

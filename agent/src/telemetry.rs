@@ -12,13 +12,14 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tierd_protocol::{
     encode, DeviceContext, EnergyReport, FallbackCounts, LatencySeries, LatencySummary,
     TelemetryReport, TierCounts,
 };
+use tierd_runtime::unix_ms;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -33,13 +34,7 @@ use crate::Policy;
 const HIGHEST_US: u64 = 600_000_000;
 
 fn new_histogram() -> Histogram<u64> {
-    // Bounds are constants known to be valid, so this cannot fail; fall back to auto-resizing
-    // rather than panic should the crate ever disagree.
-    Histogram::new_with_bounds(1, HIGHEST_US, 2).unwrap_or_else(|_| {
-        let mut h = Histogram::new(2).unwrap_or_else(|_| unreachable!("2 sigfigs is valid"));
-        h.auto(true);
-        h
-    })
+    Histogram::new_with_bounds(1, HIGHEST_US, 2).expect("constant bounds: 1 <= 600e6, 2 sigfigs")
 }
 
 #[derive(Debug)]
@@ -132,15 +127,10 @@ impl Recorder {
         }
     }
 
+    /// `LatencySeries` is a fieldless enum listed in `ALL` order, so its discriminant indexes
+    /// the series array.
     fn index(series: LatencySeries) -> usize {
-        match series {
-            LatencySeries::PathEdge => 0,
-            LatencySeries::PathCloud => 1,
-            LatencySeries::PathEdgeFallback => 2,
-            LatencySeries::StageQueue => 3,
-            LatencySeries::StageForward => 4,
-            LatencySeries::StageEscalation => 5,
-        }
+        series as usize
     }
 
     pub fn record(&self, series: LatencySeries, latency: Duration) {
@@ -235,28 +225,8 @@ pub struct WindowInputs {
     pub previous_total_joules: f64,
 }
 
-fn diff(a: TierCounts, b: TierCounts) -> TierCounts {
-    TierCounts {
-        edge: a.edge.saturating_sub(b.edge),
-        cloud: a.cloud.saturating_sub(b.cloud),
-        edge_fallback: a.edge_fallback.saturating_sub(b.edge_fallback),
-        bad_request: a.bad_request.saturating_sub(b.bad_request),
-        overloaded: a.overloaded.saturating_sub(b.overloaded),
-    }
-}
-
-fn diff_fallbacks(a: FallbackCounts, b: FallbackCounts) -> FallbackCounts {
-    FallbackCounts {
-        timeout: a.timeout.saturating_sub(b.timeout),
-        disconnected: a.disconnected.saturating_sub(b.disconnected),
-        overload: a.overload.saturating_sub(b.overload),
-        relay_error: a.relay_error.saturating_sub(b.relay_error),
-        publish_failed: a.publish_failed.saturating_sub(b.publish_failed),
-    }
-}
-
 pub fn build_report(w: &WindowInputs) -> TelemetryReport {
-    let window = diff(w.totals, w.previous_totals);
+    let window = w.totals.since(w.previous_totals);
     let window_joules = match (w.energy.joules, w.previous_joules) {
         (Some(now), Some(before)) => Some((now - before).max(0.0)),
         (Some(now), None) => Some(now.max(0.0)),
@@ -287,7 +257,7 @@ pub fn build_report(w: &WindowInputs) -> TelemetryReport {
         signal: w.policy.signal.as_str().to_string(),
         window,
         totals: w.totals,
-        fallbacks: diff_fallbacks(w.fallbacks, w.previous_fallbacks),
+        fallbacks: w.fallbacks.since(w.previous_fallbacks),
         latency: w.latency.clone(),
         energy: EnergyReport {
             meter: w.energy.meter.clone(),
@@ -388,11 +358,6 @@ impl DeviceProbe {
     }
 }
 
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The latest report, for `/metrics` (energy and device gauges).
 pub type LatestReport = Arc<Mutex<Option<TelemetryReport>>>;
 
@@ -418,7 +383,7 @@ pub struct Reporter {
 pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Receiver<bool>) {
     let boot_id = r.boot_id;
     let mut seq = 0u64;
-    let mut start_ms = unix_ms(SystemTime::now());
+    let mut start_ms = unix_ms();
     let mut prev_totals = TierCounts::default();
     let mut prev_fallbacks = FallbackCounts::default();
     let mut prev_joules = Some(0.0);
@@ -432,7 +397,7 @@ pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Re
             _ = shutdown.changed() => true,
         };
         seq += 1;
-        let end_ms = unix_ms(SystemTime::now()).max(start_ms);
+        let end_ms = unix_ms().max(start_ms);
         let totals = r.recorder.counters.tiers();
         let fallbacks = r.recorder.counters.fallbacks();
         let m = &r.mqtt;

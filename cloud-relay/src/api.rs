@@ -13,12 +13,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde_json::json;
+use tierd_runtime::metrics::{family, Labels};
 
 use crate::escalations::RelayStats;
 use crate::fleet::Fleet;
@@ -34,26 +35,6 @@ pub struct ApiState {
 struct FleetCollector {
     fleet: SharedFleet,
     stats: Arc<RelayStats>,
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-fn family<T: EncodeMetric>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    series: Vec<(Labels, T)>,
-) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    // Counter names go in without `_total`: the encoder appends it.
-    let mut m = enc.encode_descriptor(name, help, None, kind)?;
-    for (labels, metric) in &series {
-        metric.encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for FleetCollector {
@@ -320,12 +301,11 @@ fn error(status: StatusCode, message: String) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let mut out = String::new();
-    match prometheus_client::encoding::prometheus_text::encode(&mut out, &state.registry) {
-        Ok(()) => (
+    match tierd_runtime::metrics::render(&state.registry) {
+        Ok(out) => (
             [(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(tierd_runtime::metrics::CONTENT_TYPE),
             )],
             out,
         )

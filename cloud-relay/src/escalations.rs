@@ -78,12 +78,9 @@ struct Job {
 ///
 /// The reply topic must be the sending device's own: a forged request must not turn the relay
 /// into a publisher on arbitrary topics.
-fn route(publish: &Publish) -> Result<Job, String> {
-    let topic =
-        std::str::from_utf8(&publish.topic).map_err(|_| "topic is not UTF-8".to_string())?;
-    let parsed = Topic::parse(topic).map_err(|e| e.to_string())?;
+fn route(parsed: &Topic, publish: &Publish) -> Result<Job, String> {
     if parsed.kind != TopicKind::Escalate {
-        return Err(format!("unexpected topic {topic}"));
+        return Err(format!("unexpected topic {parsed}"));
     }
     let own_reply = Topic::new(&parsed.device_id, TopicKind::EscalateReply)
         .map_err(|e| e.to_string())?
@@ -98,7 +95,7 @@ fn route(publish: &Publish) -> Result<Job, String> {
         }
     }
     Ok(Job {
-        device_id: parsed.device_id,
+        device_id: parsed.device_id.clone(),
         reply_topic: own_reply,
         correlation: props.and_then(|p| p.correlation_data.clone()),
         payload: publish.payload.clone(),
@@ -106,41 +103,38 @@ fn route(publish: &Publish) -> Result<Job, String> {
     })
 }
 
-fn is_telemetry(publish: &Publish) -> bool {
-    publish.topic.ends_with(b"/telemetry")
+/// The tierd topic a publish arrived on; parsed once, then dispatched on its kind.
+fn publish_topic(publish: &Publish) -> Result<Topic, String> {
+    let topic =
+        std::str::from_utf8(&publish.topic).map_err(|_| "topic is not UTF-8".to_string())?;
+    Topic::parse(topic).map_err(|e| e.to_string())
 }
 
 /// Decodes a telemetry report and files it in the fleet view; rejects are counted and logged.
-fn ingest_telemetry(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) {
-    let result = std::str::from_utf8(&publish.topic)
-        .map_err(|_| "topic is not UTF-8".to_string())
-        .and_then(|t| Topic::parse(t).map_err(|e| e.to_string()))
-        .and_then(|topic| {
-            // Two message kinds share the telemetry topic; the kind byte says which.
-            if publish.payload.get(1) == Some(&<CalibrationReport as WireMessage>::KIND) {
-                let c = decode::<CalibrationReport>(&publish.payload)
-                    .map_err(|e| format!("device {}: {e}", topic.device_id))?;
-                let mut fleet = fleet
-                    .lock()
-                    .map_err(|_| "fleet state poisoned".to_string())?;
-                fleet
-                    .ingest_calibration(&topic.device_id, c)
-                    .map_err(|e| e.to_string())?;
-                return Ok((topic.device_id, Ingest::Calibration));
-            }
-            let report = decode::<TelemetryReport>(&publish.payload)
+fn ingest_telemetry(fleet: &SharedFleet, stats: &RelayStats, topic: Topic, publish: &Publish) {
+    let result: Result<_, String> = (|| {
+        // Two message kinds share the telemetry topic; the kind byte says which.
+        if publish.payload.get(1) == Some(&<CalibrationReport as WireMessage>::KIND) {
+            let c = decode::<CalibrationReport>(&publish.payload)
                 .map_err(|e| format!("device {}: {e}", topic.device_id))?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
             let mut fleet = fleet
                 .lock()
                 .map_err(|_| "fleet state poisoned".to_string())?;
             fleet
-                .ingest(&topic.device_id, report, now)
-                .map(|outcome| (topic.device_id, outcome))
-                .map_err(|e| e.to_string())
-        });
+                .ingest_calibration(&topic.device_id, c)
+                .map_err(|e| e.to_string())?;
+            return Ok((topic.device_id, Ingest::Calibration));
+        }
+        let report = decode::<TelemetryReport>(&publish.payload)
+            .map_err(|e| format!("device {}: {e}", topic.device_id))?;
+        let mut fleet = fleet
+            .lock()
+            .map_err(|_| "fleet state poisoned".to_string())?;
+        fleet
+            .ingest(&topic.device_id, report, tierd_runtime::unix_ms())
+            .map(|outcome| (topic.device_id, outcome))
+            .map_err(|e| e.to_string())
+    })();
     match result {
         Ok((device, outcome)) => {
             stats.telemetry_accepted.fetch_add(1, Ordering::Relaxed);
@@ -161,25 +155,19 @@ fn ingest_telemetry(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) 
 }
 
 /// Files a device's online/offline status (its own, or its last will published by the broker).
-fn ingest_status(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) {
-    let result = std::str::from_utf8(&publish.topic)
-        .map_err(|_| "topic is not UTF-8".to_string())
-        .and_then(|t| Topic::parse(t).map_err(|e| e.to_string()))
-        .and_then(|topic| {
-            let status = decode::<DeviceStatus>(&publish.payload)
-                .map_err(|e| format!("device {}: {e}", topic.device_id))?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let online = status.online;
-            let reason = status.reason.clone();
-            fleet
-                .lock()
-                .map_err(|_| "fleet state poisoned".to_string())?
-                .set_status(&topic.device_id, status, now)
-                .map_err(|e| e.to_string())?;
-            Ok((topic.device_id, online, reason))
-        });
+fn ingest_status(fleet: &SharedFleet, stats: &RelayStats, topic: Topic, publish: &Publish) {
+    let result: Result<_, String> = (|| {
+        let status = decode::<DeviceStatus>(&publish.payload)
+            .map_err(|e| format!("device {}: {e}", topic.device_id))?;
+        let online = status.online;
+        let reason = status.reason.clone();
+        fleet
+            .lock()
+            .map_err(|_| "fleet state poisoned".to_string())?
+            .set_status(&topic.device_id, status, tierd_runtime::unix_ms())
+            .map_err(|e| e.to_string())?;
+        Ok((topic.device_id, online, reason))
+    })();
     match result {
         Ok((device, online, reason)) => {
             info!(%device, online, %reason, "device status");
@@ -187,6 +175,38 @@ fn ingest_status(fleet: &SharedFleet, stats: &RelayStats, publish: &Publish) {
         Err(why) => {
             stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
             warn!(%why, "status rejected");
+        }
+    }
+}
+
+/// Hands a job to the workers, or answers `Overloaded` at once when the queue is full.
+fn enqueue(job: Job, tx: &mpsc::Sender<Job>, stats: &RelayStats, client: &AsyncClient) {
+    if let Err(mpsc::error::TrySendError::Full(job)) = tx.try_send(job) {
+        stats.overloaded.fetch_add(1, Ordering::Relaxed);
+        let reply = EscalationReply {
+            request_id: job
+                .correlation
+                .as_ref()
+                .and_then(|c| <[u8; 8]>::try_from(c.as_ref()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0),
+            outcome: ReplyOutcome::Error {
+                code: ReplyErrorCode::Overloaded,
+                message: "relay queue is full".into(),
+            },
+        };
+        if let Ok(payload) = encode(&reply) {
+            let props = PublishProperties {
+                correlation_data: job.correlation.clone(),
+                ..Default::default()
+            };
+            let _ = client.try_publish_with_properties(
+                &job.reply_topic,
+                QoS::AtMostOnce,
+                false,
+                payload,
+                props,
+            );
         }
     }
 }
@@ -343,47 +363,16 @@ pub async fn run(
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 info!(%filter, "connected; taking escalations");
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if is_telemetry(&p) => {
-                ingest_telemetry(&fleet, &stats, &p);
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with(b"/status") => {
-                ingest_status(&fleet, &stats, &p);
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => match route(&p) {
-                Ok(job) => {
-                    if let Err(mpsc::error::TrySendError::Full(job)) = tx.try_send(job) {
-                        stats.overloaded.fetch_add(1, Ordering::Relaxed);
-                        let reply = EscalationReply {
-                            request_id: job
-                                .correlation
-                                .as_ref()
-                                .and_then(|c| <[u8; 8]>::try_from(c.as_ref()).ok())
-                                .map(u64::from_be_bytes)
-                                .unwrap_or(0),
-                            outcome: ReplyOutcome::Error {
-                                code: ReplyErrorCode::Overloaded,
-                                message: "relay queue is full".into(),
-                            },
-                        };
-                        if let Ok(payload) = encode(&reply) {
-                            let props = PublishProperties {
-                                correlation_data: job.correlation.clone(),
-                                ..Default::default()
-                            };
-                            let _ = client.try_publish_with_properties(
-                                &job.reply_topic,
-                                QoS::AtMostOnce,
-                                false,
-                                payload,
-                                props,
-                            );
-                        }
+            Ok(Event::Incoming(Packet::Publish(p))) => match publish_topic(&p) {
+                Ok(t) if t.kind == TopicKind::Telemetry => ingest_telemetry(&fleet, &stats, t, &p),
+                Ok(t) if t.kind == TopicKind::Status => ingest_status(&fleet, &stats, t, &p),
+                other => match other.and_then(|t| route(&t, &p)) {
+                    Ok(job) => enqueue(job, &tx, &stats, &client),
+                    Err(why) => {
+                        stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        warn!(%why, "ignored message");
                     }
-                }
-                Err(why) => {
-                    stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    warn!(%why, "ignored message");
-                }
+                },
             },
             Ok(_) => {}
             Err(e) => {
@@ -422,25 +411,29 @@ mod tests {
         p
     }
 
+    fn routed(p: &Publish) -> Result<Job, String> {
+        route(&publish_topic(p)?, p)
+    }
+
     #[test]
     fn routes_replies_to_the_sender_only() {
-        let job = route(&publish(
+        let job = routed(&publish(
             "tierd/v1/pi-1/escalate",
             Some("tierd/v1/pi-1/escalate/reply"),
         ))
         .unwrap();
         assert_eq!(job.device_id, "pi-1");
         assert_eq!(job.reply_topic, "tierd/v1/pi-1/escalate/reply");
-        let job = route(&publish("tierd/v1/pi-1/escalate", None)).unwrap();
+        let job = routed(&publish("tierd/v1/pi-1/escalate", None)).unwrap();
         assert_eq!(job.reply_topic, "tierd/v1/pi-1/escalate/reply");
-        let err = route(&publish(
+        let err = routed(&publish(
             "tierd/v1/pi-1/escalate",
             Some("tierd/v1/pi-2/escalate/reply"),
         ))
         .err()
         .unwrap();
         assert!(err.contains("not its own"), "{err}");
-        assert!(route(&publish("tierd/v1/pi-1/telemetry", None)).is_err());
-        assert!(route(&publish("elsewhere", None)).is_err());
+        assert!(routed(&publish("tierd/v1/pi-1/telemetry", None)).is_err());
+        assert!(routed(&publish("elsewhere", None)).is_err());
     }
 }

@@ -36,12 +36,7 @@ fn sum_bins(windows: &VecDeque<Vec<BinCounts>>, n: usize) -> Vec<BinCounts> {
     let mut out = vec![BinCounts::default(); n];
     for w in windows {
         for (o, b) in out.iter_mut().zip(w) {
-            o.escalated += b.escalated;
-            o.escalated_labelled += b.escalated_labelled;
-            o.escalated_agree += b.escalated_agree;
-            o.local += b.local;
-            o.audited += b.audited;
-            o.audited_agree += b.audited_agree;
+            *o = o.plus(*b);
         }
     }
     out
@@ -168,16 +163,6 @@ pub struct Fleet {
     max_devices: usize,
 }
 
-fn add(a: TierCounts, b: TierCounts) -> TierCounts {
-    TierCounts {
-        edge: a.edge + b.edge,
-        cloud: a.cloud + b.cloud,
-        edge_fallback: a.edge_fallback + b.edge_fallback,
-        bad_request: a.bad_request + b.bad_request,
-        overloaded: a.overloaded + b.overloaded,
-    }
-}
-
 impl Fleet {
     pub fn new(max_devices: usize) -> Self {
         Fleet {
@@ -250,7 +235,7 @@ impl Fleet {
         rec.last_seq = report.seq;
         rec.reports += 1;
         rec.last_seen_ms = now_ms;
-        rec.window_sums = add(rec.window_sums, report.window);
+        rec.window_sums = rec.window_sums.plus(report.window);
         rec.latest = report;
         Ok(if missing == 0 {
             Ingest::Next
@@ -361,7 +346,7 @@ impl Fleet {
     pub fn totals(&self) -> TierCounts {
         self.devices
             .values()
-            .fold(TierCounts::default(), |acc, d| add(acc, d.latest.totals))
+            .fold(TierCounts::default(), |acc, d| acc.plus(d.latest.totals))
     }
 }
 

@@ -52,7 +52,7 @@ impl WireMessage for CalibrationReport {
 
 impl WireMessage for TelemetryReport {
     const KIND: u8 = 3;
-    // A full report is ~300 bytes; the slack covers long meter errors and sensor labels.
+    // A full report is ~200 bytes (205 measured); the slack covers long meter errors and labels.
     const MAX_BYTES: usize = 16 * 1024;
     const NAME: &'static str = "telemetry report";
 }

@@ -23,6 +23,28 @@ pub struct TierCounts {
 }
 
 impl TierCounts {
+    /// Field-wise sum (windows into totals).
+    pub fn plus(self, o: TierCounts) -> TierCounts {
+        TierCounts {
+            edge: self.edge + o.edge,
+            cloud: self.cloud + o.cloud,
+            edge_fallback: self.edge_fallback + o.edge_fallback,
+            bad_request: self.bad_request + o.bad_request,
+            overloaded: self.overloaded + o.overloaded,
+        }
+    }
+
+    /// What was added since `earlier` (totals into a window); never negative.
+    pub fn since(self, earlier: TierCounts) -> TierCounts {
+        TierCounts {
+            edge: self.edge.saturating_sub(earlier.edge),
+            cloud: self.cloud.saturating_sub(earlier.cloud),
+            edge_fallback: self.edge_fallback.saturating_sub(earlier.edge_fallback),
+            bad_request: self.bad_request.saturating_sub(earlier.bad_request),
+            overloaded: self.overloaded.saturating_sub(earlier.overloaded),
+        }
+    }
+
     /// Requests that got an inference answer.
     pub fn answered(&self) -> u64 {
         self.edge + self.cloud + self.edge_fallback
@@ -42,6 +64,19 @@ pub struct FallbackCounts {
     pub overload: u64,
     pub relay_error: u64,
     pub publish_failed: u64,
+}
+
+impl FallbackCounts {
+    /// What was added since `earlier`; never negative.
+    pub fn since(self, earlier: FallbackCounts) -> FallbackCounts {
+        FallbackCounts {
+            timeout: self.timeout.saturating_sub(earlier.timeout),
+            disconnected: self.disconnected.saturating_sub(earlier.disconnected),
+            overload: self.overload.saturating_sub(earlier.overload),
+            relay_error: self.relay_error.saturating_sub(earlier.relay_error),
+            publish_failed: self.publish_failed.saturating_sub(earlier.publish_failed),
+        }
+    }
 }
 
 /// Which latency a [`LatencySummary`] describes.
@@ -176,6 +211,32 @@ pub struct BinCounts {
     pub audited_agree: u64,
 }
 
+impl BinCounts {
+    /// Field-wise sum (windows into a sliding total).
+    pub fn plus(self, o: BinCounts) -> BinCounts {
+        BinCounts {
+            escalated: self.escalated + o.escalated,
+            escalated_labelled: self.escalated_labelled + o.escalated_labelled,
+            escalated_agree: self.escalated_agree + o.escalated_agree,
+            local: self.local + o.local,
+            audited: self.audited + o.audited,
+            audited_agree: self.audited_agree + o.audited_agree,
+        }
+    }
+
+    /// Field-wise difference, never negative (a window leaving a sliding total).
+    pub fn minus(self, o: BinCounts) -> BinCounts {
+        BinCounts {
+            escalated: self.escalated.saturating_sub(o.escalated),
+            escalated_labelled: self.escalated_labelled.saturating_sub(o.escalated_labelled),
+            escalated_agree: self.escalated_agree.saturating_sub(o.escalated_agree),
+            local: self.local.saturating_sub(o.local),
+            audited: self.audited.saturating_sub(o.audited),
+            audited_agree: self.audited_agree.saturating_sub(o.audited_agree),
+        }
+    }
+}
+
 /// Agent → relay on `tierd/v1/{device}/telemetry`, QoS 1, published with each
 /// [`TelemetryReport`] (same `boot_id` and `seq`). A separate message kind, so the report's
 /// schema did not change.
@@ -290,6 +351,14 @@ mod tests {
             decode::<EscalationReply>(&bytes),
             Err(WireError::Kind { got: 3, .. })
         ));
+    }
+
+    #[test]
+    fn series_discriminants_follow_all() {
+        // The agent indexes its histogram array by discriminant.
+        for (i, s) in LatencySeries::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
     }
 
     #[test]

@@ -4,10 +4,12 @@
 
 use std::collections::VecDeque;
 
-use cloud_relay::tuner::{self, Bin, Certificate, Costs, DeviceCosts, Limits, Policy};
+use cloud_relay::fleet;
+use cloud_relay::tuner::{self, Certificate, Costs, DeviceCosts, Limits, Policy};
 use edge_agent::cascade;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
+use tierd_protocol::BinCounts;
 
 /// One request with both models' answers, computed once.
 #[derive(Debug, Clone, Copy)]
@@ -84,21 +86,24 @@ struct Evidence {
     phase: usize,
 }
 
-fn apply(bins: &mut [Bin], e: &Evidence, sign: i64) {
-    let b = &mut bins[e.bin];
-    let add = |v: &mut u64| *v = v.saturating_add_signed(sign);
-    if e.escalated {
-        add(&mut b.escalated_requests);
-        add(&mut b.escalated.labelled);
-        if e.agree {
-            add(&mut b.escalated.agree);
-        }
-    } else {
-        add(&mut b.local_requests);
-        if e.labelled {
-            add(&mut b.audited.labelled);
-            if e.agree {
-                add(&mut b.audited.agree);
+impl Evidence {
+    /// This request's contribution to its bin, as the agent counts it.
+    fn counts(&self) -> BinCounts {
+        let agree = u64::from(self.agree);
+        if self.escalated {
+            BinCounts {
+                escalated: 1,
+                escalated_labelled: 1,
+                escalated_agree: agree,
+                ..BinCounts::default()
+            }
+        } else {
+            let audited = u64::from(self.labelled);
+            BinCounts {
+                local: 1,
+                audited,
+                audited_agree: audited * agree,
+                ..BinCounts::default()
             }
         }
     }
@@ -128,15 +133,7 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
         }
         stream.extend(p);
     }
-    let mut bins: Vec<Bin> = EDGES
-        .iter()
-        .enumerate()
-        .map(|(i, &lower)| Bin {
-            lower,
-            upper: EDGES.get(i + 1).copied().unwrap_or(1.0),
-            ..Default::default()
-        })
-        .collect();
+    let mut counts = vec![BinCounts::default(); EDGES.len()];
     let limits = Limits {
         min_requests: cfg.min_requests,
         ..Limits::default()
@@ -193,17 +190,18 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
             agree: item.agree(),
             phase: item.phase,
         };
-        apply(&mut bins, &e, 1);
+        counts[e.bin] = counts[e.bin].plus(e.counts());
         window.push_back(e);
         if window.len() > cfg.window {
             if let Some(old) = window.pop_front() {
-                apply(&mut bins, &old, -1);
+                counts[old.bin] = counts[old.bin].minus(old.counts());
             }
         }
 
         if (i + 1) % cfg.retune_every == 0 {
             let cert = tuner::tune(
-                &bins,
+                // The same conversion the relay applies to the agents' reports.
+                &fleet::tuner_bins(&EDGES, &counts),
                 policy,
                 threshold,
                 &limits,

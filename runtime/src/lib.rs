@@ -7,6 +7,7 @@
 //! defaults loads fine in tract yet answers 1.0 for every class; only running it shows that.
 
 mod manifest;
+pub mod metrics;
 mod model;
 pub mod mqtt;
 pub mod stream;
@@ -17,6 +18,14 @@ pub use model::{InputError, Model, Prediction};
 
 use std::path::PathBuf;
 use thiserror::Error;
+
+/// Wall-clock time as Unix milliseconds (0 if the clock is before 1970): the timestamps and
+/// boot ids both daemons put on the wire.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Why a model could not be loaded.
 #[derive(Debug, Error)]
