@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use tierd_protocol::config::limits;
 use tierd_runtime::mqtt::MqttConfig;
 
 use crate::cascade::Signal;
@@ -38,6 +39,34 @@ pub struct AgentConfig {
     pub mqtt: MqttConfig,
     pub telemetry: TelemetryConfig,
     pub energy: EnergyConfig,
+    /// Where the spool and the applied remote config live. Default: `$STATE_DIRECTORY` (set by
+    /// systemd's `StateDirectory=`), else `tierd-state` in the working directory. Relative
+    /// paths start at the config file's folder.
+    pub state_dir: Option<PathBuf>,
+    pub spool: SpoolConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Size cap of the on-disk spool (telemetry, calibration reports, config acks waiting for
+    /// the relay's acknowledgement). At the cap the oldest records are dropped and counted.
+    pub max_bytes: u64,
+    /// Unacknowledged records are sent again after this long without progress.
+    pub resend_after_s: f64,
+    /// On a clean stop, how long to wait for the relay to acknowledge what is pending before
+    /// leaving it on disk for the next start.
+    pub flush_timeout_s: f64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            max_bytes: 16 * 1024 * 1024,
+            resend_after_s: 10.0,
+            flush_timeout_s: 3.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +177,8 @@ impl Default for AgentConfig {
             mqtt: MqttConfig::default(),
             telemetry: TelemetryConfig::default(),
             energy: EnergyConfig::default(),
+            state_dir: None,
+            spool: SpoolConfig::default(),
         }
     }
 }
@@ -221,6 +252,9 @@ impl AgentConfig {
             }
         };
         fix(&mut self.model.manifest);
+        if let Some(d) = self.state_dir.as_mut() {
+            fix(d);
+        }
         self.mqtt.resolve_paths(base);
     }
 
@@ -230,13 +264,13 @@ impl AgentConfig {
             return bad(format!("device_id: {e}"));
         }
         let c = &self.cascade;
-        if !(c.threshold.is_finite() && (0.0..=1.01).contains(&c.threshold)) {
+        if !(c.threshold.is_finite() && limits::THRESHOLD.contains(&c.threshold)) {
             return bad(format!(
                 "cascade.threshold = {} must be within [0, 1.01]",
                 c.threshold
             ));
         }
-        if !(1..=60_000).contains(&c.escalation_timeout_ms) {
+        if !limits::ESCALATION_TIMEOUT_MS.contains(&c.escalation_timeout_ms) {
             return bad(format!(
                 "cascade.escalation_timeout_ms = {} must be within [1, 60000]",
                 c.escalation_timeout_ms
@@ -245,7 +279,7 @@ impl AgentConfig {
         if !(1..=10_000).contains(&c.max_in_flight) {
             return bad("cascade.max_in_flight must be within [1, 10000]".into());
         }
-        if !(c.audit_rate.is_finite() && (0.0..=1.0).contains(&c.audit_rate)) {
+        if !(c.audit_rate.is_finite() && limits::AUDIT_RATE.contains(&c.audit_rate)) {
             return bad(format!(
                 "cascade.audit_rate = {} must be within [0, 1]",
                 c.audit_rate
@@ -268,7 +302,7 @@ impl AgentConfig {
             return bad(e.to_string());
         }
         let t = &self.telemetry;
-        if !(t.interval_s.is_finite() && (0.1..=86_400.0).contains(&t.interval_s)) {
+        if !(t.interval_s.is_finite() && limits::TELEMETRY_INTERVAL_S.contains(&t.interval_s)) {
             return bad(format!(
                 "telemetry.interval_s = {} must be within [0.1, 86400]",
                 t.interval_s
@@ -308,7 +342,43 @@ impl AgentConfig {
         if e.source == EnergySource::Ina219 && e.ina219.is_none() {
             return bad("energy.source = \"ina219\" needs an [energy.ina219] section".into());
         }
+        let sp = &self.spool;
+        if !(crate::spool::MIN_MAX_BYTES..=(1 << 40)).contains(&sp.max_bytes) {
+            return bad(format!(
+                "spool.max_bytes = {} must be within [{}, 1 TiB]",
+                sp.max_bytes,
+                crate::spool::MIN_MAX_BYTES
+            ));
+        }
+        for (key, v) in [
+            ("spool.resend_after_s", sp.resend_after_s),
+            ("spool.flush_timeout_s", sp.flush_timeout_s),
+        ] {
+            if !(v.is_finite() && (0.05..=3600.0).contains(&v)) {
+                return bad(format!("{key} = {v} must be within [0.05, 3600]"));
+            }
+        }
+        if let Some(d) = &self.state_dir {
+            if d.as_os_str().is_empty() {
+                return bad("state_dir is empty".into());
+            }
+        }
         Ok(())
+    }
+
+    /// The state directory in force (see [`AgentConfig::state_dir`]).
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .filter(|v| !v.is_empty())
+                // systemd may pass several, colon-separated; ours is the first.
+                .and_then(|v| {
+                    v.to_str()
+                        .and_then(|s| s.split(':').next())
+                        .map(PathBuf::from)
+                })
+                .unwrap_or_else(|| PathBuf::from("tierd-state"))
+        })
     }
 
     pub fn telemetry_interval(&self) -> Duration {
@@ -362,6 +432,8 @@ mod tests {
             ("[energy]\nsource = \"ina219\"", "[energy.ina219]"),
             ("[energy]\nlink = \"carrier_pigeon\"", "unknown variant"),
             ("[energy]\njoules_per_byte = -1.0", "energy.joules_per_byte"),
+            ("[spool]\nmax_bytes = 10", "spool.max_bytes"),
+            ("[spool]\nresend_after_s = 0", "spool.resend_after_s"),
             (
                 "[energy.ina219]\nbus = \"/dev/i2c-1\"\naddress = 0x20\nshunt_ohms = 0.1\nmax_current_a = 3.2",
                 "energy.ina219.address",

@@ -2,7 +2,8 @@
 //! number, for the reply with the same correlation id.
 //!
 //! One task owns the rumqttc event loop; callers hold a cheap [`Escalator`] handle. Replies are
-//! routed to waiting callers through a map of one-shot channels keyed by request id. The caller's
+//! routed to waiting callers through a map of one-shot channels keyed by request id; config
+//! documents and spool acks go to their own bounded channels ([`Inbound`]). The caller's
 //! deadline, not MQTT, guarantees progress: a lost request or reply only ever costs the timeout,
 //! and while the broker is unreachable callers fall back at once instead of waiting.
 
@@ -12,15 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tierd_protocol::{
     decode, encode, DeviceStatus, EscalationKind, EscalationReply, EscalationRequest, ReplyOutcome,
-    Tensor, Topic, TopicKind,
+    SpoolAck, Tensor, Topic, TopicKind,
 };
 use tierd_runtime::mqtt::Backoff;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::cascade::{CloudResult, FallbackReason};
@@ -48,12 +49,28 @@ pub struct Escalator {
     request_topic: String,
     reply_topic: String,
     status_topic: String,
+    config_topic: String,
+    ack_topic: String,
     boot_id: u64,
     pending: Pending,
     in_flight: Arc<Semaphore>,
     connected: Arc<AtomicBool>,
+    connection: Arc<watch::Sender<bool>>,
+    routes: Arc<Routes>,
     next_id: Arc<AtomicU64>,
     stats: Arc<MqttStats>,
+}
+
+/// Where the event loop hands what is not an escalation reply.
+struct Routes {
+    config: mpsc::Sender<Bytes>,
+    acks: mpsc::Sender<SpoolAck>,
+}
+
+/// The receiving ends of [`Routes`]: remote config documents and spool acknowledgements.
+pub struct Inbound {
+    pub config: mpsc::Receiver<Bytes>,
+    pub acks: mpsc::Receiver<SpoolAck>,
 }
 
 /// Removes a pending entry however the wait ends (reply, timeout, or the caller going away).
@@ -77,10 +94,14 @@ impl Escalator {
         device_id: &str,
         max_in_flight: usize,
         boot_id: u64,
-    ) -> Result<(Self, EventLoop), tierd_protocol::TopicError> {
+    ) -> Result<(Self, EventLoop, Inbound), tierd_protocol::TopicError> {
         // The request channel only buffers our own publishes; in-flight escalations are bounded
-        // by the semaphore below, so this never needs to be larger than that bound.
-        let (client, eventloop) = AsyncClient::new(options, max_in_flight.clamp(16, 4096));
+        // by the semaphore below and spooled records by the forwarder's window.
+        let (client, eventloop) = AsyncClient::new(options, max_in_flight.clamp(16, 4096) + 64);
+        // Documents are rare (retained, one per change) and acks are cumulative, so a full
+        // channel only ever drops something a later message supersedes.
+        let (config_tx, config_rx) = mpsc::channel(8);
+        let (acks_tx, acks_rx) = mpsc::channel(64);
         // Request ids start from the clock so a restarted agent never matches an old reply.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -92,26 +113,42 @@ impl Escalator {
                 request_topic: Topic::new(device_id, TopicKind::Escalate)?.to_string(),
                 reply_topic: Topic::new(device_id, TopicKind::EscalateReply)?.to_string(),
                 status_topic: Topic::new(device_id, TopicKind::Status)?.to_string(),
+                config_topic: Topic::new(device_id, TopicKind::Config)?.to_string(),
+                ack_topic: Topic::new(device_id, TopicKind::SpoolAck)?.to_string(),
                 boot_id,
                 pending: Arc::new(Mutex::new(HashMap::new())),
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 connected: Arc::new(AtomicBool::new(false)),
+                connection: Arc::new(watch::channel(false).0),
+                routes: Arc::new(Routes {
+                    config: config_tx,
+                    acks: acks_tx,
+                }),
                 next_id: Arc::new(AtomicU64::new(seed)),
                 stats: Arc::new(MqttStats::default()),
             },
             eventloop,
+            Inbound {
+                config: config_rx,
+                acks: acks_rx,
+            },
         ))
     }
 
-    /// Where the telemetry loop publishes: QoS 1 on `tierd/v1/{device}/telemetry`.
-    pub fn report_sink(
-        &self,
-        device_id: &str,
-    ) -> Result<MqttReportSink, tierd_protocol::TopicError> {
-        Ok(MqttReportSink {
-            client: self.client.clone(),
-            topic: Topic::new(device_id, TopicKind::Telemetry)?.to_string(),
-        })
+    /// The MQTT client, for the spool forwarder's publishes.
+    pub fn client(&self) -> AsyncClient {
+        self.client.clone()
+    }
+
+    /// Follows the connection: true once subscribed after a (re)connect, false when lost.
+    pub fn connection(&self) -> watch::Receiver<bool> {
+        self.connection.subscribe()
+    }
+
+    fn set_connected(&self, up: bool) -> bool {
+        let was = self.connected.swap(up, Ordering::Relaxed);
+        self.connection.send_replace(up);
+        was
     }
 
     pub fn stats(&self) -> &Arc<MqttStats> {
@@ -232,17 +269,44 @@ impl Escalator {
         }
     }
 
+    /// Dispatches an incoming publish on the topic it came on.
+    fn route(&self, publish: &Publish) {
+        let topic = publish.topic.as_ref();
+        if topic == self.reply_topic.as_bytes() {
+            self.route_reply(publish);
+        } else if topic == self.config_topic.as_bytes() {
+            // An empty retained message is how an operator clears the topic: nothing to apply.
+            if !publish.payload.is_empty()
+                && self
+                    .routes
+                    .config
+                    .try_send(publish.payload.clone())
+                    .is_err()
+            {
+                warn!("config documents arriving faster than they are applied; one dropped");
+            }
+        } else if topic == self.ack_topic.as_bytes() {
+            match decode::<SpoolAck>(&publish.payload) {
+                Ok(ack) => {
+                    let _ = self.routes.acks.try_send(ack);
+                }
+                Err(e) => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "rejected spool ack");
+                }
+            }
+        } else {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            warn!(topic = %String::from_utf8_lossy(topic).chars().take(200).collect::<String>(), "message on an unexpected topic ignored");
+        }
+    }
+
     fn route_reply(&self, publish: &Publish) {
         let stats = &self.stats;
         stats.messages_in.fetch_add(1, Ordering::Relaxed);
         stats
             .bytes_in
             .fetch_add(publish.payload.len() as u64, Ordering::Relaxed);
-        if publish.topic.as_ref() != self.reply_topic.as_bytes() {
-            stats.rejected.fetch_add(1, Ordering::Relaxed);
-            warn!(topic = %String::from_utf8_lossy(&publish.topic), "message on an unexpected topic ignored");
-            return;
-        }
         let reply = match decode::<EscalationReply>(&publish.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -301,22 +365,6 @@ impl Escalator {
     }
 }
 
-/// Publishes telemetry reports on the agent's MQTT connection.
-pub struct MqttReportSink {
-    client: AsyncClient,
-    topic: String,
-}
-
-impl crate::telemetry::ReportSink for MqttReportSink {
-    fn send(&self, payload: Vec<u8>) -> Result<(), String> {
-        // QoS 1: a report is small and rare, and the broker's PUBACK is what lets a later
-        // store-and-forward know it can drop its copy.
-        self.client
-            .try_publish(&self.topic, QoS::AtLeastOnce, false, payload)
-            .map_err(|e| e.to_string())
-    }
-}
-
 /// Drives the MQTT connection until `shutdown` resolves: subscribes on every (re)connect, routes
 /// replies, and reconnects with jittered backoff.
 pub async fn run_event_loop(
@@ -334,18 +382,22 @@ pub async fn run_event_loop(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
-                // A clean session forgets subscriptions, so subscribe again after every connect.
-                if let Err(e) = escalator
-                    .client
-                    .try_subscribe(&escalator.reply_topic, QoS::AtMostOnce)
-                {
+                // Subscribe after every connect, even with a persistent session: a broker
+                // that lost the session (restarted rumqttd, expiry) no longer has them, and
+                // subscribing again also makes it send the retained config document.
+                let filters = [
+                    Filter::new(escalator.reply_topic.clone(), QoS::AtMostOnce),
+                    Filter::new(escalator.config_topic.clone(), QoS::AtLeastOnce),
+                    Filter::new(escalator.ack_topic.clone(), QoS::AtLeastOnce),
+                ];
+                if let Err(e) = escalator.client.try_subscribe_many(filters) {
                     warn!(error = %e, "cannot queue subscription");
                 }
             }
             // Escalate only once the reply subscription is confirmed: before that a reply
             // could be dropped by the broker and the caller would wait out the timeout.
             Ok(Event::Incoming(Packet::SubAck(_))) => {
-                escalator.connected.store(true, Ordering::Relaxed);
+                escalator.set_connected(true);
                 if was_connected {
                     escalator.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
@@ -354,10 +406,10 @@ pub async fn run_event_loop(
                 escalator.publish_status(true, "");
                 tierd_runtime::systemd::status("serving; connected to the MQTT broker");
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => escalator.route_reply(&p),
+            Ok(Event::Incoming(Packet::Publish(p))) => escalator.route(&p),
             Ok(_) => {}
             Err(e) => {
-                if escalator.connected.swap(false, Ordering::Relaxed) {
+                if escalator.set_connected(false) {
                     warn!(error = %e, "MQTT connection lost; escalations fall back to the edge until it returns");
                     tierd_runtime::systemd::status(
                         "serving from the edge only: MQTT connection lost, reconnecting",
@@ -376,7 +428,7 @@ pub async fn run_event_loop(
     }
     // Queued before the DISCONNECT, so a clean stop leaves "stopped" retained (a clean
     // DISCONNECT also tells the broker not to publish the will).
-    if escalator.connected.swap(false, Ordering::Relaxed) {
+    if escalator.set_connected(false) {
         escalator.publish_status(false, "stopped");
     }
     tierd_runtime::mqtt::disconnect(&escalator.client, &mut eventloop).await;

@@ -7,6 +7,7 @@
 //! Counts are per window: the telemetry loop takes them with each report and sends them as a
 //! `CalibrationReport`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,8 @@ pub struct Evidence {
     bins: Mutex<[BinCounts; EDGES.len()]>,
     rng: Mutex<rand::rngs::Xoshiro256PlusPlus>,
     limiter: Mutex<Limiter>,
-    audit_rate: f64,
+    /// f64 bits: remote config changes the rate while requests read it.
+    audit_rate: AtomicU64,
     max_audits_per_second: u32,
 }
 
@@ -51,13 +53,19 @@ impl Evidence {
                 window_start: Instant::now(),
                 used: 0,
             }),
-            audit_rate,
+            audit_rate: AtomicU64::new(audit_rate.to_bits()),
             max_audits_per_second,
         }
     }
 
     pub fn audit_rate(&self) -> f64 {
+        f64::from_bits(self.audit_rate.load(Ordering::Relaxed))
+    }
+
+    /// Applied by remote config; the caller has range-checked it.
+    pub fn set_audit_rate(&self, rate: f64) {
         self.audit_rate
+            .store(rate.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
     }
 
     fn with_bin(&self, confidence: f32, f: impl FnOnce(&mut BinCounts)) {
@@ -92,13 +100,14 @@ impl Evidence {
     /// Whether to audit this local answer: a random draw at the audit rate, then a per-second
     /// cap so a burst of traffic cannot turn into a burst of cloud calls.
     pub fn should_audit(&self) -> bool {
-        if self.audit_rate <= 0.0 {
+        let rate = self.audit_rate();
+        if rate <= 0.0 {
             return false;
         }
         let drawn = self
             .rng
             .lock()
-            .map(|mut r| r.random_bool(self.audit_rate.min(1.0)))
+            .map(|mut r| r.random_bool(rate.min(1.0)))
             .unwrap_or(false);
         if !drawn {
             return false;

@@ -433,6 +433,7 @@ fn spawn_audit(
 ) {
     let escalator = state.escalator.clone();
     let evidence = state.evidence.clone();
+    let recorder = state.recorder.clone();
     let model = state.model.id();
     let probs = edge_probabilities.to_vec();
     let edge_top1 = cascade::top1(&probs);
@@ -442,6 +443,10 @@ fn spawn_audit(
         .max(std::time::Duration::from_secs(2));
     tokio::spawn(async move {
         if let Ok(cloud) = escalator.audit(input, model, probs, timeout).await {
+            recorder
+                .counters
+                .audits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             evidence.record_audit(confidence, cascade::top1(&cloud) == edge_top1);
         }
     });

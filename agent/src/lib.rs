@@ -4,6 +4,8 @@
 //! - [`oip`]: Open Inference Protocol v2 parsing (pure).
 //! - [`http`]: the local API and admission control.
 //! - [`escalation`]: the MQTT path to the relay, with deadlines and fallback.
+//! - [`spool`] and [`forward`]: store-and-forward of reports and acks, acknowledged end to end.
+//! - [`remote_config`]: the relay's config document: checked, persisted, applied live.
 //! - [`telemetry`]: latency histograms, counters and the periodic report over MQTT.
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
 //! - [`evidence`]: per-bin counts and background audits for the relay's tuner.
@@ -19,9 +21,12 @@ pub mod config;
 pub mod energy;
 pub mod escalation;
 pub mod evidence;
+pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod oip;
+pub mod remote_config;
+pub mod spool;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -45,12 +50,17 @@ use crate::escalation::{Escalator, MqttStats};
 use crate::http::Admission;
 use crate::telemetry::{DeviceProbe, LatestReport, Recorder, Reporter};
 
-/// The cascade settings in force; swapped live when remote config arrives.
+/// The settings in force: `agent.toml`, overlaid by the remote config document last applied.
+/// Swapped live (a `watch` channel) when a new document is applied.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
     pub threshold: f32,
     pub signal: Signal,
     pub escalation_timeout: Duration,
+    pub audit_rate: f64,
+    pub telemetry_interval: Duration,
+    /// Version of the remote document in force; 0 = `agent.toml` only.
+    pub config_version: u64,
 }
 
 /// State shared by every request handler.
@@ -84,19 +94,77 @@ pub enum AgentError {
     Serve(std::io::Error),
     #[error("cannot start the energy sampler thread: {0}")]
     Sampler(std::io::Error),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
 }
+
+/// How long the broker keeps the agent's session (subscriptions, queued QoS 1 messages such as
+/// config documents and spool acks) while it is offline: a day covers an overnight outage;
+/// after that the retained config document still reaches it at the next subscribe.
+pub const SESSION_EXPIRY_S: u32 = 86_400;
 
 /// A started agent: model verified, port bound, MQTT connecting in the background.
 pub struct Agent {
     state: Arc<AppState>,
     listener: TcpListener,
-    policy_tx: watch::Sender<Policy>,
     mqtt_task: tokio::task::JoinHandle<()>,
+    forward_task: tokio::task::JoinHandle<()>,
+    stop_forward: watch::Sender<bool>,
+    config_task: tokio::task::JoinHandle<()>,
+    flush_timeout: Duration,
+    spool: forward::SpoolSink,
     stop_mqtt: watch::Sender<bool>,
     telemetry_task: Option<tokio::task::JoinHandle<()>>,
     stop_telemetry: watch::Sender<bool>,
     latest: LatestReport,
     mqtt_alive: Arc<AtomicBool>,
+}
+
+/// Handles one config document: applies it (policy and audit rate) or not, and spools the ack.
+fn apply_remote(
+    remote: &mut remote_config::RemoteConfig,
+    payload: &[u8],
+    policy_tx: &watch::Sender<Policy>,
+    evidence: &evidence::Evidence,
+    sink: &forward::SpoolSink,
+) {
+    use crate::telemetry::ReportSink;
+    let ack = match remote.handle(payload) {
+        remote_config::Outcome::Unchanged => return,
+        remote_config::Outcome::Applied(policy, ack) => {
+            evidence.set_audit_rate(policy.audit_rate);
+            policy_tx.send_replace(policy);
+            info!(
+                version = ack.version,
+                threshold = policy.threshold,
+                signal = policy.signal.as_str(),
+                audit_rate = policy.audit_rate,
+                "remote config applied"
+            );
+            tierd_runtime::systemd::status(&format!(
+                "serving; remote config version {} applied (threshold {})",
+                ack.version, policy.threshold
+            ));
+            ack
+        }
+        remote_config::Outcome::Rejected(ack) => {
+            tracing::warn!(version = ack.version, reason = %ack.reason, "remote config rejected; settings unchanged");
+            ack
+        }
+    };
+    match tierd_protocol::encode(&ack) {
+        Ok(bytes) => {
+            if let Err(e) = sink.send(tierd_protocol::RecordKind::ConfigAck, bytes) {
+                tracing::warn!(error = %e, "config ack not spooled");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "config ack cannot be encoded"),
+    }
 }
 
 /// What the systemd watchdog checks before each ping: the HTTP server answers its own health
@@ -128,7 +196,51 @@ impl Agent {
         let model = Model::load(&config.model.manifest)?;
         info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
         let boot_id = tierd_runtime::unix_ms();
+        let state_dir = config.state_dir();
+        std::fs::create_dir_all(&state_dir).map_err(|e| AgentError::StateDir {
+            path: state_dir.clone(),
+            source: e,
+        })?;
+        let (spool, recovery) =
+            spool::Spool::open(&state_dir.join("spool"), config.spool.max_bytes)?;
+        if recovery.corrupt_frames > 0 || recovery.note.is_some() {
+            tracing::warn!(
+                records = recovery.records,
+                corrupt_frames = recovery.corrupt_frames,
+                corrupt_bytes = recovery.corrupt_bytes,
+                note = recovery.note.as_deref().unwrap_or(""),
+                "spool recovered with damage (counted in spool.corrupt)"
+            );
+        }
+        info!(
+            dir = %state_dir.display(),
+            pending = recovery.records,
+            stream = recovery.stream_id,
+            "spool open"
+        );
+        let base_policy = Policy {
+            threshold: config.cascade.threshold,
+            signal: config.cascade.signal,
+            escalation_timeout: config.escalation_timeout(),
+            audit_rate: config.cascade.audit_rate,
+            telemetry_interval: config.telemetry_interval(),
+            config_version: 0,
+        };
+        let (mut remote, warning) =
+            remote_config::RemoteConfig::load(&state_dir, &config.device_id, base_policy);
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+        }
+        if remote.version() > 0 {
+            info!(version = remote.version(), "remote config restored");
+        }
+        let policy = remote.policy();
         let mut options = config.mqtt.options(&config.default_client_id())?;
+        // A persistent session: QoS 1 messages for us (config documents, spool acks) queue at
+        // the broker while we are away, and rumqttc re-sends our unacknowledged publishes
+        // after a reconnect instead of dropping them.
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
         // The broker publishes this, retained, if the connection dies without a clean
         // DISCONNECT; a clean stop publishes its own "stopped" status instead.
         let status_topic =
@@ -142,7 +254,7 @@ impl Agent {
             true,
             None,
         ));
-        let (escalator, eventloop) = Escalator::new(
+        let (escalator, eventloop, inbound) = Escalator::new(
             options,
             &config.device_id,
             config.cascade.max_in_flight,
@@ -155,18 +267,44 @@ impl Agent {
                     addr: config.http.listen,
                     source: e,
                 })?;
-        let policy = Policy {
-            threshold: config.cascade.threshold,
-            signal: config.cascade.signal,
-            escalation_timeout: config.escalation_timeout(),
-        };
         let (policy_tx, policy_rx) = watch::channel(policy);
         let (stop_mqtt, stop_rx) = watch::channel(false);
         let recorder = Arc::new(Recorder::new(config.telemetry.enabled));
         let evidence = Arc::new(evidence::Evidence::new(
-            config.cascade.audit_rate,
+            policy.audit_rate,
             config.cascade.max_audits_per_second,
         ));
+        let sink = forward::SpoolSink {
+            spool: Arc::new(std::sync::Mutex::new(spool)),
+            notify: Arc::new(tokio::sync::Notify::new()),
+        };
+        let (stop_forward, stop_forward_rx) = watch::channel(false);
+        let forward_task = tokio::spawn(forward::run(
+            forward::Forwarder {
+                sink: sink.clone(),
+                client: escalator.client(),
+                device_id: config.device_id.clone(),
+                acks: inbound.acks,
+                connection: escalator.connection(),
+                resend_after: Duration::from_secs_f64(config.spool.resend_after_s),
+                flush_timeout: Duration::from_secs_f64(config.spool.flush_timeout_s),
+            },
+            stop_forward_rx,
+        ));
+        let config_task = {
+            let (sink, evidence) = (sink.clone(), evidence.clone());
+            let mut documents = inbound.config;
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let payload = tokio::select! {
+                        p = documents.recv() => match p { Some(p) => p, None => return },
+                        _ = stop.changed() => return,
+                    };
+                    apply_remote(&mut remote, &payload, &policy_tx, &evidence, &sink);
+                }
+            })
+        };
         let latest = LatestReport::default();
         let metrics = metrics::registry(
             &config.device_id,
@@ -174,6 +312,7 @@ impl Agent {
             escalator.stats().clone(),
             policy_rx.clone(),
             latest.clone(),
+            sink.clone(),
         );
         let (stop_telemetry, stop_telemetry_rx) = watch::channel(false);
         let telemetry_task = if config.telemetry.enabled {
@@ -192,7 +331,6 @@ impl Agent {
                 device_id: config.device_id.clone(),
                 boot_id,
                 model: model.id(),
-                interval: config.telemetry_interval(),
                 recorder: recorder.clone(),
                 evidence: evidence.clone(),
                 mqtt: escalator.stats().clone(),
@@ -202,10 +340,9 @@ impl Agent {
                 link: config.energy.link_model(),
                 latest: latest.clone(),
             };
-            let sink = escalator.report_sink(&config.device_id)?;
             Some(tokio::spawn(telemetry::run(
                 reporter,
-                sink,
+                sink.clone(),
                 stop_telemetry_rx,
             )))
         } else {
@@ -231,8 +368,12 @@ impl Agent {
         Ok(Agent {
             state,
             listener,
-            policy_tx,
             mqtt_task,
+            forward_task,
+            stop_forward,
+            config_task,
+            flush_timeout: Duration::from_secs_f64(config.spool.flush_timeout_s),
+            spool: sink,
             stop_mqtt,
             telemetry_task,
             stop_telemetry,
@@ -279,7 +420,12 @@ impl Agent {
     }
 
     pub fn policy(&self) -> Policy {
-        *self.policy_tx.borrow()
+        *self.state.policy.borrow()
+    }
+
+    /// The spool's counters (pending, dropped, corrupt).
+    pub fn spool_stats(&self) -> Option<spool::SpoolStats> {
+        self.spool.stats()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish,
@@ -308,14 +454,23 @@ impl Agent {
         let _ = watchdog.await;
         served?;
         // The last report covers the final partial window, so a clean stop loses no counts;
-        // it is queued before MQTT is closed, and the disconnect flushes it.
+        // it goes to the spool, and the forwarder then waits (bounded) for the relay to
+        // acknowledge what is pending while MQTT is still up. The rest stays on disk.
         let _ = self.stop_telemetry.send(true);
         if let Some(t) = self.telemetry_task {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
-        info!("HTTP drained; closing MQTT");
+        info!("HTTP drained; flushing the spool");
+        let _ = self.stop_forward.send(true);
+        let _ = tokio::time::timeout(
+            self.flush_timeout + Duration::from_secs(1),
+            self.forward_task,
+        )
+        .await;
+        info!("closing MQTT");
         let _ = self.stop_mqtt.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.mqtt_task).await;
+        self.config_task.abort();
         Ok(())
     }
 }

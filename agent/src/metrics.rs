@@ -34,6 +34,7 @@ struct AgentCollector {
     mqtt: Arc<MqttStats>,
     policy: watch::Receiver<Policy>,
     latest: LatestReport,
+    spool: crate::forward::SpoolSink,
 }
 
 impl Collector for AgentCollector {
@@ -130,6 +131,30 @@ impl Collector for AgentCollector {
                 f64::from(policy.threshold),
             )],
         )?;
+        gauge(
+            &mut enc,
+            "tierd_config_version",
+            "Version of the remote config document in force (0: agent.toml only).",
+            &[(dev(), policy.config_version as f64)],
+        )?;
+        if let Some(s) = self.spool.stats() {
+            gauge(
+                &mut enc,
+                "tierd_spool_records",
+                "Store-and-forward spool: records waiting for the relay's ack (pending), dropped at the size cap, and found corrupt at recovery (both since the spool was created).",
+                &[
+                    (with("state", "pending"), s.pending_records as f64),
+                    (with("state", "dropped"), s.dropped as f64),
+                    (with("state", "corrupt"), s.corrupt as f64),
+                ],
+            )?;
+            gauge(
+                &mut enc,
+                "tierd_spool_bytes",
+                "Size of the spool file on disk.",
+                &[(dev(), s.file_bytes as f64)],
+            )?;
+        }
 
         let latest = self.latest.lock().ok().and_then(|l| l.clone());
         if let Some(r) = latest {
@@ -201,6 +226,7 @@ pub fn registry(
     mqtt: Arc<MqttStats>,
     policy: watch::Receiver<Policy>,
     latest: LatestReport,
+    spool: crate::forward::SpoolSink,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(AgentCollector {
@@ -209,6 +235,7 @@ pub fn registry(
         mqtt,
         policy,
         latest,
+        spool,
     }));
     r
 }

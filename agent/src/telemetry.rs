@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tierd_protocol::{
-    encode, DeviceContext, EnergyReport, FallbackCounts, LatencySeries, LatencySummary,
-    TelemetryReport, TierCounts,
+    encode, DeviceContext, EnergyReport, FallbackCounts, LatencySeries, LatencySummary, RecordKind,
+    SpoolCounts, TelemetryReport, TierCounts,
 };
 use tierd_runtime::unix_ms;
 use tokio::sync::watch;
@@ -53,6 +53,8 @@ pub struct Counters {
     pub edge_fallback: AtomicU64,
     pub bad_request: AtomicU64,
     pub overloaded: AtomicU64,
+    /// Background audits the cloud answered.
+    pub audits: AtomicU64,
     fb_timeout: AtomicU64,
     fb_disconnected: AtomicU64,
     fb_overload: AtomicU64,
@@ -89,6 +91,7 @@ impl Counters {
             edge_fallback: r(&self.edge_fallback),
             bad_request: r(&self.bad_request),
             overloaded: r(&self.overloaded),
+            audits: r(&self.audits),
         }
     }
 
@@ -223,6 +226,7 @@ pub struct WindowInputs {
     pub link: LinkModel,
     /// Attributed joules (compute + radio) up to the previous report.
     pub previous_total_joules: f64,
+    pub spool: SpoolCounts,
 }
 
 pub fn build_report(w: &WindowInputs) -> TelemetryReport {
@@ -275,13 +279,19 @@ pub fn build_report(w: &WindowInputs) -> TelemetryReport {
             error: w.energy.error.clone(),
         },
         device: w.device.clone(),
+        spool: w.spool,
+        config_version: w.policy.config_version,
     }
 }
 
-/// Where encoded reports go. MQTT in production; tests use a channel.
+/// Where encoded reports go: the on-disk spool in production ([`crate::forward::SpoolSink`]).
 pub trait ReportSink: Send + Sync + 'static {
-    /// Hands one encoded report over without waiting; an error means it was not accepted.
-    fn send(&self, payload: Vec<u8>) -> Result<(), String>;
+    /// Hands one encoded record over without waiting; an error means it was not accepted.
+    fn send(&self, kind: RecordKind, payload: Vec<u8>) -> Result<(), String>;
+    /// The spool's counters, for the report.
+    fn spool(&self) -> SpoolCounts {
+        SpoolCounts::default()
+    }
 }
 
 /// Reads what the board is doing through `sysinfo`.
@@ -367,7 +377,6 @@ pub struct Reporter {
     /// Identifies this agent run (Unix ms at start); shared with the status messages.
     pub boot_id: u64,
     pub model: String,
-    pub interval: Duration,
     pub recorder: Arc<Recorder>,
     pub evidence: Arc<crate::evidence::Evidence>,
     pub mqtt: Arc<MqttStats>,
@@ -389,9 +398,17 @@ pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Re
     let mut prev_joules = Some(0.0);
     let mut prev_total_joules = 0.0;
     let mut prev_mqtt = (0u64, 0u64, 0u64);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + r.interval, r.interval);
+    let mut interval = r.policy.borrow().telemetry_interval;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Remote config may change the interval; the next window takes the new length.
+        let wanted = r.policy.borrow().telemetry_interval;
+        if wanted != interval {
+            interval = wanted;
+            ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         let last = tokio::select! {
             _ = ticker.tick() => false,
             _ = shutdown.changed() => true,
@@ -428,13 +445,14 @@ pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Re
             device: r.device.sample(),
             link: r.link,
             previous_total_joules: prev_total_joules,
+            spool: sink.spool(),
         };
         let report = build_report(&inputs);
         match encode(&report) {
             Ok(bytes) => {
                 debug!(seq, bytes = bytes.len(), "telemetry report");
-                if let Err(e) = sink.send(bytes) {
-                    warn!(seq, error = %e, "telemetry report not sent");
+                if let Err(e) = sink.send(RecordKind::Telemetry, bytes) {
+                    warn!(seq, error = %e, "telemetry report not spooled");
                 }
             }
             Err(e) => warn!(seq, error = %e, "telemetry report cannot be encoded"),
@@ -450,8 +468,8 @@ pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Re
         };
         match encode(&calibration) {
             Ok(bytes) => {
-                if let Err(e) = sink.send(bytes) {
-                    warn!(seq, error = %e, "calibration report not sent");
+                if let Err(e) = sink.send(RecordKind::Calibration, bytes) {
+                    warn!(seq, error = %e, "calibration report not spooled");
                 }
             }
             Err(e) => warn!(seq, error = %e, "calibration report cannot be encoded"),
@@ -491,6 +509,9 @@ mod tests {
                 threshold: 0.9,
                 signal: Signal::Margin,
                 escalation_timeout: Duration::from_millis(250),
+                audit_rate: 0.02,
+                telemetry_interval: Duration::from_secs(30),
+                config_version: 0,
             },
             totals: TierCounts {
                 edge: 170,
@@ -498,6 +519,7 @@ mod tests {
                 edge_fallback: 5,
                 bad_request: 1,
                 overloaded: 0,
+                audits: 0,
             },
             previous_totals: TierCounts {
                 edge: 100,
@@ -505,6 +527,7 @@ mod tests {
                 edge_fallback: 0,
                 bad_request: 1,
                 overloaded: 0,
+                audits: 0,
             },
             fallbacks: FallbackCounts {
                 timeout: 5,
@@ -535,6 +558,7 @@ mod tests {
             },
             link: Link::Wifi.model(),
             previous_total_joules: 7.0,
+            spool: SpoolCounts::default(),
         }
     }
 

@@ -61,6 +61,13 @@ struct Started {
     task: JoinHandle<Result<(), AgentError>>,
 }
 
+/// A fresh state folder per run (spool, applied config), under the system temp dir.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tierd-bench-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 async fn start_agent(
     device_id: &str,
     broker_port: u16,
@@ -79,6 +86,7 @@ async fn start_agent(
     cfg.cascade.escalation_timeout_ms = ESCALATION_TIMEOUT_MS;
     cfg.telemetry.enabled = telemetry;
     cfg.telemetry.interval_s = 1.0;
+    cfg.state_dir = Some(scratch(device_id));
     let agent = Agent::start(cfg)
         .await
         .with_context(|| format!("starting agent {device_id}"))?;
@@ -111,6 +119,7 @@ pub async fn start_servers() -> anyhow::Result<Servers> {
     relay_cfg.model.manifest = repo_path("models/cloud/digits-cloud.toml");
     relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
     relay_cfg.http.listen = ([127, 0, 0, 1], 0).into();
+    relay_cfg.state_dir = Some(scratch("relay"));
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;

@@ -1,5 +1,7 @@
 //! The relay's HTTP API: `GET /metrics` (fleet and relay metrics, Prometheus text 0.0.4),
-//! `GET /api/devices` and `GET /api/devices/{id}` (JSON), `GET /health`.
+//! `GET /api/devices` and `GET /api/devices/{id}` (JSON), `GET|PUT /api/devices/{id}/config`
+//! (remote config: show, or set `key=value` overrides), `GET /api/report` (cost report; JSON,
+//! or `?format=text`), `GET /health`.
 //!
 //! Metrics are produced at scrape time by a `prometheus-client` collector over the [`Fleet`],
 //! so a device that reports is visible at the next scrape with no per-device registration.
@@ -7,7 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,17 +20,37 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use rumqttc::v5::AsyncClient;
 use serde_json::json;
 use tierd_runtime::metrics::{family, Labels};
 
+use crate::control::Control;
 use crate::escalations::RelayStats;
-use crate::fleet::Fleet;
+use crate::fleet::{DeviceRecord, Fleet};
+use crate::report::{DeviceUsage, Prices};
 
 pub type SharedFleet = Arc<Mutex<Fleet>>;
+pub type SharedControl = Arc<Mutex<Control>>;
 
 pub struct ApiState {
     pub fleet: SharedFleet,
+    pub control: SharedControl,
+    pub client: AsyncClient,
+    pub prices: Prices,
+    /// Where operator overrides are saved.
+    pub state_dir: std::path::PathBuf,
+    pub delta: f64,
     pub registry: Registry,
+}
+
+/// What the HTTP API needs besides the fleet.
+pub struct ApiDeps {
+    pub control: SharedControl,
+    pub client: AsyncClient,
+    pub prices: Prices,
+    pub state_dir: std::path::PathBuf,
+    /// Error rate of the agreement bounds in the report.
+    pub delta: f64,
 }
 
 #[derive(Debug)]
@@ -281,17 +303,27 @@ impl Collector for FleetCollector {
     }
 }
 
-pub fn router(fleet: SharedFleet, stats: Arc<RelayStats>) -> Router {
+pub fn router(fleet: SharedFleet, stats: Arc<RelayStats>, deps: ApiDeps) -> Router {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(FleetCollector {
         fleet: fleet.clone(),
         stats,
     }));
-    let state = Arc::new(ApiState { fleet, registry });
+    let state = Arc::new(ApiState {
+        fleet,
+        control: deps.control,
+        client: deps.client,
+        prices: deps.prices,
+        state_dir: deps.state_dir,
+        delta: deps.delta,
+        registry,
+    });
     Router::new()
         .route("/metrics", get(metrics))
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}", get(device))
+        .route("/api/devices/{id}/config", get(config_show).put(config_set))
+        .route("/api/report", get(report))
         .route("/health", get(|| async { Json(json!({ "ok": true })) }))
         .with_state(state)
 }
@@ -342,12 +374,144 @@ async fn device(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> R
             (record, status) => {
                 let mut body = record.map_or_else(|| json!({ "device_id": id }), |d| json!(d));
                 body["status"] = json!(status);
+                body["stream"] = json!(f.stream(&id));
                 Json(body).into_response()
             }
         },
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "fleet state poisoned".into(),
+        ),
+    }
+}
+
+async fn config_show(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    if let Err(e) = tierd_protocol::topic::validate_device_id(&id) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let running = state.fleet.lock().ok().and_then(|f| {
+        f.get(&id)
+            .map(|d| (d.latest.config_version, d.latest.threshold))
+    });
+    match state.control.lock() {
+        Ok(c) => {
+            let mut body = json!(c.view(&id));
+            body["running"] =
+                json!(running.map(|(v, t)| json!({ "config_version": v, "threshold": t })));
+            Json(body).into_response()
+        }
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "control state poisoned".into(),
+        ),
+    }
+}
+
+/// `PUT /api/devices/{id}/config` with a JSON object of settings: `{"threshold": 0.95}`;
+/// `null` (or `""`) unsets an override. The new document is published at once.
+async fn config_set(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let changes: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "body must be a JSON object of settings, e.g. {{\"threshold\": 0.95}}: {e}"
+                ),
+            )
+        }
+    };
+    let pairs: Vec<(String, String)> = changes
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, v)
+        })
+        .collect();
+    let result = state
+        .control
+        .lock()
+        .map_err(|_| "control state poisoned".to_string())
+        .and_then(|mut c| {
+            let doc = c.set(&id, &pairs, tierd_runtime::unix_ms())?;
+            crate::control::save_overrides(&state.state_dir, c.operator_overrides()).map_err(
+                |e| {
+                    format!(
+                        "cannot save the overrides in {}: {e}",
+                        state.state_dir.display()
+                    )
+                },
+            )?;
+            Ok(doc)
+        });
+    match result {
+        Ok(doc) => {
+            crate::escalations::publish_config(&state.client, &doc);
+            tracing::info!(device = %id, version = doc.version, "operator config published");
+            Json(json!({ "published": doc })).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ReportQuery {
+    format: Option<String>,
+}
+
+/// What a device did, for the cost report.
+pub fn usage(d: &DeviceRecord, delta: f64) -> DeviceUsage {
+    let r = &d.latest;
+    let (agreement, edge_only) = match &d.calibration {
+        Some(c) if c.bins.iter().any(|b| b.escalated_labelled + b.audited > 0) => {
+            let bins = crate::fleet::tuner_bins(&c.edges, &c.bins);
+            (
+                Some(crate::tuner::estimate_agreement(&bins, r.threshold, delta).0),
+                Some(crate::tuner::estimate_agreement(&bins, 0.0, delta).0),
+            )
+        }
+        _ => (None, None),
+    };
+    DeviceUsage {
+        device_id: d.device_id.clone(),
+        requests: r.totals.answered(),
+        escalations: r.totals.escalated(),
+        cloud_answers: r.totals.cloud,
+        audits: r.totals.audits,
+        energy_joules: r.energy.attributed_joules.map(|_| r.energy.total_joules),
+        energy_estimated: r.energy.estimated,
+        joules_per_inference: r.energy.joules_per_inference,
+        radio_joules_per_escalation: r.energy.radio_joules_per_escalation,
+        agreement,
+        edge_only_agreement: edge_only,
+    }
+}
+
+async fn report(State(state): State<Arc<ApiState>>, Query(q): Query<ReportQuery>) -> Response {
+    let usages: Vec<DeviceUsage> = match state.fleet.lock() {
+        Ok(f) => f.devices().map(|d| usage(d, state.delta)).collect(),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "fleet state poisoned".into(),
+            )
+        }
+    };
+    let r = crate::report::build(&usages, &state.prices);
+    match q.format.as_deref() {
+        Some("text") => crate::report::render_text(&r).into_response(),
+        None | Some("json") => Json(r).into_response(),
+        Some(other) => error(
+            StatusCode::BAD_REQUEST,
+            format!("format {other:?}: use json or text"),
         ),
     }
 }

@@ -5,9 +5,15 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use thiserror::Error;
+use tierd_protocol::Settings;
 use tierd_runtime::mqtt::MqttConfig;
+
+use crate::report::Prices;
+use crate::tuner::{Costs, Limits, Policy, PushRules, Setup, ALWAYS_ESCALATE};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -34,6 +40,74 @@ pub struct RelayConfig {
     pub workers: usize,
     /// Escalations waiting for a worker; beyond it the relay answers `Overloaded`.
     pub queue: usize,
+    /// Where operator overrides (`cloud-relay config set`) are kept. Default:
+    /// `$STATE_DIRECTORY` (systemd `StateDirectory=`), else `tierd-relay-state` in the working
+    /// directory.
+    pub state_dir: Option<PathBuf>,
+    pub tuning: TuningConfig,
+    /// Fleet defaults sent in every device's config document (any of `threshold`, `signal`,
+    /// `audit_rate`, `escalation_timeout_ms`, `telemetry_interval_s`; unset = the agent's own).
+    pub defaults: Settings,
+    /// Per-device overrides, `[devices.<device_id>]`, same keys. A `threshold` here pins it:
+    /// the tuner still proposes, but never pushes.
+    pub devices: BTreeMap<String, Settings>,
+    pub prices: Prices,
+}
+
+/// Which policy the tuner follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyName {
+    TargetAgreement,
+    Budget,
+    MinCost,
+}
+
+/// `[tuning]`: how thresholds are chosen and when they are pushed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TuningConfig {
+    /// Push tuned thresholds to devices. false: propose only (shown in `/api/devices`). With
+    /// several relay replicas, leave it true on one.
+    pub push: bool,
+    pub policy: PolicyName,
+    /// `target_agreement`: agreement with the cloud to certify, and the bound's error rate.
+    pub target: f64,
+    pub delta: f64,
+    /// `budget`: the highest share of requests a device may escalate.
+    pub max_escalation_rate: f64,
+    /// Fewer requests than this in a device's evidence window: keep its threshold.
+    pub min_requests: u64,
+    pub min_threshold: f32,
+    pub max_threshold: f32,
+    /// Smallest threshold change worth a push, and the least time between pushes.
+    pub hysteresis: f32,
+    pub min_interval_s: f64,
+    /// `min_cost`: price of a second of added latency per request, the escalation latency
+    /// SLO (p95), and the penalty per escalation while a device's p95 exceeds it.
+    pub latency_price_per_s: f64,
+    pub latency_slo_ms: f64,
+    pub slo_penalty: f64,
+}
+
+impl Default for TuningConfig {
+    fn default() -> Self {
+        TuningConfig {
+            push: true,
+            policy: PolicyName::TargetAgreement,
+            target: 0.99,
+            delta: 0.05,
+            max_escalation_rate: 0.5,
+            min_requests: 1000,
+            min_threshold: 0.0,
+            max_threshold: ALWAYS_ESCALATE,
+            hysteresis: 0.01,
+            min_interval_s: 300.0,
+            latency_price_per_s: 0.0,
+            latency_slo_ms: 1000.0,
+            slo_penalty: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +156,11 @@ impl Default for RelayConfig {
             http: HttpConfig::default(),
             workers: 4,
             queue: 1024,
+            state_dir: None,
+            tuning: TuningConfig::default(),
+            defaults: Settings::default(),
+            devices: BTreeMap::new(),
+            prices: Prices::default(),
         }
     }
 }
@@ -120,6 +199,11 @@ impl RelayConfig {
         if let Some(m) = &mut cfg.mqtt {
             m.resolve_paths(base);
         }
+        if let Some(d) = cfg.state_dir.as_mut() {
+            if d.is_relative() {
+                *d = base.join(&*d);
+            }
+        }
         Ok(cfg)
     }
 
@@ -155,7 +239,103 @@ impl RelayConfig {
         if let Some(m) = &self.mqtt {
             m.validate().map_err(|e| e.to_string())?;
         }
+        let t = &self.tuning;
+        let unit = |v: f64| v.is_finite() && v > 0.0 && v < 1.0;
+        if !unit(t.target) {
+            return Err(format!(
+                "tuning.target = {} must be within (0, 1)",
+                t.target
+            ));
+        }
+        if !unit(t.delta) {
+            return Err(format!("tuning.delta = {} must be within (0, 1)", t.delta));
+        }
+        if !(t.max_escalation_rate.is_finite() && (0.0..=1.0).contains(&t.max_escalation_rate)) {
+            return Err("tuning.max_escalation_rate must be within [0, 1]".into());
+        }
+        let th = tierd_protocol::config::limits::THRESHOLD;
+        if !(th.contains(&t.min_threshold)
+            && th.contains(&t.max_threshold)
+            && t.min_threshold <= t.max_threshold)
+        {
+            return Err(
+                "tuning.min_threshold <= tuning.max_threshold, both within [0, 1.01]".into(),
+            );
+        }
+        if !(t.hysteresis.is_finite() && (0.0..=1.0).contains(&t.hysteresis)) {
+            return Err("tuning.hysteresis must be within [0, 1]".into());
+        }
+        for (key, v) in [
+            ("tuning.min_interval_s", t.min_interval_s),
+            ("tuning.latency_price_per_s", t.latency_price_per_s),
+            ("tuning.latency_slo_ms", t.latency_slo_ms),
+            ("tuning.slo_penalty", t.slo_penalty),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{key} = {v} must be a non-negative number"));
+            }
+        }
+        self.defaults
+            .validate()
+            .map_err(|e| format!("defaults.{e}"))?;
+        for (device, s) in &self.devices {
+            tierd_protocol::topic::validate_device_id(device)
+                .map_err(|e| format!("[devices.{device}]: {e}"))?;
+            s.validate().map_err(|e| format!("devices.{device}.{e}"))?;
+        }
+        self.prices.validate()?;
         Ok(())
+    }
+
+    /// The tuner's policy, limits and prices.
+    pub fn tuner_setup(&self) -> Setup {
+        let t = &self.tuning;
+        Setup {
+            policy: match t.policy {
+                PolicyName::TargetAgreement => Policy::TargetAgreement {
+                    target: t.target,
+                    delta: t.delta,
+                },
+                PolicyName::Budget => Policy::Budget {
+                    max_escalation_rate: t.max_escalation_rate,
+                },
+                PolicyName::MinCost => Policy::MinCost,
+            },
+            limits: Limits {
+                min_threshold: t.min_threshold,
+                max_threshold: t.max_threshold,
+                min_requests: t.min_requests,
+            },
+            costs: Costs {
+                per_joule: self.prices.energy_per_kwh / 3.6e6,
+                per_cloud_call: self.prices.cloud_per_1000_calls / 1000.0,
+                per_latency_second: t.latency_price_per_s,
+                per_disagreement: self.prices.per_disagreement,
+                per_slo_violation: t.slo_penalty,
+                latency_slo_s: t.latency_slo_ms / 1000.0,
+            },
+        }
+    }
+
+    pub fn push_rules(&self) -> PushRules {
+        PushRules {
+            hysteresis: self.tuning.hysteresis,
+            min_interval_ms: (self.tuning.min_interval_s * 1000.0) as u64,
+        }
+    }
+
+    /// The state directory in force (see [`RelayConfig::state_dir`]).
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .filter(|v| !v.is_empty())
+                .and_then(|v| {
+                    v.to_str()
+                        .and_then(|s| s.split(':').next())
+                        .map(PathBuf::from)
+                })
+                .unwrap_or_else(|| PathBuf::from("tierd-relay-state"))
+        })
     }
 
     /// Broker settings the relay's client uses: the configured broker or the embedded one.
@@ -191,6 +371,15 @@ mod tests {
             ("relay_id = \"a b\"", "relay_id"),
             ("[mqtt]\nkeep_alive_s = 1", "keep_alive_s"),
             ("wrokers = 2", "unknown field"),
+            ("[tuning]\ntarget = 1.5", "tuning.target"),
+            ("[tuning]\npolicy = \"vibes\"", "unknown variant"),
+            ("[defaults]\nthreshold = 3.0", "defaults.threshold"),
+            (
+                "[devices.pi-1]\naudit_rate = 2.0",
+                "devices.pi-1.audit_rate",
+            ),
+            ("[devices.\"a b\"]\nthreshold = 0.5", "devices.a b"),
+            ("[prices]\nenergy_per_kwh = -1.0", "prices.energy_per_kwh"),
         ] {
             let err = RelayConfig::parse(text).unwrap_err();
             assert!(err.contains(needle), "{needle:?} not in {err:?}");

@@ -11,16 +11,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::Filter;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tierd_protocol::{
-    decode, encode, CalibrationReport, DeviceStatus, EscalationReply, EscalationRequest,
-    ReplyErrorCode, ReplyOutcome, TelemetryReport, Topic, TopicKind, WireMessage,
+    decode, encode, CalibrationReport, ConfigAck, ConfigDocument, DeviceStatus, EscalationReply,
+    EscalationRequest, RecordKind, ReplyErrorCode, ReplyOutcome, SpoolAck, Spooled,
+    TelemetryReport, Topic, TopicKind,
 };
 
-use crate::api::SharedFleet;
-use crate::fleet::Ingest;
+use crate::api::{SharedControl, SharedFleet};
+use crate::fleet::{Delivery, Ingest};
 use tierd_runtime::mqtt::Backoff;
 use tierd_runtime::{InputError, Model};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -34,6 +36,16 @@ pub struct RelayStats {
     pub overloaded: AtomicU64,
     pub telemetry_accepted: AtomicU64,
     pub telemetry_rejected: AtomicU64,
+    /// Spooled records received again (resends after a lost ack); acknowledged, not re-filed.
+    pub duplicates: AtomicU64,
+}
+
+/// What the MQTT loop's handlers share.
+struct Ctx {
+    fleet: SharedFleet,
+    control: SharedControl,
+    stats: Arc<RelayStats>,
+    client: AsyncClient,
 }
 
 /// Decides the reply to one decoded request. Pure apart from running the model.
@@ -110,52 +122,193 @@ fn publish_topic(publish: &Publish) -> Result<Topic, String> {
     Topic::parse(topic).map_err(|e| e.to_string())
 }
 
-/// Decodes a telemetry report and files it in the fleet view; rejects are counted and logged.
-fn ingest_telemetry(fleet: &SharedFleet, stats: &RelayStats, topic: Topic, publish: &Publish) {
-    let result: Result<_, String> = (|| {
-        // Two message kinds share the telemetry topic; the kind byte says which.
-        if publish.payload.get(1) == Some(&<CalibrationReport as WireMessage>::KIND) {
-            let c = decode::<CalibrationReport>(&publish.payload)
-                .map_err(|e| format!("device {}: {e}", topic.device_id))?;
-            let mut fleet = fleet
-                .lock()
-                .map_err(|_| "fleet state poisoned".to_string())?;
-            fleet
-                .ingest_calibration(&topic.device_id, c)
-                .map_err(|e| e.to_string())?;
-            return Ok((topic.device_id, Ingest::Calibration));
+/// Takes a spooled record (telemetry, calibration or config ack): delivers it once, in order,
+/// and acknowledges cumulatively on the device's `ack` topic. A record whose body is bad is
+/// still acknowledged (sending it again cannot fix it) and counted as rejected.
+fn ingest_spooled(ctx: &Ctx, topic: Topic, publish: &Publish) {
+    let device = topic.device_id.clone();
+    let envelope = match decode::<Spooled>(&publish.payload) {
+        Ok(e) => e,
+        Err(e) => {
+            ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
+            warn!(%device, error = %e, "spooled record rejected");
+            return;
         }
-        let report = decode::<TelemetryReport>(&publish.payload)
-            .map_err(|e| format!("device {}: {e}", topic.device_id))?;
-        let mut fleet = fleet
-            .lock()
-            .map_err(|_| "fleet state poisoned".to_string())?;
-        fleet
-            .ingest(&topic.device_id, report, tierd_runtime::unix_ms())
-            .map(|outcome| (topic.device_id, outcome))
-            .map_err(|e| e.to_string())
-    })();
-    match result {
-        Ok((device, outcome)) => {
-            stats.telemetry_accepted.fetch_add(1, Ordering::Relaxed);
-            match outcome {
-                Ingest::Gap { missing } => {
-                    warn!(%device, missing, "telemetry reports missing");
+    };
+    let expected_topic = match envelope.kind {
+        RecordKind::ConfigAck => TopicKind::ConfigAck,
+        RecordKind::Telemetry | RecordKind::Calibration => TopicKind::Telemetry,
+    };
+    if topic.kind != expected_topic {
+        ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
+        warn!(%device, kind = ?envelope.kind, "spooled record on the wrong topic");
+        return;
+    }
+    let accepted = ctx
+        .fleet
+        .lock()
+        .map_err(|_| "fleet state poisoned".to_string())
+        .and_then(|mut f| {
+            f.accept(&device, envelope.stream_id, envelope.seq, envelope.floor)
+                .map_err(|e| e.to_string())
+        });
+    let (delivery, ack) = match accepted {
+        Ok(x) => x,
+        Err(why) => {
+            ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
+            warn!(%device, %why, "spooled record rejected");
+            return;
+        }
+    };
+    match delivery {
+        Delivery::Deliver => {
+            let result = match envelope.kind {
+                RecordKind::Telemetry => ingest_report(ctx, &device, &envelope.body),
+                RecordKind::Calibration => ingest_calibration(ctx, &device, &envelope.body),
+                RecordKind::ConfigAck => ingest_config_ack(ctx, &device, &envelope.body),
+            };
+            match result {
+                Ok(()) => {
+                    ctx.stats.telemetry_accepted.fetch_add(1, Ordering::Relaxed);
                 }
-                Ingest::Restart => info!(%device, "device agent restarted"),
-                Ingest::New => info!(%device, "first telemetry from device"),
-                _ => debug!(%device, ?outcome, "telemetry"),
+                Err(why) => {
+                    ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(%device, %why, "record rejected");
+                }
             }
         }
-        Err(why) => {
-            stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
-            warn!(%why, "telemetry rejected");
+        Delivery::Duplicate => {
+            ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            debug!(%device, seq = envelope.seq, "duplicate record (resend); acknowledged again");
+        }
+        Delivery::Ahead => {
+            debug!(%device, seq = envelope.seq, "record ahead of a missing one; waiting for the resend");
+        }
+    }
+    if let Some(upto) = ack {
+        let ack = SpoolAck {
+            stream_id: envelope.stream_id,
+            upto,
+        };
+        let ack_topic = Topic {
+            device_id: device,
+            kind: TopicKind::SpoolAck,
+        }
+        .to_string();
+        if let Ok(payload) = encode(&ack) {
+            if let Err(e) = ctx
+                .client
+                .try_publish(ack_topic, QoS::AtLeastOnce, false, payload)
+            {
+                warn!(error = %e, "cannot queue a spool ack; the agent will send again");
+            }
         }
     }
 }
 
+fn ingest_report(ctx: &Ctx, device: &str, body: &[u8]) -> Result<(), String> {
+    let report = decode::<TelemetryReport>(body).map_err(|e| e.to_string())?;
+    let outcome = ctx
+        .fleet
+        .lock()
+        .map_err(|_| "fleet state poisoned".to_string())?
+        .ingest(device, report, tierd_runtime::unix_ms())
+        .map_err(|e| e.to_string())?;
+    match outcome {
+        Ingest::Gap { missing } => warn!(%device, missing, "telemetry reports missing"),
+        Ingest::Restart => info!(%device, "device agent restarted"),
+        Ingest::New => info!(%device, "first telemetry from device"),
+        _ => debug!(%device, ?outcome, "telemetry"),
+    }
+    Ok(())
+}
+
+/// Files a calibration window, and pushes a new config document if the tuner's proposal is
+/// worth it.
+fn ingest_calibration(ctx: &Ctx, device: &str, body: &[u8]) -> Result<(), String> {
+    let c = decode::<CalibrationReport>(body).map_err(|e| e.to_string())?;
+    let (certificate, running) = {
+        let mut fleet = ctx
+            .fleet
+            .lock()
+            .map_err(|_| "fleet state poisoned".to_string())?;
+        fleet
+            .ingest_calibration(device, c)
+            .map_err(|e| e.to_string())?;
+        let rec = fleet.get(device);
+        match rec.and_then(|d| {
+            d.calibration
+                .as_ref()
+                .map(|c| (c.certificate.clone(), d.latest.threshold))
+        }) {
+            Some(x) => x,
+            None => return Ok(()),
+        }
+    };
+    let doc = ctx
+        .control
+        .lock()
+        .map_err(|_| "control state poisoned".to_string())?
+        .on_certificate(device, &certificate, running, tierd_runtime::unix_ms());
+    if let Some(doc) = doc {
+        info!(
+            %device,
+            version = doc.version,
+            threshold = ?doc.settings.threshold,
+            lower_bound = certificate.agreement_lower_bound,
+            "pushing a tuned threshold"
+        );
+        publish_config(&ctx.client, &doc);
+    }
+    Ok(())
+}
+
+fn ingest_config_ack(ctx: &Ctx, device: &str, body: &[u8]) -> Result<(), String> {
+    let ack = decode::<ConfigAck>(body).map_err(|e| e.to_string())?;
+    if ack.applied {
+        info!(%device, version = ack.version, "config applied by device");
+    } else {
+        warn!(%device, version = ack.version, reason = %ack.reason, "config rejected by device");
+    }
+    ctx.control
+        .lock()
+        .map_err(|_| "control state poisoned".to_string())?
+        .record_ack(device, ack, tierd_runtime::unix_ms());
+    Ok(())
+}
+
+/// A retained config document seen on the broker (ours, another replica's, or from before a
+/// restart): versions continue from it.
+fn learn_config(ctx: &Ctx, topic: Topic, publish: &Publish) {
+    if publish.payload.is_empty() {
+        return;
+    }
+    match ConfigDocument::from_json(&publish.payload) {
+        Ok(doc) if doc.device_id == topic.device_id => {
+            if let Ok(mut c) = ctx.control.lock() {
+                c.learn_published(doc);
+            }
+        }
+        Ok(_) => {
+            warn!(device = %topic.device_id, "config document for another device on this topic ignored")
+        }
+        Err(e) => {
+            warn!(device = %topic.device_id, error = %e, "invalid config document on the broker ignored")
+        }
+    }
+}
+
+/// Publishes a device's config document, retained, QoS 1.
+pub fn publish_config(client: &AsyncClient, doc: &ConfigDocument) {
+    let topic = format!("{}/{}/config", tierd_protocol::topic::PREFIX, doc.device_id);
+    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, doc.to_json()) {
+        warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
+    }
+}
+
 /// Files a device's online/offline status (its own, or its last will published by the broker).
-fn ingest_status(fleet: &SharedFleet, stats: &RelayStats, topic: Topic, publish: &Publish) {
+fn ingest_status(ctx: &Ctx, topic: Topic, publish: &Publish) {
+    let (fleet, stats) = (&ctx.fleet, &ctx.stats);
     let result: Result<_, String> = (|| {
         let status = decode::<DeviceStatus>(&publish.payload)
             .map_err(|e| format!("device {}: {e}", topic.device_id))?;
@@ -304,6 +457,7 @@ pub struct Service {
     pub queue: usize,
     pub stats: Arc<RelayStats>,
     pub fleet: SharedFleet,
+    pub control: SharedControl,
 }
 
 /// Runs the escalation service until `shutdown` flips: event loop plus `workers` workers.
@@ -320,7 +474,14 @@ pub async fn run(
         queue,
         stats,
         fleet,
+        control,
     } = service;
+    let ctx = Ctx {
+        fleet,
+        control,
+        stats: stats.clone(),
+        client: client.clone(),
+    };
     let (tx, rx) = mpsc::channel::<Job>(queue);
     let rx = Arc::new(Mutex::new(rx));
     let serves = Arc::new(serves);
@@ -336,8 +497,15 @@ pub async fn run(
     }
     let filter = Topic::relay_escalation_filter();
     // Not shared: every replica sees every device's telemetry and can serve the fleet view.
-    let telemetry_filter = Topic::all_devices(TopicKind::Telemetry);
-    let status_filter = Topic::all_devices(TopicKind::Status);
+    // Not shared either: acks go to every replica's controller, and every replica learns
+    // the retained documents so versions keep increasing whoever pushes.
+    let own_filters = [
+        TopicKind::Telemetry,
+        TopicKind::Status,
+        TopicKind::ConfigAck,
+        TopicKind::Config,
+    ]
+    .map(|k| Filter::new(Topic::all_devices(k), QoS::AtLeastOnce));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut connected = false;
     loop {
@@ -352,11 +520,8 @@ pub async fn run(
                 if let Err(e) = client.try_subscribe(&filter, QoS::AtMostOnce) {
                     warn!(error = %e, "cannot queue subscription");
                 }
-                if let Err(e) = client.try_subscribe(&telemetry_filter, QoS::AtLeastOnce) {
-                    warn!(error = %e, "cannot queue telemetry subscription");
-                }
-                if let Err(e) = client.try_subscribe(&status_filter, QoS::AtLeastOnce) {
-                    warn!(error = %e, "cannot queue status subscription");
+                if let Err(e) = client.try_subscribe_many(own_filters.clone()) {
+                    warn!(error = %e, "cannot queue the telemetry/status/config subscriptions");
                 }
             }
             // Logged on the broker's confirmation so the line is a true readiness signal.
@@ -364,8 +529,11 @@ pub async fn run(
                 info!(%filter, "connected; taking escalations");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match publish_topic(&p) {
-                Ok(t) if t.kind == TopicKind::Telemetry => ingest_telemetry(&fleet, &stats, t, &p),
-                Ok(t) if t.kind == TopicKind::Status => ingest_status(&fleet, &stats, t, &p),
+                Ok(t) if matches!(t.kind, TopicKind::Telemetry | TopicKind::ConfigAck) => {
+                    ingest_spooled(&ctx, t, &p)
+                }
+                Ok(t) if t.kind == TopicKind::Status => ingest_status(&ctx, t, &p),
+                Ok(t) if t.kind == TopicKind::Config => learn_config(&ctx, t, &p),
                 other => match other.and_then(|t| route(&t, &p)) {
                     Ok(job) => enqueue(job, &tx, &stats, &client),
                     Err(why) => {

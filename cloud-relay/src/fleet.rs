@@ -13,7 +13,8 @@ use serde::Serialize;
 use thiserror::Error;
 use tierd_protocol::{BinCounts, CalibrationReport, DeviceStatus, TelemetryReport, TierCounts};
 
-use crate::tuner::{self, Bin, Certificate, Costs, DeviceCosts, Limits, Outcomes, Policy};
+use crate::tuner::{self, Bin, Certificate, DeviceCosts, Outcomes, Setup};
+use tierd_protocol::LatencySeries;
 
 /// Calibration windows kept per device: the tuner's sliding evidence window.
 pub const CALIBRATION_WINDOWS: usize = 20;
@@ -26,7 +27,7 @@ pub struct Calibration {
     pub audit_rate: f32,
     /// Sum of the last windows' counts, per bin.
     pub bins: Vec<BinCounts>,
-    /// The tuner's proposal for this device (not pushed yet: remote config is a later step).
+    /// The tuner's proposal for this device (pushed or not: see `control`).
     pub certificate: Certificate,
     #[serde(skip)]
     windows: VecDeque<Vec<BinCounts>>,
@@ -65,27 +66,58 @@ pub fn tuner_bins(edges: &[f32], counts: &[BinCounts]) -> Vec<Bin> {
         .collect()
 }
 
-/// The relay's default policy until per-device policies are configurable: 99 % agreement with
-/// the cloud at 95 % confidence.
-fn tune_default(bins: &[Bin], current: f32) -> Certificate {
+/// Runs the tuner for one device with its measured costs.
+fn tune(setup: &Setup, bins: &[Bin], report: &TelemetryReport) -> Certificate {
     tuner::tune(
         bins,
-        Policy::TargetAgreement {
-            target: 0.99,
-            delta: 0.05,
-        },
-        current,
-        &Limits::default(),
-        &Costs {
-            per_joule: 0.0,
-            per_cloud_call: 0.0,
-            per_latency_second: 0.0,
-            per_disagreement: 0.0,
-            per_slo_violation: 0.0,
-            latency_slo_s: 1.0,
-        },
-        &DeviceCosts::default(),
+        setup.policy,
+        report.threshold,
+        &setup.limits,
+        &setup.costs,
+        &device_costs(report),
     )
+}
+
+/// The device's energy and latency figures from its latest telemetry, for `min_cost`.
+pub fn device_costs(r: &TelemetryReport) -> DeviceCosts {
+    let esc = r
+        .latency(LatencySeries::StageEscalation)
+        .filter(|l| l.count > 0);
+    DeviceCosts {
+        local_joules: r.energy.joules_per_inference.unwrap_or(0.0),
+        radio_joules: r.energy.radio_joules_per_escalation.unwrap_or(0.0),
+        escalation_p50_s: esc.map_or(0.0, |l| l.p50_us as f64 / 1e6),
+        escalation_p95_s: esc.map_or(0.0, |l| l.p95_us as f64 / 1e6),
+    }
+}
+
+/// What the relay made of one spooled record (see [`Fleet::accept`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The next record of the stream: process it.
+    Deliver,
+    /// Already delivered (a resend): acknowledge again, do not process.
+    Duplicate,
+    /// An earlier record has not arrived yet (lost in transit): not processed; the agent
+    /// sends again from the acknowledged point (go-back-N).
+    Ahead,
+}
+
+/// Spool streams remembered per device (see [`Fleet::accept`]).
+pub const STREAMS_PER_DEVICE: usize = 4;
+
+/// Delivery bookkeeping of a device's spool stream, as `/api/devices` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StreamRecord {
+    pub stream_id: u64,
+    /// The next sequence number expected.
+    pub next: u64,
+    pub delivered: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    /// Records the agent will never send (its floor moved past them): dropped at its spool's
+    /// cap, or delivered to another relay replica.
+    pub skipped: u64,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -160,7 +192,9 @@ pub struct StatusRecord {
 pub struct Fleet {
     devices: BTreeMap<String, DeviceRecord>,
     statuses: BTreeMap<String, StatusRecord>,
+    streams: BTreeMap<String, Vec<StreamRecord>>,
     max_devices: usize,
+    setup: Setup,
 }
 
 impl Fleet {
@@ -168,8 +202,78 @@ impl Fleet {
         Fleet {
             devices: BTreeMap::new(),
             statuses: BTreeMap::new(),
+            streams: BTreeMap::new(),
             max_devices,
+            setup: Setup::default(),
         }
+    }
+
+    /// Tunes with `setup` instead of the default (99 % agreement, 95 % confidence).
+    pub fn with_tuner(mut self, setup: Setup) -> Self {
+        self.setup = setup;
+        self
+    }
+
+    /// Exactly-once delivery of spooled records: decides what to do with record `seq` of
+    /// `stream_id` (whose sender will never again send anything below `floor`), and returns
+    /// the cumulative acknowledgement to send (`None` before anything was delivered).
+    ///
+    /// A device normally has one stream (its spool); a new one appears when the spool is
+    /// recreated. A few are tracked per device, most recent first, so a stranger publishing
+    /// on the device's topic with made-up stream ids cannot reset the real stream's state.
+    pub fn accept(
+        &mut self,
+        device: &str,
+        stream_id: u64,
+        seq: u64,
+        floor: u64,
+    ) -> Result<(Delivery, Option<u64>), FleetError> {
+        if !self.streams.contains_key(device) && self.streams.len() >= self.max_devices {
+            return Err(FleetError::Full(self.max_devices, device.to_string()));
+        }
+        let list = self.streams.entry(device.to_string()).or_default();
+        let s = match list.iter().position(|s| s.stream_id == stream_id) {
+            Some(i) => {
+                let s = list.remove(i);
+                list.insert(0, s);
+                &mut list[0]
+            }
+            None => {
+                // First contact: nothing below its floor will come.
+                list.insert(
+                    0,
+                    StreamRecord {
+                        stream_id,
+                        next: floor,
+                        ..Default::default()
+                    },
+                );
+                list.truncate(STREAMS_PER_DEVICE);
+                &mut list[0]
+            }
+        };
+        if floor > s.next {
+            s.skipped += floor - s.next;
+            s.next = floor;
+        }
+        let delivery = if seq < s.next {
+            s.duplicates += 1;
+            Delivery::Duplicate
+        } else if seq == s.next {
+            s.next += 1;
+            s.delivered += 1;
+            Delivery::Deliver
+        } else {
+            s.out_of_order += 1;
+            Delivery::Ahead
+        };
+        // Everything below `next` was delivered or will never be sent: safe to release.
+        Ok((delivery, s.next.checked_sub(1)))
+    }
+
+    /// The device's most recently active spool stream.
+    pub fn stream(&self, device: &str) -> Option<&StreamRecord> {
+        self.streams.get(device).and_then(|l| l.first())
     }
 
     pub fn ingest(
@@ -266,13 +370,14 @@ impl Fleet {
         let Some(rec) = self.devices.get_mut(topic_device) else {
             return Err(FleetError::NoTelemetry(c.device_id));
         };
-        let threshold = rec.latest.threshold;
+        let setup = self.setup;
+        let latest = rec.latest.clone();
         let cal = rec.calibration.get_or_insert_with(|| Calibration {
             signal: c.signal.clone(),
             edges: c.edges.clone(),
             audit_rate: c.audit_rate,
             bins: Vec::new(),
-            certificate: tune_default(&[], threshold),
+            certificate: tune(&setup, &[], &latest),
             windows: VecDeque::new(),
         });
         // New bins or a new signal make old evidence incomparable: start over.
@@ -287,7 +392,7 @@ impl Fleet {
             cal.windows.pop_front();
         }
         cal.bins = sum_bins(&cal.windows, cal.edges.len());
-        cal.certificate = tune_default(&tuner_bins(&cal.edges, &cal.bins), threshold);
+        cal.certificate = tune(&setup, &tuner_bins(&cal.edges, &cal.bins), &latest);
         Ok(())
     }
 
@@ -397,6 +502,8 @@ mod tests {
                 temperature_c: None,
                 temperature_sensor: None,
             },
+            spool: Default::default(),
+            config_version: 0,
         }
     }
 
@@ -533,6 +640,34 @@ mod tests {
         assert!(matches!(
             f.ingest_calibration("a", bad),
             Err(FleetError::BadCalibration(_))
+        ));
+    }
+
+    #[test]
+    fn spooled_records_are_delivered_once_and_in_order() {
+        let mut f = Fleet::new(2);
+        assert_eq!(f.accept("a", 7, 5, 5), Ok((Delivery::Deliver, Some(5))));
+        assert_eq!(f.accept("a", 7, 7, 5), Ok((Delivery::Ahead, Some(5))));
+        assert_eq!(f.accept("a", 7, 6, 5), Ok((Delivery::Deliver, Some(6))));
+        assert_eq!(f.accept("a", 7, 5, 5), Ok((Delivery::Duplicate, Some(6))));
+        assert_eq!(f.accept("a", 7, 7, 5), Ok((Delivery::Deliver, Some(7))));
+        // The agent dropped 8..=9 at its cap: its floor says so.
+        assert_eq!(f.accept("a", 7, 10, 10), Ok((Delivery::Deliver, Some(10))));
+        let s = f.stream("a").copied().expect("stream");
+        assert_eq!(
+            (s.delivered, s.duplicates, s.out_of_order, s.skipped),
+            (4, 1, 1, 2)
+        );
+        // A recreated spool starts a new stream; a stranger's made-up streams do not reset
+        // the real one.
+        assert_eq!(f.accept("a", 8, 1, 1), Ok((Delivery::Deliver, Some(1))));
+        assert_eq!(f.accept("a", 99, 1_000, 0), Ok((Delivery::Ahead, None)));
+        assert_eq!(f.accept("a", 8, 2, 1), Ok((Delivery::Deliver, Some(2))));
+        // A relay that starts late takes the floor as the start.
+        assert_eq!(f.accept("b", 3, 40, 38), Ok((Delivery::Ahead, Some(37))));
+        assert!(matches!(
+            f.accept("c", 1, 1, 1),
+            Err(FleetError::Full(2, _))
         ));
     }
 

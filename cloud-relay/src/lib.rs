@@ -3,15 +3,19 @@
 //! - [`escalations`]: answers escalations with the cloud model (shared subscription, worker pool).
 //! - [`broker`]: the embedded rumqttd used when no broker is configured.
 //! - [`tuner`]: where the escalation threshold is tuned, with a statistical certificate (pure).
+//! - [`control`]: where thresholds are pushed: per-device config documents, overrides, acks (pure).
 //! - [`fleet`]: every device's latest telemetry, with sequence-gap accounting (pure).
+//! - [`report`]: the cost report (money, energy, CO₂) against all-cloud and all-edge (pure).
 //! - [`api`]: `/metrics`, `/api/devices` over HTTP.
 //! - [`config`]: the `relay.toml` schema.
 
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod escalations;
 pub mod fleet;
+pub mod report;
 pub mod tuner;
 
 use std::net::SocketAddr;
@@ -41,6 +45,8 @@ pub enum RelayError {
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
     Mqtt(#[from] tierd_runtime::mqtt::MqttSetupError),
+    #[error("state directory: {0}")]
+    State(String),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -86,8 +92,33 @@ impl Relay {
         let (client, eventloop) = AsyncClient::new(options, 1024);
         let stats = Arc::new(RelayStats::default());
         let (stop, stop_rx) = watch::channel(false);
-        let fleet = Arc::new(Mutex::new(fleet::Fleet::new(config.http.max_devices)));
-        let app = api::router(fleet.clone(), stats.clone());
+        let fleet = Arc::new(Mutex::new(
+            fleet::Fleet::new(config.http.max_devices).with_tuner(config.tuner_setup()),
+        ));
+        let state_dir = config.state_dir();
+        let operator = control::load_overrides(&state_dir).map_err(RelayError::State)?;
+        if !operator.is_empty() {
+            info!(devices = operator.len(), dir = %state_dir.display(), "operator overrides restored");
+        }
+        let control = Arc::new(Mutex::new(control::Control::new(
+            config.tuning.push,
+            config.push_rules(),
+            config.defaults.clone(),
+            config.devices.clone(),
+            operator,
+            config.http.max_devices,
+        )));
+        let app = api::router(
+            fleet.clone(),
+            stats.clone(),
+            api::ApiDeps {
+                control: control.clone(),
+                client: client.clone(),
+                prices: config.prices.clone(),
+                state_dir,
+                delta: config.tuning.delta,
+            },
+        );
         // The watchdog's self-check reads these; the guards clear them when a task ends.
         let loop_alive = Arc::new(AtomicBool::new(true));
         let http_alive = Arc::new(AtomicBool::new(true));
@@ -114,6 +145,7 @@ impl Relay {
             queue: config.queue,
             stats: stats.clone(),
             fleet: fleet.clone(),
+            control,
         };
         let task = tokio::spawn(async move {
             let _down = loop_down;

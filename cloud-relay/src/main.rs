@@ -1,4 +1,5 @@
-//! `cloud-relay`: answers escalations with the cloud model.
+//! `cloud-relay`: answers escalations with the cloud model (`run`); operator commands over the
+//! running relay's HTTP API (`config show|set`, `report`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,49 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show or change a device's remote config (through the running relay's HTTP API).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// The cost report: per device and for the fleet, money, energy and CO2 against
+    /// all-cloud and all-edge baselines from the same traffic.
+    Report {
+        #[command(flatten)]
+        api: Api,
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct Api {
+    /// Base URL of the relay's HTTP API (its `http.listen`).
+    #[arg(long, default_value = "http://127.0.0.1:9100", env = "TIERD_RELAY_API")]
+    api: String,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// The device's document in force, overrides, and the device's last ack.
+    Show {
+        #[arg(long)]
+        device: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Set operator overrides (`key=value`; `key=` unsets) and publish the new document.
+    /// Keys: threshold (pins it), signal, audit_rate, escalation_timeout_ms,
+    /// telemetry_interval_s.
+    Set {
+        #[arg(long)]
+        device: String,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        #[command(flatten)]
+        api: Api,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +78,26 @@ fn main() -> ExitCode {
     let Cli { command } = Cli::parse();
     let result = match command {
         Command::Run { config } => run(config),
+        Command::Config {
+            cmd: ConfigCmd::Show { device, api },
+        } => call(
+            &api,
+            reqwest::Method::GET,
+            &format!("/api/devices/{device}/config"),
+            None,
+        )
+        .map(|out| println!("{out}")),
+        Command::Config {
+            cmd: ConfigCmd::Set { device, pairs, api },
+        } => config_set(&api, &device, &pairs),
+        Command::Report { api, json } => {
+            let path = if json {
+                "/api/report"
+            } else {
+                "/api/report?format=text"
+            };
+            call(&api, reqwest::Method::GET, path, None).map(|out| println!("{out}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,5 +131,68 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             })
             .await;
         anyhow::Ok(())
+    })
+}
+
+fn config_set(api: &Api, device: &str, pairs: &[String]) -> anyhow::Result<()> {
+    let mut body = serde_json::Map::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("{p:?} is not key=value"))?;
+        body.insert(
+            k.trim().to_string(),
+            serde_json::Value::String(v.to_string()),
+        );
+    }
+    let out = call(
+        api,
+        reqwest::Method::PUT,
+        &format!("/api/devices/{device}/config"),
+        Some(serde_json::Value::Object(body)),
+    )?;
+    println!("{out}");
+    Ok(())
+}
+
+/// One request to the relay's API; the body comes back pretty-printed when it is JSON. A
+/// non-2xx answer is an error carrying the relay's message.
+fn call(
+    api: &Api,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<String> {
+    let url = format!("{}{path}", api.api.trim_end_matches('/'));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .context("HTTP client")?;
+        let mut req = client.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the relay at {url} (is it running? --api)"))?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the answer")?;
+        let pretty = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| serde_json::to_string_pretty(&v).ok());
+        if !status.is_success() {
+            let msg = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            anyhow::bail!("{url}: {status}: {msg}");
+        }
+        Ok(pretty.unwrap_or(text))
     })
 }

@@ -336,6 +336,41 @@ pub fn tune(
     }
 }
 
+/// What the relay tunes with (relay.toml `[tuning]` and `[prices]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    pub policy: Policy,
+    pub limits: Limits,
+    pub costs: Costs,
+}
+
+impl Default for Setup {
+    /// 99 % agreement with the cloud at 95 % confidence; nothing priced.
+    fn default() -> Self {
+        Setup {
+            policy: Policy::TargetAgreement {
+                target: 0.99,
+                delta: 0.05,
+            },
+            limits: Limits::default(),
+            costs: Costs {
+                per_joule: 0.0,
+                per_cloud_call: 0.0,
+                per_latency_second: 0.0,
+                per_disagreement: 0.0,
+                per_slo_violation: 0.0,
+                latency_slo_s: 1.0,
+            },
+        }
+    }
+}
+
+/// Point estimate and (1 − delta) lower bound of agreement with the cloud if the device ran
+/// at threshold `t` (for reports; the tuner uses the same computation).
+pub fn estimate_agreement(bins: &[Bin], t: f32, delta: f64) -> (f64, f64) {
+    agreement_at(bins, t, delta)
+}
+
 /// Guard rails on pushing a new threshold to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PushRules {

@@ -102,6 +102,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     relay_cfg.model.manifest = cloud_manifest.clone();
     relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
     relay_cfg.http.listen = ([127, 0, 0, 1], 0).into();
+    // State (spool, applied config, overrides) in a scratch folder: a demo leaves no trace.
+    let state = std::env::temp_dir().join(format!("tierd-demo-{}", std::process::id()));
+    relay_cfg.state_dir = Some(state.join("relay"));
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;
@@ -128,6 +131,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
     // One report a second, so the relay's view is live while the replay runs.
     agent_cfg.telemetry.interval_s = 1.0;
+    agent_cfg.state_dir = Some(state.join("agent"));
     let agent = Agent::start(agent_cfg)
         .await
         .context("starting the agent")?;
@@ -328,6 +332,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     let _ = stop_relay.send(());
     let _ = relay_task.await;
+    let _ = std::fs::remove_dir_all(&state);
     if total != records.len() as u64 {
         bail!("{} requests sent but {total} answered", records.len());
     }

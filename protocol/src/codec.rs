@@ -7,7 +7,9 @@
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
 
-use crate::message::{DeviceStatus, EscalationReply, EscalationRequest};
+use crate::message::{
+    ConfigAck, DeviceStatus, EscalationReply, EscalationRequest, SpoolAck, Spooled,
+};
 use crate::telemetry::{CalibrationReport, TelemetryReport};
 
 /// Version of the framing and message schema. Bumped on any incompatible change.
@@ -48,6 +50,25 @@ impl WireMessage for CalibrationReport {
     // 20 bins x 6 varints plus edges: well under 1 KiB; room for up to ~100 bins.
     const MAX_BYTES: usize = 8 * 1024;
     const NAME: &'static str = "calibration report";
+}
+
+impl WireMessage for Spooled {
+    const KIND: u8 = 6;
+    // The largest body (a telemetry report, 16 KiB) plus the envelope's few varints.
+    const MAX_BYTES: usize = 16 * 1024 + 64;
+    const NAME: &'static str = "spooled record";
+}
+
+impl WireMessage for SpoolAck {
+    const KIND: u8 = 7;
+    const MAX_BYTES: usize = 64;
+    const NAME: &'static str = "spool ack";
+}
+
+impl WireMessage for ConfigAck {
+    const KIND: u8 = 8;
+    const MAX_BYTES: usize = 2048;
+    const NAME: &'static str = "config ack";
 }
 
 impl WireMessage for TelemetryReport {

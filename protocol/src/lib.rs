@@ -1,9 +1,10 @@
 //! The tierd wire format, shared by the edge agent and the cloud relay.
 //!
-//! This crate owns three things and does no I/O:
+//! This crate owns the wire format and does no I/O:
 //! - [`topic`]: the MQTT topic tree `tierd/v1/{device_id}/…` and its parser;
 //! - [`message`]: every message that crosses MQTT, as plain serde types;
 //! - [`telemetry`]: the periodic report each agent publishes (counts, latency, energy);
+//! - [`config`]: the remote config document (JSON, retained) and its value ranges;
 //! - [`codec`]: framing (version byte + kind byte + postcard body) with size limits checked
 //!   *before* anything is decoded.
 //!
@@ -11,11 +12,13 @@
 //! cost energy on the device; JSON floats would be ~8x larger for the same image.
 
 pub mod codec;
+pub mod config;
 pub mod message;
 pub mod telemetry;
 pub mod topic;
 
 pub use codec::{decode, encode, WireError, WireMessage, WIRE_VERSION};
+pub use config::{ConfigDocError, ConfigDocument, Settings};
 pub use message::*;
 pub use telemetry::*;
 pub use topic::{Topic, TopicError, TopicKind};

@@ -166,6 +166,68 @@ pub struct DeviceStatus {
     pub reason: String,
 }
 
+/// What a spooled record is; the relay dispatches the envelope's body on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordKind {
+    Telemetry,
+    Calibration,
+    ConfigAck,
+}
+
+impl RecordKind {
+    pub const ALL: [RecordKind; 3] = [
+        RecordKind::Telemetry,
+        RecordKind::Calibration,
+        RecordKind::ConfigAck,
+    ];
+
+    /// The byte the agent's spool stores for this kind.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(b)).copied()
+    }
+}
+
+/// Agent → relay: one record of the agent's on-disk spool, on `telemetry` (telemetry and
+/// calibration reports) or `config/ack` (config acks), QoS 1.
+///
+/// `seq` numbers the records of one spool (`stream_id`) contiguously, across agent restarts;
+/// the relay delivers each `(device, stream_id, seq)` once and acknowledges cumulatively on
+/// `tierd/v1/{device}/ack`. Records below `floor` will never be sent again (already
+/// acknowledged, or dropped at the spool's size cap), so the relay need not wait for them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spooled {
+    pub stream_id: u64,
+    pub seq: u64,
+    pub floor: u64,
+    pub kind: RecordKind,
+    /// The record itself, encoded with its own header (a `TelemetryReport`, ...).
+    pub body: Vec<u8>,
+}
+
+/// Relay → agent on `tierd/v1/{device}/ack`, QoS 1: every record of `stream_id` with
+/// `seq <= upto` has been delivered; the agent may delete them from its spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolAck {
+    pub stream_id: u64,
+    pub upto: u64,
+}
+
+/// Agent → relay on `tierd/v1/{device}/config/ack` (through the spool): what became of a
+/// config document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigAck {
+    pub version: u64,
+    pub applied: bool,
+    /// Why it was rejected (empty when applied).
+    pub reason: String,
+    /// The version in force after this document was handled.
+    pub in_force: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,8 @@ pub struct TierCounts {
     pub bad_request: u64,
     /// Refused with 503 because the queue was full.
     pub overloaded: u64,
+    /// Background audit calls to the cloud (not requests: each duplicates a local answer).
+    pub audits: u64,
 }
 
 impl TierCounts {
@@ -31,6 +33,7 @@ impl TierCounts {
             edge_fallback: self.edge_fallback + o.edge_fallback,
             bad_request: self.bad_request + o.bad_request,
             overloaded: self.overloaded + o.overloaded,
+            audits: self.audits + o.audits,
         }
     }
 
@@ -42,6 +45,7 @@ impl TierCounts {
             edge_fallback: self.edge_fallback.saturating_sub(earlier.edge_fallback),
             bad_request: self.bad_request.saturating_sub(earlier.bad_request),
             overloaded: self.overloaded.saturating_sub(earlier.overloaded),
+            audits: self.audits.saturating_sub(earlier.audits),
         }
     }
 
@@ -174,6 +178,18 @@ pub struct DeviceContext {
     pub temperature_sensor: Option<String>,
 }
 
+/// The agent's store-and-forward spool at report time (see `edge_agent::spool`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolCounts {
+    /// Records waiting for the relay's acknowledgement.
+    pub pending: u64,
+    /// Records dropped, oldest first, because the spool reached its size cap (since the spool
+    /// was created; survives restarts).
+    pub dropped: u64,
+    /// Frames found corrupt or torn at recovery and skipped (since the spool was created).
+    pub corrupt: u64,
+}
+
 /// Agent → relay on `tierd/v1/{device}/telemetry`, QoS 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TelemetryReport {
@@ -196,6 +212,9 @@ pub struct TelemetryReport {
     pub latency: Vec<LatencySummary>,
     pub energy: EnergyReport,
     pub device: DeviceContext,
+    pub spool: SpoolCounts,
+    /// Version of the remote config document in force (0: none applied, `agent.toml` only).
+    pub config_version: u64,
 }
 
 /// Per-confidence-bin evidence of one window, for the relay's tuner.
@@ -287,6 +306,7 @@ mod tests {
                 edge_fallback: 20,
                 bad_request: 3,
                 overloaded: 0,
+                audits: 14,
             },
             totals: TierCounts {
                 edge: 7000,
@@ -294,6 +314,7 @@ mod tests {
                 edge_fallback: 200,
                 bad_request: 30,
                 overloaded: 1,
+                audits: 140,
             },
             fallbacks: FallbackCounts {
                 timeout: 20,
@@ -332,6 +353,12 @@ mod tests {
                 temperature_c: Some(61.3),
                 temperature_sensor: Some("cpu_thermal".into()),
             },
+            spool: SpoolCounts {
+                pending: 2,
+                dropped: 0,
+                corrupt: 1,
+            },
+            config_version: 1_795_000_000_123,
         }
     }
 

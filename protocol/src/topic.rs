@@ -4,10 +4,11 @@
 //! |---|---|---|---|---|
 //! | `tierd/v1/{device}/escalate` | agent → relay (shared subscription) | 0 | no | [`EscalationRequest`](crate::EscalationRequest) |
 //! | `tierd/v1/{device}/escalate/reply` | relay → agent | 0 | no | [`EscalationReply`](crate::EscalationReply) |
-//! | `tierd/v1/{device}/telemetry` | agent → relay | 1 | no | telemetry report (reserved) |
-//! | `tierd/v1/{device}/config` | relay → agent | 1 | yes | config document (reserved) |
-//! | `tierd/v1/{device}/config/ack` | agent → relay | 1 | no | config ack (reserved) |
-//! | `tierd/v1/{device}/status` | agent (and its last will) | 1 | yes | online/offline (reserved) |
+//! | `tierd/v1/{device}/telemetry` | agent → relay | 1 | no | [`Spooled`](crate::Spooled) telemetry / calibration report |
+//! | `tierd/v1/{device}/config` | relay → agent | 1 | yes | [`ConfigDocument`](crate::ConfigDocument) (JSON) |
+//! | `tierd/v1/{device}/config/ack` | agent → relay | 1 | no | [`Spooled`](crate::Spooled) [`ConfigAck`](crate::ConfigAck) |
+//! | `tierd/v1/{device}/ack` | relay → agent | 1 | no | [`SpoolAck`](crate::SpoolAck) |
+//! | `tierd/v1/{device}/status` | agent (and its last will) | 1 | yes | [`DeviceStatus`](crate::DeviceStatus) |
 //!
 //! Escalations use QoS 0 on purpose: an escalation is bound by a deadline of a few hundred
 //! milliseconds, QoS 1 redelivery would arrive after the caller was already answered, and embedded
@@ -33,6 +34,7 @@ pub enum TopicKind {
     Telemetry,
     Config,
     ConfigAck,
+    SpoolAck,
     Status,
 }
 
@@ -45,16 +47,18 @@ impl TopicKind {
             TopicKind::Telemetry => "telemetry",
             TopicKind::Config => "config",
             TopicKind::ConfigAck => "config/ack",
+            TopicKind::SpoolAck => "ack",
             TopicKind::Status => "status",
         }
     }
 
-    const ALL: [TopicKind; 6] = [
+    const ALL: [TopicKind; 7] = [
         TopicKind::Escalate,
         TopicKind::EscalateReply,
         TopicKind::Telemetry,
         TopicKind::Config,
         TopicKind::ConfigAck,
+        TopicKind::SpoolAck,
         TopicKind::Status,
     ];
 }

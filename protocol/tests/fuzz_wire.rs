@@ -4,8 +4,9 @@
 
 use proptest::prelude::*;
 use tierd_protocol::{
-    decode, encode, DeviceStatus, EscalationKind, EscalationReply, EscalationRequest,
-    ReplyErrorCode, ReplyOutcome, TelemetryReport, Tensor, TensorData, WIRE_VERSION,
+    decode, encode, ConfigAck, ConfigDocument, DeviceStatus, EscalationKind, EscalationReply,
+    EscalationRequest, ReplyErrorCode, ReplyOutcome, SpoolAck, Spooled, TelemetryReport, Tensor,
+    TensorData, WIRE_VERSION,
 };
 
 fn cases() -> u32 {
@@ -31,6 +32,19 @@ fn check_all(bytes: &[u8]) -> Result<(), TestCaseError> {
         prop_assert_eq!(again.as_deref(), Some(bytes));
     }
     if let Ok(m) = decode::<DeviceStatus>(bytes) {
+        let again = encode(&m).ok();
+        prop_assert_eq!(again.as_deref(), Some(bytes));
+    }
+    if let Ok(m) = decode::<Spooled>(bytes) {
+        let again = encode(&m).ok();
+        prop_assert_eq!(again.as_deref(), Some(bytes));
+        check_all(&m.body)?;
+    }
+    if let Ok(m) = decode::<SpoolAck>(bytes) {
+        let again = encode(&m).ok();
+        prop_assert_eq!(again.as_deref(), Some(bytes));
+    }
+    if let Ok(m) = decode::<ConfigAck>(bytes) {
         let again = encode(&m).ok();
         prop_assert_eq!(again.as_deref(), Some(bytes));
     }
@@ -71,7 +85,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic_and_decode_canonically(
-        kind in 0u8..6,
+        kind in 0u8..10,
         body in prop::collection::vec(any::<u8>(), 0..600),
     ) {
         // Half the cases get a valid header so the body decoders are exercised, not just
@@ -112,6 +126,33 @@ proptest! {
         };
         if let Ok(bytes) = encode(&reply) {
             prop_assert_eq!(decode::<EscalationReply>(&bytes).ok(), Some(reply));
+        }
+    }
+}
+
+const DOC: &str = r#"{"version":7,"device_id":"pi-1","issued_ms":1,"source":"tuner","settings":{"threshold":0.93,"signal":"margin","audit_rate":0.05,"escalation_timeout_ms":300,"telemetry_interval_s":10},"certificate":{"agreement_lower_bound":0.991}}"#;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The remote config document (JSON) under splice mutations: never panics, and whatever
+    /// parses is within the documented ranges and survives a round trip.
+    #[test]
+    fn config_documents_parse_safely(
+        at in any::<prop::sample::Index>(),
+        len in 0usize..8,
+        with in prop::collection::vec(any::<u8>(), 0..12),
+    ) {
+        let base = DOC.as_bytes();
+        let at = at.index(base.len() + 1);
+        let end = (at + len).min(base.len());
+        let mut bytes = base[..at].to_vec();
+        bytes.extend_from_slice(&with);
+        bytes.extend_from_slice(&base[end..]);
+        if let Ok(doc) = ConfigDocument::from_json(&bytes) {
+            prop_assert!(doc.version >= 1);
+            prop_assert!(doc.settings.validate().is_ok());
+            prop_assert_eq!(ConfigDocument::from_json(&doc.to_json()).ok(), Some(doc));
         }
     }
 }

@@ -368,6 +368,15 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, then waits at most `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        self.wait_exit(timeout)
+    }
+
     /// Waits up to `timeout` for the process to exit by itself; kills it and panics if it does not.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let start = Instant::now();
@@ -438,6 +447,12 @@ pub struct RelayProc {
 impl RelayProc {
     /// Starts a relay and waits until it is connected and taking escalations.
     pub async fn start(relay_id: &str, broker: RelayBroker) -> RelayProc {
+        Self::start_with(relay_id, broker, "").await
+    }
+
+    /// Like [`RelayProc::start`], with `extra` appended to relay.toml (whole sections, e.g.
+    /// `[tuning]`), and `http_port` chosen by the caller if given.
+    pub async fn start_with(relay_id: &str, broker: RelayBroker, extra: &str) -> RelayProc {
         // A port found free may be taken by the time the relay binds it; try a few.
         for attempt in 1..=3 {
             let dir = tempfile::Builder::new()
@@ -459,8 +474,8 @@ impl RelayProc {
             };
             let http_port = free_port();
             let config = format!(
-                "relay_id = \"{relay_id}\"\n\n[model]\nmanifest = {}\n\n\
-                 [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{broker_section}",
+                "relay_id = \"{relay_id}\"\nstate_dir = \"state\"\n\n[model]\nmanifest = {}\n\n\
+                 [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{broker_section}\n{extra}\n",
                 toml_path(&cloud_manifest())
             );
             let config_path = dir.path().join("relay.toml");
@@ -507,6 +522,11 @@ impl RelayProc {
         self.proc.kill();
     }
 
+    /// Sends SIGTERM and waits for the exit (a graceful stop).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.proc.terminate(Duration::from_secs(15))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.http_port)
     }
@@ -549,6 +569,11 @@ pub struct AgentOptions {
     pub telemetry_interval_s: f64,
     /// `cascade.audit_rate` (the agent's default, 0.02, unless set).
     pub audit_rate: f64,
+    /// `state_dir` (spool, applied config); default: a fresh folder beside the config. Set it
+    /// to keep state across a restart.
+    pub state_dir: Option<PathBuf>,
+    /// Appended to agent.toml (whole sections, e.g. `[spool]`).
+    pub extra: String,
 }
 
 impl AgentOptions {
@@ -563,7 +588,21 @@ impl AgentOptions {
             wait_for_mqtt: true,
             telemetry_interval_s: 30.0,
             audit_rate: 0.02,
+            state_dir: None,
+            extra: String::new(),
         }
+    }
+
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Appends whole TOML sections to agent.toml.
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
     }
 
     /// Audit this fraction of local answers, with no per-second cap in the way.
@@ -599,14 +638,18 @@ impl AgentOptions {
             .max_body_bytes
             .map(|n| format!("max_body_bytes = {n}\n"))
             .unwrap_or_default();
+        let state = self
+            .state_dir
+            .as_ref()
+            .map_or_else(|| "\"state\"".to_string(), |d| toml_path(d));
         format!(
-            "device_id = \"{}\"\n\n\
+            "device_id = \"{}\"\nstate_dir = {state}\n\n\
              [http]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n\
              [model]\nmanifest = {}\n\n\
              [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\
              audit_rate = {:?}\nmax_audits_per_second = 10000\n\n\
              [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n\n\
-             [telemetry]\ninterval_s = {:?}\n",
+             [telemetry]\ninterval_s = {:?}\n\n{}",
             self.device_id,
             toml_path(&edge_manifest()),
             self.threshold,
@@ -614,6 +657,7 @@ impl AgentOptions {
             self.audit_rate,
             self.mqtt_port,
             self.telemetry_interval_s,
+            self.extra,
         )
     }
 }
@@ -886,4 +930,93 @@ impl Mosquitto {
             .filter(|l| l.contains(&prefix) && l.contains(topic_part))
             .count()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A foreign MQTT client
+
+/// An MQTT v5 client of the test itself (not a tierd component), on 127.0.0.1:`port`.
+pub struct TestClient {
+    pub client: rumqttc::v5::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl TestClient {
+    /// Connects and waits for the CONNACK.
+    pub async fn connect(port: u16, client_id: &str) -> TestClient {
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(Some(4 * 1024 * 1024));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 1024);
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let counter = acked.clone();
+        let task = tokio::spawn(async move {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            use rumqttc::v5::Event;
+            let mut tx = Some(tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(READY_TIMEOUT, rx)
+            .await
+            .expect("test MQTT client: no CONNACK")
+            .expect("test MQTT client task ended");
+        TestClient {
+            client,
+            task,
+            acked,
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the broker's PUBACK.
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        let before = self.acked.load(std::sync::atomic::Ordering::Relaxed);
+        self.client
+            .publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                retain,
+                payload,
+            )
+            .await
+            .expect("test MQTT client: publish");
+        let start = Instant::now();
+        while self.acked.load(std::sync::atomic::Ordering::Relaxed) <= before {
+            assert!(start.elapsed() < READY_TIMEOUT, "no PUBACK for {topic}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Resident memory of a process, from /proc (bytes).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -1,0 +1,309 @@
+//! Remote config: the relay's retained document on `tierd/v1/{device}/config`, checked,
+//! persisted, applied live, and acknowledged.
+//!
+//! A document is taken only if it parses, every value is in range, it names this device, and
+//! its version is above the one in force. It is then written to `applied-config.json` in the
+//! state directory (temp file, fsync, rename, fsync of the directory), and only then put in
+//! force: what runs is always what a reboot would restore. Anything else changes nothing and
+//! is acknowledged as rejected with the reason. A document with the version already in force
+//! is the retained copy the broker hands out at every subscribe: ignored without an ack.
+//!
+//! [`RemoteConfig`] does the file I/O but no MQTT; the agent feeds it payloads and sends the
+//! acks it returns through the spool.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tierd_protocol::{ConfigAck, ConfigDocError, ConfigDocument, Settings};
+use tracing::warn;
+
+use crate::cascade::Signal;
+use crate::Policy;
+
+pub const APPLIED_FILE: &str = "applied-config.json";
+
+/// `base` (from `agent.toml`) with the document's settings laid over it. Pure.
+pub fn overlay(base: &Policy, s: &Settings, version: u64) -> Policy {
+    let signal = match s.signal.as_deref() {
+        Some("max_prob") => Signal::MaxProb,
+        Some("margin") => Signal::Margin,
+        Some("entropy") => Signal::Entropy,
+        _ => base.signal,
+    };
+    Policy {
+        threshold: s.threshold.unwrap_or(base.threshold),
+        signal,
+        escalation_timeout: s
+            .escalation_timeout_ms
+            .map_or(base.escalation_timeout, Duration::from_millis),
+        audit_rate: s.audit_rate.unwrap_or(base.audit_rate),
+        telemetry_interval: s
+            .telemetry_interval_s
+            .map_or(base.telemetry_interval, Duration::from_secs_f64),
+        config_version: version,
+    }
+}
+
+/// What became of one payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// In force now; send the ack.
+    Applied(Policy, ConfigAck),
+    /// Nothing changed; send the ack (it carries the reason).
+    Rejected(ConfigAck),
+    /// The document already in force, delivered again (retained): nothing to say.
+    Unchanged,
+}
+
+#[derive(Debug)]
+pub struct RemoteConfig {
+    device_id: String,
+    base: Policy,
+    dir: PathBuf,
+    doc: Option<ConfigDocument>,
+}
+
+/// Writes `bytes` to `dir/name` so that a crash at any point leaves the old file or the new
+/// one, never a mix: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl RemoteConfig {
+    /// Loads the persisted document, if any. A file that no longer validates (edited by hand,
+    /// written by another version) is moved aside and reported, never half-applied.
+    pub fn load(dir: &Path, device_id: &str, base: Policy) -> (Self, Option<String>) {
+        let mut rc = RemoteConfig {
+            device_id: device_id.to_string(),
+            base,
+            dir: dir.to_path_buf(),
+            doc: None,
+        };
+        let path = dir.join(APPLIED_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (rc, None),
+            Err(e) => {
+                return (
+                    rc,
+                    Some(format!(
+                        "cannot read {}: {e}; running on agent.toml",
+                        path.display()
+                    )),
+                )
+            }
+        };
+        match ConfigDocument::from_json(&bytes).and_then(|d| d.check(device_id, 0).map(|_| d)) {
+            Ok(doc) => {
+                rc.doc = Some(doc);
+                (rc, None)
+            }
+            Err(e) => {
+                let aside = dir.join(format!(
+                    "{APPLIED_FILE}.rejected-{}",
+                    tierd_runtime::unix_ms()
+                ));
+                let moved = std::fs::rename(&path, &aside).is_ok();
+                (
+                    rc,
+                    Some(format!(
+                        "{} is not a valid config ({e}); {}; running on agent.toml",
+                        path.display(),
+                        if moved {
+                            format!("moved to {}", aside.display())
+                        } else {
+                            "could not move it aside".to_string()
+                        }
+                    )),
+                )
+            }
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.doc.as_ref().map_or(0, |d| d.version)
+    }
+
+    pub fn document(&self) -> Option<&ConfigDocument> {
+        self.doc.as_ref()
+    }
+
+    /// The settings in force.
+    pub fn policy(&self) -> Policy {
+        match &self.doc {
+            Some(d) => overlay(&self.base, &d.settings, d.version),
+            None => self.base,
+        }
+    }
+
+    pub fn handle(&mut self, payload: &[u8]) -> Outcome {
+        let in_force = self.version();
+        let reject = |reason: String| {
+            Outcome::Rejected(ConfigAck {
+                version: 0,
+                applied: false,
+                reason,
+                in_force,
+            })
+        };
+        let doc = match ConfigDocument::from_json(payload) {
+            Ok(d) => d,
+            Err(e) => return reject(e.to_string()),
+        };
+        let version = doc.version;
+        let rejected = |reason: String| {
+            Outcome::Rejected(ConfigAck {
+                version,
+                applied: false,
+                reason,
+                in_force,
+            })
+        };
+        if version == in_force && self.doc.as_ref() == Some(&doc) {
+            return Outcome::Unchanged;
+        }
+        if let Err(e) = doc.check(&self.device_id, in_force) {
+            // The same version with different content is as stale as an older one.
+            return rejected(match e {
+                ConfigDocError::Stale { .. } if version == in_force => format!(
+                    "config version {version} is already in force with different content; versions must increase"
+                ),
+                other => other.to_string(),
+            });
+        }
+        if let Err(e) = write_atomic(&self.dir, APPLIED_FILE, &doc.to_json()) {
+            warn!(error = %e, dir = %self.dir.display(), "cannot persist the config document");
+            return rejected(format!(
+                "cannot persist it in {}: {e}; not applied, so a reboot cannot undo it",
+                self.dir.display()
+            ));
+        }
+        self.doc = Some(doc);
+        Outcome::Applied(
+            self.policy(),
+            ConfigAck {
+                version,
+                applied: true,
+                reason: String::new(),
+                in_force: version,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Policy {
+        Policy {
+            threshold: 0.9,
+            signal: Signal::MaxProb,
+            escalation_timeout: Duration::from_millis(250),
+            audit_rate: 0.02,
+            telemetry_interval: Duration::from_secs(30),
+            config_version: 0,
+        }
+    }
+
+    fn doc(version: u64, settings: &str) -> Vec<u8> {
+        format!(
+            r#"{{"version":{version},"device_id":"d1","source":"operator","settings":{settings}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn applies_persists_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rc, warning) = RemoteConfig::load(dir.path(), "d1", base());
+        assert_eq!(warning, None);
+        let Outcome::Applied(p, ack) = rc.handle(&doc(5, r#"{"threshold":0.7,"signal":"margin"}"#))
+        else {
+            panic!("not applied");
+        };
+        assert_eq!(
+            (p.threshold, p.signal, p.config_version),
+            (0.7, Signal::Margin, 5)
+        );
+        assert_eq!(p.audit_rate, 0.02, "unset keys keep the file value");
+        assert!(ack.applied && ack.in_force == 5);
+        assert_eq!(
+            rc.handle(&doc(5, r#"{"threshold":0.7,"signal":"margin"}"#)),
+            Outcome::Unchanged
+        );
+        let (again, _) = RemoteConfig::load(dir.path(), "d1", base());
+        assert_eq!(again.policy(), p);
+    }
+
+    #[test]
+    fn invalid_or_stale_documents_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rc, _) = RemoteConfig::load(dir.path(), "d1", base());
+        assert!(matches!(
+            rc.handle(&doc(3, r#"{"threshold":0.8}"#)),
+            Outcome::Applied(..)
+        ));
+        let before = rc.policy();
+        for (payload, needle) in [
+            (doc(4, r#"{"threshold":7}"#), "threshold = 7"),
+            (doc(4, r#"{"threshhold":0.5}"#), "unknown field"),
+            (doc(4, r#"{"threshold":"high"}"#), "invalid type"),
+            (doc(2, r#"{"threshold":0.5}"#), "not newer"),
+            (doc(3, r#"{"threshold":0.5}"#), "already in force"),
+            (b"{".to_vec(), "not valid"),
+            (
+                br#"{"version":9,"device_id":"other","settings":{}}"#.to_vec(),
+                "not \"d1\"",
+            ),
+        ] {
+            match rc.handle(&payload) {
+                Outcome::Rejected(ack) => {
+                    assert!(!ack.applied);
+                    assert_eq!(ack.in_force, 3);
+                    assert!(
+                        ack.reason.contains(needle),
+                        "{needle:?} not in {:?}",
+                        ack.reason
+                    );
+                }
+                other => panic!("{needle}: {other:?}"),
+            }
+            assert_eq!(rc.policy(), before);
+        }
+        let (again, _) = RemoteConfig::load(dir.path(), "d1", base());
+        assert_eq!(again.policy(), before);
+    }
+
+    #[test]
+    fn a_corrupt_persisted_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(APPLIED_FILE), b"{\"version\":").unwrap();
+        let (rc, warning) = RemoteConfig::load(dir.path(), "d1", base());
+        assert_eq!(rc.policy(), base());
+        assert!(warning.expect("warning").contains("moved to"));
+        assert!(!dir.path().join(APPLIED_FILE).exists());
+    }
+
+    #[test]
+    fn an_unwritable_state_dir_rejects_instead_of_applying() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let (mut rc, _) = RemoteConfig::load(&file, "d1", base());
+        match rc.handle(&doc(1, r#"{"threshold":0.5}"#)) {
+            Outcome::Rejected(ack) => assert!(ack.reason.contains("cannot persist"), "{ack:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rc.policy(), base());
+    }
+}

@@ -1,0 +1,430 @@
+//! **Where thresholds are pushed.** Remote config per device, kept apart from the I/O: which
+//! document a device should run, when a tuned threshold is worth a push, what the device
+//! acknowledged, and the operators' overrides.
+//!
+//! A device's document is `defaults` (relay.toml `[defaults]`), overlaid by its file overrides
+//! (`[devices.<id>]`), overlaid by operator overrides (`cloud-relay config set`, persisted in
+//! the state directory), plus the tuned threshold when no override pins one. Versions are
+//! `max(last + 1, now in Unix ms)`: strictly increasing per device even across relay restarts
+//! with a broker that forgot its retained messages (rumqttd keeps them in memory only), as
+//! long as the relay's clock does not jump back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tierd_protocol::{ConfigAck, ConfigDocument, Settings};
+
+use crate::tuner::{should_push, Certificate, PushRules};
+
+pub const OVERRIDES_FILE: &str = "operator-overrides.json";
+
+/// The last ack a device sent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AckRecord {
+    pub version: u64,
+    pub applied: bool,
+    pub reason: String,
+    pub in_force: u64,
+    pub received_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceControl {
+    /// The latest document published for the device (by us, or seen retained on the broker).
+    pub published: Option<ConfigDocument>,
+    pub last_push_ms: Option<u64>,
+    pub last_ack: Option<AckRecord>,
+    /// The threshold the tuner last pushed (kept when an operator changes another key).
+    pub tuned_threshold: Option<f32>,
+}
+
+/// What `config show` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigView {
+    pub device_id: String,
+    pub defaults: Settings,
+    pub file_overrides: Settings,
+    pub operator_overrides: Settings,
+    /// Whether an override fixes the threshold (the tuner then only proposes).
+    pub pinned: bool,
+    pub tuning_pushes: bool,
+    #[serde(flatten)]
+    pub state: DeviceControl,
+}
+
+#[derive(Debug)]
+pub struct Control {
+    pub push_tuned: bool,
+    pub rules: PushRules,
+    defaults: Settings,
+    file: BTreeMap<String, Settings>,
+    operator: BTreeMap<String, Settings>,
+    devices: BTreeMap<String, DeviceControl>,
+    max_devices: usize,
+}
+
+impl Control {
+    pub fn new(
+        push_tuned: bool,
+        rules: PushRules,
+        defaults: Settings,
+        file: BTreeMap<String, Settings>,
+        operator: BTreeMap<String, Settings>,
+        max_devices: usize,
+    ) -> Self {
+        Control {
+            push_tuned,
+            rules,
+            defaults,
+            file,
+            operator,
+            devices: BTreeMap::new(),
+            max_devices,
+        }
+    }
+
+    fn overrides(&self, device: &str) -> Settings {
+        let file = self.file.get(device).cloned().unwrap_or_default();
+        let op = self.operator.get(device).cloned().unwrap_or_default();
+        file.overlay(&op)
+    }
+
+    pub fn pinned(&self, device: &str) -> bool {
+        self.overrides(device).threshold.is_some()
+    }
+
+    pub fn operator_overrides(&self) -> &BTreeMap<String, Settings> {
+        &self.operator
+    }
+
+    fn slot(&mut self, device: &str) -> Option<&mut DeviceControl> {
+        if !self.devices.contains_key(device) && self.devices.len() >= self.max_devices {
+            return None;
+        }
+        Some(self.devices.entry(device.to_string()).or_default())
+    }
+
+    fn compose(
+        &mut self,
+        device: &str,
+        source: &str,
+        certificate: Option<&Certificate>,
+        now_ms: u64,
+    ) -> Option<ConfigDocument> {
+        let overrides = self.overrides(device);
+        let mut settings = self.defaults.overlay(&overrides);
+        let slot = self.slot(device)?;
+        if overrides.threshold.is_none() {
+            settings.threshold = slot.tuned_threshold.or(settings.threshold);
+        }
+        let last = slot.published.as_ref().map_or(0, |d| d.version);
+        let doc = ConfigDocument {
+            version: (last + 1).max(now_ms),
+            device_id: device.to_string(),
+            issued_ms: now_ms,
+            source: source.to_string(),
+            settings,
+            certificate: certificate.and_then(|c| serde_json::to_value(c).ok()),
+        };
+        slot.published = Some(doc.clone());
+        slot.last_push_ms = Some(now_ms);
+        Some(doc)
+    }
+
+    /// After new evidence: the document to publish, if the tuner's proposal is worth a push.
+    /// `running` is the threshold the device reported in its latest telemetry.
+    pub fn on_certificate(
+        &mut self,
+        device: &str,
+        certificate: &Certificate,
+        running: f32,
+        now_ms: u64,
+    ) -> Option<ConfigDocument> {
+        if !self.push_tuned {
+            return None;
+        }
+        let pinned = self.pinned(device);
+        let last_push = self.devices.get(device).and_then(|d| d.last_push_ms);
+        if !should_push(running, certificate, pinned, last_push, now_ms, &self.rules) {
+            return None;
+        }
+        // Already published and not yet in force on the device: wait for its ack.
+        if let Some(d) = self.devices.get(device) {
+            if d.tuned_threshold == Some(certificate.threshold) {
+                return None;
+            }
+        }
+        self.slot(device)?.tuned_threshold = Some(certificate.threshold);
+        self.compose(device, "tuner", Some(certificate), now_ms)
+    }
+
+    /// An operator's `key=value` changes (`key=` unsets). All or nothing; the document to
+    /// publish on success.
+    pub fn set(
+        &mut self,
+        device: &str,
+        changes: &[(String, String)],
+        now_ms: u64,
+    ) -> Result<ConfigDocument, String> {
+        tierd_protocol::topic::validate_device_id(device).map_err(|e| e.to_string())?;
+        if changes.is_empty() {
+            return Err("nothing to set: give key=value pairs".into());
+        }
+        let mut next = self.operator.get(device).cloned().unwrap_or_default();
+        for (k, v) in changes {
+            next.set(k, v)?;
+        }
+        if !self.devices.contains_key(device) && self.devices.len() >= self.max_devices {
+            return Err(format!(
+                "the relay tracks at most {} devices",
+                self.max_devices
+            ));
+        }
+        if next.is_empty() {
+            self.operator.remove(device);
+        } else {
+            self.operator.insert(device.to_string(), next);
+        }
+        self.compose(device, "operator", None, now_ms)
+            .ok_or_else(|| "device limit reached".to_string())
+    }
+
+    pub fn record_ack(&mut self, device: &str, ack: ConfigAck, now_ms: u64) {
+        if let Some(slot) = self.slot(device) {
+            slot.last_ack = Some(AckRecord {
+                version: ack.version,
+                applied: ack.applied,
+                reason: ack.reason,
+                in_force: ack.in_force,
+                received_ms: now_ms,
+            });
+        }
+    }
+
+    /// A document seen on the broker (retained, or from another replica): versions continue
+    /// from it.
+    pub fn learn_published(&mut self, doc: ConfigDocument) {
+        let device = doc.device_id.clone();
+        if let Some(slot) = self.slot(&device) {
+            let newer = slot
+                .published
+                .as_ref()
+                .is_none_or(|p| doc.version > p.version);
+            if newer {
+                if doc.source == "tuner" {
+                    slot.tuned_threshold = doc.settings.threshold;
+                }
+                slot.published = Some(doc);
+            }
+        }
+    }
+
+    pub fn view(&self, device: &str) -> ConfigView {
+        ConfigView {
+            device_id: device.to_string(),
+            defaults: self.defaults.clone(),
+            file_overrides: self.file.get(device).cloned().unwrap_or_default(),
+            operator_overrides: self.operator.get(device).cloned().unwrap_or_default(),
+            pinned: self.pinned(device),
+            tuning_pushes: self.push_tuned,
+            state: self.devices.get(device).cloned().unwrap_or_default(),
+        }
+    }
+}
+
+/// Loads the operators' overrides; a missing file is an empty set.
+pub fn load_overrides(dir: &Path) -> Result<BTreeMap<String, Settings>, String> {
+    let path = dir.join(OVERRIDES_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let map: BTreeMap<String, Settings> = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is not valid: {e}", path.display()))?;
+    for (device, s) in &map {
+        s.validate()
+            .map_err(|e| format!("{}: device {device:?}: {e}", path.display()))?;
+    }
+    Ok(map)
+}
+
+/// Saves them atomically (temp file, fsync, rename, fsync of the directory).
+pub fn save_overrides(dir: &Path, map: &BTreeMap<String, Settings>) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp: PathBuf = dir.join(format!(".{OVERRIDES_FILE}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(map).unwrap_or_default())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(OVERRIDES_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuner::Policy;
+
+    fn cert(threshold: f32, insufficient: bool) -> Certificate {
+        Certificate {
+            threshold,
+            policy: Policy::TargetAgreement {
+                target: 0.99,
+                delta: 0.05,
+            },
+            agreement: 0.995,
+            agreement_lower_bound: 0.991,
+            delta: 0.05,
+            escalation_rate: 0.2,
+            cost_per_1000: 0.0,
+            requests: 5000,
+            labelled_escalated: 1000,
+            audited: 80,
+            insufficient_evidence: insufficient,
+            note: String::new(),
+        }
+    }
+
+    fn control() -> Control {
+        let mut file = BTreeMap::new();
+        file.insert(
+            "pinned".to_string(),
+            Settings {
+                threshold: Some(0.95),
+                ..Default::default()
+            },
+        );
+        Control::new(
+            true,
+            PushRules {
+                hysteresis: 0.01,
+                min_interval_ms: 60_000,
+            },
+            Settings {
+                audit_rate: Some(0.05),
+                ..Default::default()
+            },
+            file,
+            BTreeMap::new(),
+            10,
+        )
+    }
+
+    #[test]
+    fn tuned_thresholds_are_pushed_with_guard_rails() {
+        let mut c = control();
+        let doc = c
+            .on_certificate("d", &cert(0.8, false), 0.9, 1_000_000)
+            .expect("push");
+        assert_eq!(doc.settings.threshold, Some(0.8));
+        assert_eq!(
+            doc.settings.audit_rate,
+            Some(0.05),
+            "fleet defaults ride along"
+        );
+        assert_eq!(doc.version, 1_000_000);
+        assert!(doc.certificate.is_some());
+        // Within the minimum interval, below hysteresis, thin evidence, pinned: no push.
+        assert!(c
+            .on_certificate("d", &cert(0.7, false), 0.8, 1_000_001)
+            .is_none());
+        assert!(c
+            .on_certificate("d", &cert(0.805, false), 0.8, 2_000_000)
+            .is_none());
+        assert!(c
+            .on_certificate("d", &cert(0.5, true), 0.8, 2_000_000)
+            .is_none());
+        assert!(c
+            .on_certificate("pinned", &cert(0.5, false), 0.95, 2_000_000)
+            .is_none());
+        let next = c
+            .on_certificate("d", &cert(0.7, false), 0.8, 2_000_000)
+            .expect("push");
+        assert!(next.version > doc.version);
+    }
+
+    #[test]
+    fn operator_overrides_pin_merge_and_unset() {
+        let mut c = control();
+        c.on_certificate("d", &cert(0.8, false), 0.9, 1_000_000)
+            .expect("push");
+        let doc = c
+            .set(
+                "d",
+                &[("escalation_timeout_ms".into(), "400".into())],
+                1_000_001,
+            )
+            .expect("set");
+        assert_eq!(doc.settings.threshold, Some(0.8), "tuned threshold kept");
+        assert_eq!(doc.settings.escalation_timeout_ms, Some(400));
+        assert_eq!(doc.version, 1_000_001);
+        let doc = c
+            .set("d", &[("threshold".into(), "0.97".into())], 5)
+            .expect("pin");
+        assert_eq!(doc.settings.threshold, Some(0.97));
+        assert!(
+            doc.version > 1_000_001,
+            "versions never go back with the clock"
+        );
+        assert!(c.pinned("d"));
+        assert!(c
+            .on_certificate("d", &cert(0.5, false), 0.97, 9_000_000)
+            .is_none());
+        let err = c
+            .set("d", &[("threshold".into(), "3".into())], 6)
+            .unwrap_err();
+        assert!(err.contains("threshold"), "{err}");
+        assert_eq!(
+            c.view("d").operator_overrides.threshold,
+            Some(0.97),
+            "unchanged on error"
+        );
+        c.set("d", &[("threshold".into(), String::new())], 7)
+            .expect("unpin");
+        assert!(!c.pinned("d"));
+        assert!(c
+            .set("a/b", &[("threshold".into(), "0.5".into())], 8)
+            .is_err());
+    }
+
+    #[test]
+    fn versions_continue_from_what_the_broker_retained() {
+        let mut c = control();
+        c.learn_published(ConfigDocument {
+            version: 9_000_000_000_000,
+            device_id: "d".into(),
+            issued_ms: 0,
+            source: "tuner".into(),
+            settings: Settings {
+                threshold: Some(0.6),
+                ..Default::default()
+            },
+            certificate: None,
+        });
+        let doc = c
+            .set("d", &[("audit_rate".into(), "0.1".into())], 1)
+            .expect("set");
+        assert_eq!(doc.version, 9_000_000_000_001);
+        assert_eq!(doc.settings.threshold, Some(0.6));
+    }
+
+    #[test]
+    fn overrides_persist_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_overrides(dir.path()).unwrap().is_empty());
+        let mut c = control();
+        c.set("d", &[("threshold".into(), "0.9".into())], 1)
+            .expect("set");
+        save_overrides(dir.path(), c.operator_overrides()).unwrap();
+        let back = load_overrides(dir.path()).unwrap();
+        assert_eq!(back.get("d").and_then(|s| s.threshold), Some(0.9));
+        std::fs::write(dir.path().join(OVERRIDES_FILE), br#"{"d":{"threshold":9}}"#).unwrap();
+        assert!(load_overrides(dir.path())
+            .unwrap_err()
+            .contains("threshold"));
+    }
+}

@@ -1,0 +1,300 @@
+//! The remote config document the relay publishes, retained, on `tierd/v1/{device}/config`.
+//!
+//! JSON rather than postcard, unlike every other message: it is small and rare, operators read
+//! it with `mosquitto_sub` and write it with `cloud-relay config set`, and a self-describing
+//! format lets the agent reject an unknown key or a wrong type by name instead of misreading
+//! bytes. Unknown keys are errors at every level (`deny_unknown_fields`), so a typo can never
+//! be silently ignored.
+//!
+//! Every setting is optional: an absent one keeps the agent's own `agent.toml` value. Ranges
+//! are defined here once ([`limits`]) and shared by the agent's file config and the relay.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Largest document accepted, in bytes (a full document with certificate is ~700 bytes).
+pub const MAX_CONFIG_BYTES: usize = 16 * 1024;
+
+/// Valid ranges of the remotely settable values.
+pub mod limits {
+    use std::ops::RangeInclusive;
+    /// 0 never escalates; above 1 (up to 1.01) always does.
+    pub const THRESHOLD: RangeInclusive<f32> = 0.0..=1.01;
+    pub const AUDIT_RATE: RangeInclusive<f64> = 0.0..=1.0;
+    pub const ESCALATION_TIMEOUT_MS: RangeInclusive<u64> = 1..=60_000;
+    pub const TELEMETRY_INTERVAL_S: RangeInclusive<f64> = 0.1..=86_400.0;
+    /// Confidence signals an agent understands.
+    pub const SIGNALS: [&str; 3] = ["max_prob", "margin", "entropy"];
+}
+
+/// The settings a document can carry. `None` leaves the agent's file value in force.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry_interval_s: Option<f64>,
+}
+
+/// Keys of [`Settings`], for `config set key=value` and error messages.
+pub const SETTING_KEYS: [&str; 5] = [
+    "threshold",
+    "signal",
+    "audit_rate",
+    "escalation_timeout_ms",
+    "telemetry_interval_s",
+];
+
+impl Settings {
+    /// Range checks; the message names the key and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = self.threshold {
+            if !(t.is_finite() && limits::THRESHOLD.contains(&t)) {
+                return Err(format!("threshold = {t} is outside [0, 1.01]"));
+            }
+        }
+        if let Some(s) = &self.signal {
+            if !limits::SIGNALS.contains(&s.as_str()) {
+                return Err(format!(
+                    "signal = {s:?} is not one of {:?}",
+                    limits::SIGNALS
+                ));
+            }
+        }
+        if let Some(a) = self.audit_rate {
+            if !(a.is_finite() && limits::AUDIT_RATE.contains(&a)) {
+                return Err(format!("audit_rate = {a} is outside [0, 1]"));
+            }
+        }
+        if let Some(ms) = self.escalation_timeout_ms {
+            if !limits::ESCALATION_TIMEOUT_MS.contains(&ms) {
+                return Err(format!(
+                    "escalation_timeout_ms = {ms} is outside [1, 60000]"
+                ));
+            }
+        }
+        if let Some(s) = self.telemetry_interval_s {
+            if !(s.is_finite() && limits::TELEMETRY_INTERVAL_S.contains(&s)) {
+                return Err(format!(
+                    "telemetry_interval_s = {s} is outside [0.1, 86400]"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `over`'s values where set, ours elsewhere (fleet defaults < device overrides).
+    pub fn overlay(&self, over: &Settings) -> Settings {
+        Settings {
+            threshold: over.threshold.or(self.threshold),
+            signal: over.signal.clone().or_else(|| self.signal.clone()),
+            audit_rate: over.audit_rate.or(self.audit_rate),
+            escalation_timeout_ms: over.escalation_timeout_ms.or(self.escalation_timeout_ms),
+            telemetry_interval_s: over.telemetry_interval_s.or(self.telemetry_interval_s),
+        }
+    }
+
+    /// Sets one key from text (`threshold=0.93`); `key=` (empty) unsets it. Validated; on
+    /// error nothing changes.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let mut next = self.clone();
+        next.set_unchecked(key, value)?;
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
+    fn set_unchecked(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let value = value.trim();
+        let unset = value.is_empty();
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
+            v.parse()
+                .map_err(|_| format!("{key}: {v:?} is not a valid number"))
+        }
+        match key {
+            "threshold" => self.threshold = (!unset).then(|| num(key, value)).transpose()?,
+            "signal" => self.signal = (!unset).then(|| value.to_string()),
+            "audit_rate" => self.audit_rate = (!unset).then(|| num(key, value)).transpose()?,
+            "escalation_timeout_ms" => {
+                self.escalation_timeout_ms = (!unset).then(|| num(key, value)).transpose()?
+            }
+            "telemetry_interval_s" => {
+                self.telemetry_interval_s = (!unset).then(|| num(key, value)).transpose()?
+            }
+            other => {
+                return Err(format!(
+                    "unknown key {other:?}; settable keys are {SETTING_KEYS:?}"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Settings::default()
+    }
+}
+
+/// Relay → agent, retained: the settings the device should run with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDocument {
+    /// Strictly increasing per device; an agent applies only versions above the one in force.
+    pub version: u64,
+    /// The device it is for (must match the topic and the agent's own id).
+    pub device_id: String,
+    /// Relay clock, Unix ms.
+    #[serde(default)]
+    pub issued_ms: u64,
+    /// Who decided: `tuner`, `operator`, or `defaults`.
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub settings: Settings,
+    /// The tuner's certificate behind the threshold, for the record (the agent keeps it, does
+    /// not interpret it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigDocError {
+    #[error("config document of {0} bytes exceeds the limit of {MAX_CONFIG_BYTES} bytes")]
+    TooLarge(usize),
+    #[error("config document is not valid: {0}")]
+    Json(String),
+    #[error("config document: {0}")]
+    Invalid(String),
+    #[error("config document is for device {doc:?}, not {expected:?}")]
+    WrongDevice { doc: String, expected: String },
+    #[error("config version {version} is not newer than the version in force ({in_force})")]
+    Stale { version: u64, in_force: u64 },
+}
+
+impl ConfigDocument {
+    /// Parses and range-checks a document (size first, then JSON, then values).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigDocError> {
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigDocError::TooLarge(bytes.len()));
+        }
+        let doc: ConfigDocument =
+            serde_json::from_slice(bytes).map_err(|e| ConfigDocError::Json(e.to_string()))?;
+        if doc.version == 0 {
+            return Err(ConfigDocError::Invalid("version must be at least 1".into()));
+        }
+        doc.settings.validate().map_err(ConfigDocError::Invalid)?;
+        Ok(doc)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Whether an agent with id `device_id` and `in_force` applied should take this document.
+    pub fn check(&self, device_id: &str, in_force: u64) -> Result<(), ConfigDocError> {
+        if self.device_id != device_id {
+            return Err(ConfigDocError::WrongDevice {
+                doc: self.device_id.chars().take(80).collect(),
+                expected: device_id.to_string(),
+            });
+        }
+        if self.version <= in_force {
+            return Err(ConfigDocError::Stale {
+                version: self.version,
+                in_force,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"version":7,"device_id":"pi-1","issued_ms":1,"source":"tuner",
+        "settings":{"threshold":0.93,"signal":"margin","audit_rate":0.05,
+        "escalation_timeout_ms":300,"telemetry_interval_s":10},
+        "certificate":{"agreement_lower_bound":0.991}}"#;
+
+    #[test]
+    fn parses_and_round_trips() {
+        let doc = ConfigDocument::from_json(GOOD.as_bytes()).expect("good");
+        assert_eq!(doc.settings.threshold, Some(0.93));
+        assert_eq!(ConfigDocument::from_json(&doc.to_json()), Ok(doc.clone()));
+        assert!(doc.check("pi-1", 6).is_ok());
+    }
+
+    #[test]
+    fn rejects_with_the_reason() {
+        for (text, needle) in [
+            (GOOD.replace("0.93", "1.5"), "threshold = 1.5"),
+            (GOOD.replace("\"margin\"", "\"vibes\""), "signal"),
+            (
+                GOOD.replace("\"audit_rate\"", "\"audit_rte\""),
+                "unknown field `audit_rte`",
+            ),
+            (
+                GOOD.replace("\"source\"", "\"sorce\""),
+                "unknown field `sorce`",
+            ),
+            (GOOD.replace("300", "\"fast\""), "invalid type"),
+            (GOOD.replace("\"version\":7", "\"version\":0"), "version"),
+            (GOOD.replace("10}", "0}"), "telemetry_interval_s"),
+            ("not json".to_string(), "not valid"),
+        ] {
+            let err = ConfigDocument::from_json(text.as_bytes())
+                .expect_err(needle)
+                .to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+        let big = vec![b' '; MAX_CONFIG_BYTES + 1];
+        assert!(matches!(
+            ConfigDocument::from_json(&big),
+            Err(ConfigDocError::TooLarge(_))
+        ));
+        let doc = ConfigDocument::from_json(GOOD.as_bytes()).expect("good");
+        assert!(matches!(
+            doc.check("pi-1", 7),
+            Err(ConfigDocError::Stale { .. })
+        ));
+        assert!(matches!(
+            doc.check("pi-2", 0),
+            Err(ConfigDocError::WrongDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn set_overlay_and_unset() {
+        let mut s = Settings::default();
+        s.set("threshold", "0.8").expect("set");
+        s.set("signal", "entropy").expect("set");
+        assert!(s.set("threshold", "2").is_err());
+        assert!(s
+            .set("treshold", "0.5")
+            .unwrap_err()
+            .contains("unknown key"));
+        assert!(s
+            .set("audit_rate", "lots")
+            .unwrap_err()
+            .contains("not a valid number"));
+        let defaults = Settings {
+            threshold: Some(0.5),
+            audit_rate: Some(0.02),
+            ..Default::default()
+        };
+        let merged = defaults.overlay(&s);
+        assert_eq!(merged.threshold, Some(0.8));
+        assert_eq!(merged.audit_rate, Some(0.02));
+        s.set("threshold", "").expect("unset");
+        assert_eq!(s.threshold, None);
+    }
+}

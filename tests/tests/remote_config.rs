@@ -1,0 +1,261 @@
+//! Remote config end to end, over the embedded broker and the real binaries: the relay tunes a
+//! threshold from the agent's real telemetry and pushes it, the agent applies it live, acks it,
+//! decides the next requests with it and keeps it across a restart; invalid or stale documents
+//! are rejected with the reason acked and change nothing.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tierd_e2e::{
+    bin_path, confident_examples, free_port, unsure_examples, AgentOptions, AgentProc, RelayBroker,
+    RelayProc, TestClient,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls the relay's view of a device's config until `done` holds.
+async fn wait_config(
+    relay: &RelayProc,
+    device: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        let (status, v) = relay
+            .get_json(&format!("/api/devices/{device}/config"))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "waited {WAIT:?} for {what}; last view: {v:#}\nrelay log:\n{}",
+            relay.proc.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the first sample of `name` on the agent's `/metrics`.
+async fn metric(agent: &AgentProc, name: &str) -> f64 {
+    let (status, body) = agent.get("/metrics").await;
+    assert_eq!(status, 200);
+    let text = body.as_str().expect("metrics text").to_string();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+fn edge_confidence(p: &[f32]) -> f32 {
+    p.iter().copied().fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_tunes_pushes_and_the_agent_applies_acks_and_keeps_it() {
+    let relay = RelayProc::start_with(
+        "rc-tune",
+        RelayBroker::Embedded,
+        "[tuning]\npolicy = \"target_agreement\"\ntarget = 0.9\ndelta = 0.05\n\
+         min_requests = 200\nhysteresis = 0.0\nmin_interval_s = 0.0\n",
+    )
+    .await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut options = AgentOptions::new("rc-tune-1", relay.broker_port)
+        .telemetry_interval_s(0.5)
+        .audit_rate(1.0)
+        .state_dir(state.path());
+    // Start by escalating everything: the tuner must find the threshold from the evidence.
+    options.threshold = 1.01;
+    let mut agent = AgentProc::start(options.clone()).await;
+    let confident = confident_examples();
+    let unsure = unsure_examples();
+    for ex in &confident {
+        agent
+            .infer(&ex.pixels)
+            .await
+            .assert_ok_from("cloud", &ex.name);
+    }
+    for _ in 0..50 {
+        for ex in confident.iter().chain(&unsure) {
+            let r = agent.infer(&ex.pixels).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+
+    let view = wait_config(
+        &relay,
+        "rc-tune-1",
+        "a tuned threshold applied by the agent",
+        |v| {
+            v["published"]["source"] == "tuner"
+                && v["last_ack"]["applied"] == true
+                && v["last_ack"]["version"] == v["published"]["version"]
+        },
+    )
+    .await;
+    let version = view["published"]["version"].as_u64().expect("version");
+    let threshold = view["published"]["settings"]["threshold"]
+        .as_f64()
+        .expect("threshold") as f32;
+    let cert = &view["published"]["certificate"];
+    assert!(
+        cert["agreement_lower_bound"].as_f64().expect("bound") >= 0.9,
+        "{cert:#}"
+    );
+    // The unsure examples always disagree with the cloud: certifying them locally at 90 % is
+    // impossible, while the confident ones always agree.
+    let lowest_confident = confident
+        .iter()
+        .map(|e| edge_confidence(&e.edge_probabilities))
+        .fold(1.0, f32::min);
+    let highest_unsure = unsure
+        .iter()
+        .map(|e| edge_confidence(&e.edge_probabilities))
+        .fold(0.0, f32::max);
+    assert!(
+        threshold <= lowest_confident && threshold > highest_unsure,
+        "tuned threshold {threshold} should separate {highest_unsure} from {lowest_confident}: {view:#}"
+    );
+    agent.proc.wait_for_log("remote config applied", WAIT).await;
+
+    // The next requests are decided with it.
+    for ex in &confident {
+        agent
+            .infer(&ex.pixels)
+            .await
+            .assert_ok_from("edge", &ex.name);
+    }
+    for ex in &unsure {
+        agent
+            .infer(&ex.pixels)
+            .await
+            .assert_ok_from("cloud", &ex.name);
+    }
+    assert_eq!(metric(&agent, "tierd_config_version").await as u64, version);
+    assert!((metric(&agent, "tierd_threshold").await as f32 - threshold).abs() < 1e-6);
+
+    // It survives a restart, even with no broker to hand the retained copy back.
+    let status = agent.proc.terminate(Duration::from_secs(15));
+    assert!(status.success(), "agent exit: {status:?}");
+    let offline = AgentOptions {
+        mqtt_port: free_port(),
+        ..options
+    }
+    .without_broker();
+    let again = AgentProc::start(offline).await;
+    assert_eq!(metric(&again, "tierd_config_version").await as u64, version);
+    for ex in &confident {
+        again
+            .infer(&ex.pixels)
+            .await
+            .assert_ok_from("edge", &ex.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
+    let relay = RelayProc::start("rc-bad", RelayBroker::Embedded).await;
+    let device = "rc-bad-1";
+    let agent =
+        AgentProc::start(AgentOptions::new(device, relay.broker_port).telemetry_interval_s(0.5))
+            .await;
+
+    // An operator pins a threshold with the CLI; it is applied and acked.
+    let out = std::process::Command::new(bin_path("cloud-relay"))
+        .args(["config", "set", "--device", device, "threshold=0.95"])
+        .args(["--api", &relay.url("")])
+        .output()
+        .expect("cloud-relay config set");
+    assert!(
+        out.status.success(),
+        "config set failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view = wait_config(&relay, device, "the operator's document applied", |v| {
+        v["last_ack"]["applied"] == true && v["last_ack"]["version"] == v["published"]["version"]
+    })
+    .await;
+    let version = view["published"]["version"].as_u64().expect("version");
+    assert_eq!(view["pinned"], true);
+    assert!((metric(&agent, "tierd_threshold").await - 0.95).abs() < 1e-6);
+
+    let client = TestClient::connect(relay.broker_port, "rc-bad-intruder").await;
+    let topic = format!("tierd/v1/{device}/config");
+    let doc = |v: u64, settings: &str| {
+        format!(r#"{{"version":{v},"device_id":"{device}","settings":{settings}}}"#).into_bytes()
+    };
+    for (payload, reason) in [
+        (doc(version + 1, r#"{"threshold":7}"#), "threshold = 7"),
+        (
+            doc(version + 2, r#"{"threshhold":0.5}"#),
+            "unknown field `threshhold`",
+        ),
+        (doc(version + 3, r#"{"threshold":"high"}"#), "invalid type"),
+        (doc(version - 1, r#"{"threshold":0.5}"#), "not newer"),
+        (
+            format!(
+                r#"{{"version":{},"device_id":"someone-else","settings":{{}}}}"#,
+                version + 4
+            )
+            .into_bytes(),
+            "for device \"someone-else\"",
+        ),
+    ] {
+        client.publish(&topic, payload, true).await;
+        let view = wait_config(&relay, device, reason, |v| {
+            v["last_ack"]["applied"] == false
+                && v["last_ack"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(reason))
+        })
+        .await;
+        assert_eq!(
+            view["last_ack"]["in_force"].as_u64(),
+            Some(version),
+            "{view:#}"
+        );
+        assert!((metric(&agent, "tierd_threshold").await - 0.95).abs() < 1e-6);
+        assert_eq!(metric(&agent, "tierd_config_version").await as u64, version);
+    }
+
+    // `config show` prints the same view.
+    let out = std::process::Command::new(bin_path("cloud-relay"))
+        .args([
+            "config",
+            "show",
+            "--device",
+            device,
+            "--api",
+            &relay.url(""),
+        ])
+        .output()
+        .expect("cloud-relay config show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("\"last_ack\""),
+        "{text}"
+    );
+    // A bad value on the command line is refused before anything is published.
+    let out = std::process::Command::new(bin_path("cloud-relay"))
+        .args([
+            "config",
+            "set",
+            "--device",
+            device,
+            "audit_rate=3",
+            "--api",
+            &relay.url(""),
+        ])
+        .output()
+        .expect("cloud-relay config set");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("audit_rate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
