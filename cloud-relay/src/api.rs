@@ -488,8 +488,8 @@ pub fn usage(d: &DeviceRecord, delta: f64) -> DeviceUsage {
         audits: r.totals.audits,
         energy_joules: r.energy.attributed_joules.map(|_| r.energy.total_joules),
         energy_estimated: r.energy.estimated,
-        joules_per_inference: r.energy.joules_per_inference,
-        radio_joules_per_escalation: r.energy.radio_joules_per_escalation,
+        joules_per_inference: d.energy_rates.joules_per_inference,
+        radio_joules_per_escalation: d.energy_rates.radio_joules_per_escalation,
         agreement,
         edge_only_agreement: edge_only,
     }

@@ -174,8 +174,28 @@ pub struct DeviceRecord {
     pub restarts: u64,
     /// Sum of the windows received this boot; equals `latest.totals` when nothing was missed.
     pub window_sums: TierCounts,
+    /// The latest known per-request energy figures (an idle window reports none).
+    pub energy_rates: EnergyRates,
     pub latest: TelemetryReport,
     pub calibration: Option<Calibration>,
+}
+
+/// Joules per local inference and modelled radio joules per escalation, as last measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct EnergyRates {
+    pub joules_per_inference: Option<f64>,
+    pub radio_joules_per_escalation: Option<f64>,
+}
+
+impl EnergyRates {
+    fn update(&mut self, r: &TelemetryReport) {
+        if r.energy.joules_per_inference.is_some() {
+            self.joules_per_inference = r.energy.joules_per_inference;
+        }
+        if r.energy.radio_joules_per_escalation.is_some() {
+            self.radio_joules_per_escalation = r.energy.radio_joules_per_escalation;
+        }
+    }
 }
 
 /// The latest retained status a device (or the broker, as its last will) published.
@@ -308,6 +328,11 @@ impl Fleet {
             duplicate_reports: 0,
             restarts,
             window_sums: report.window,
+            energy_rates: {
+                let mut rates = EnergyRates::default();
+                rates.update(&report);
+                rates
+            },
             latest: report,
             calibration: None,
         };
@@ -326,8 +351,19 @@ impl Fleet {
             let restarts = rec.restarts + 1;
             // Evidence is about the model and traffic, not the agent run: keep it.
             let calibration = rec.calibration.take();
+            let rates = rec.energy_rates;
             *rec = fresh(report, restarts);
             rec.calibration = calibration;
+            rec.energy_rates = EnergyRates {
+                joules_per_inference: rec
+                    .energy_rates
+                    .joules_per_inference
+                    .or(rates.joules_per_inference),
+                radio_joules_per_escalation: rec
+                    .energy_rates
+                    .radio_joules_per_escalation
+                    .or(rates.radio_joules_per_escalation),
+            };
             return Ok(Ingest::Restart);
         }
         if report.seq <= rec.last_seq {
@@ -340,6 +376,7 @@ impl Fleet {
         rec.reports += 1;
         rec.last_seen_ms = now_ms;
         rec.window_sums = rec.window_sums.plus(report.window);
+        rec.energy_rates.update(&report);
         rec.latest = report;
         Ok(if missing == 0 {
             Ingest::Next
@@ -543,6 +580,20 @@ mod tests {
         assert_eq!(f.get("a").map(|d| (d.restarts, d.last_seq)), Some((1, 1)));
         assert_eq!(f.ingest("a", report("a", 1, 9, 5), 0), Ok(Ingest::Stale));
         assert_eq!(f.get("a").map(|d| d.latest.totals.edge), Some(7));
+    }
+
+    #[test]
+    fn energy_rates_survive_idle_windows_and_restarts() {
+        let mut f = Fleet::new(10);
+        let mut busy = report("a", 1, 1, 5);
+        busy.energy.joules_per_inference = Some(0.002);
+        busy.energy.radio_joules_per_escalation = Some(0.0005);
+        f.ingest("a", busy, 0).expect("busy");
+        f.ingest("a", report("a", 1, 2, 0), 0).expect("idle");
+        f.ingest("a", report("a", 2, 1, 0), 0).expect("restart");
+        let rates = f.get("a").map(|d| d.energy_rates).expect("device");
+        assert_eq!(rates.joules_per_inference, Some(0.002));
+        assert_eq!(rates.radio_joules_per_escalation, Some(0.0005));
     }
 
     #[test]

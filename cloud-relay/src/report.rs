@@ -531,7 +531,7 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(
         out,
         "Cost report: tierd vs all-cloud vs all-edge, same traffic\n\
-         prices: {:.2} {cur}/kWh, {:.2} {cur} per 1,000 cloud calls, {:.2} {cur} per \
+         prices: {:.2} {cur}/kWh, {:.2} {cur} per 1,000 cloud calls, {} {cur} per \
          disagreement; {:.0} gCO2/kWh at the device, {:.1} gCO2 per 1,000 cloud calls\n",
         p.energy_per_kwh,
         p.cloud_per_1000_calls,

@@ -105,6 +105,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     // State (spool, applied config, overrides) in a scratch folder: a demo leaves no trace.
     let state = std::env::temp_dir().join(format!("tierd-demo-{}", std::process::id()));
     relay_cfg.state_dir = Some(state.join("relay"));
+    // The demo measures one fixed threshold, so the tuner proposes (printed at the end) but
+    // does not push; an answer that disagrees with the cloud is priced at 0.2 cents so the
+    // cost report weighs accuracy too (illustrative: set your own in [prices]).
+    relay_cfg.tuning.push = false;
+    relay_cfg.prices.per_disagreement = 0.002;
+    let prices = relay_cfg.prices.clone();
+    let delta = relay_cfg.tuning.delta;
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;
@@ -329,6 +336,25 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             );
         }
         None => println!("relay fleet view    no telemetry from demo-pi reached the relay"),
+    }
+    if let Some(d) = &record {
+        if let Some(c) = d.calibration.as_ref().map(|c| &c.certificate) {
+            println!(
+                "tuner proposal      threshold {} for 99 % agreement with the cloud: lower bound {:.4} (estimate {:.4}), escalation rate {:.1} %, from {} requests ({} audited){}",
+                c.threshold,
+                c.agreement_lower_bound,
+                c.agreement,
+                100.0 * c.escalation_rate,
+                c.requests,
+                c.audited,
+                if c.insufficient_evidence { " [insufficient evidence]" } else { "" }
+            );
+        }
+        let report = cloud_relay::report::build(&[cloud_relay::api::usage(d, delta)], &prices);
+        println!(
+            "\ncost report (cloud-relay report):\n{}",
+            cloud_relay::report::render_text(&report)
+        );
     }
     let _ = stop_relay.send(());
     let _ = relay_task.await;
