@@ -166,28 +166,33 @@ fn pump(spool: &SharedSpool, sender: &mut Sender, client: &AsyncClient, topics: 
     let (stream_id, floor) = (spool.stream_id(), spool.floor());
     drop(spool);
     for r in records {
-        let Some(kind) = RecordKind::from_u8(r.kind) else {
-            // Written by a newer agent or damaged in a way the checksum missed: skip it (the
-            // relay's gap accounting will show it), never block the queue behind it.
-            warn!(
-                seq = r.seq,
-                kind = r.kind,
-                "spool record of unknown kind skipped"
-            );
-            continue;
+        // A record that cannot go out as it is (a kind this build does not know, or too big for
+        // the envelope) still goes out, empty, under its seq: the relay rejects and logs it, and
+        // the stream stays contiguous. Skipping it would leave every later record waiting
+        // behind a gap the relay can never close.
+        let (kind, body) = match RecordKind::from_u8(r.kind) {
+            Some(k) => (k, r.payload),
+            None => {
+                warn!(seq = r.seq, kind = r.kind, "spool record of unknown kind; sent empty");
+                (RecordKind::Telemetry, Vec::new())
+            }
         };
-        let envelope = Spooled {
+        let mut envelope = Spooled {
             stream_id,
             seq: r.seq,
             floor,
             kind,
-            body: r.payload,
+            body,
         };
         let payload = match encode(&envelope) {
             Ok(p) => p,
             Err(e) => {
-                warn!(seq = r.seq, error = %e, "spool record cannot be sent; skipped");
-                continue;
+                warn!(seq = r.seq, error = %e, "spool record cannot be sent as it is; sent empty");
+                envelope.body.clear();
+                match encode(&envelope) {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                }
             }
         };
         let topic = match kind {
