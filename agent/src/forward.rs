@@ -173,7 +173,11 @@ fn pump(spool: &SharedSpool, sender: &mut Sender, client: &AsyncClient, topics: 
         let (kind, body) = match RecordKind::from_u8(r.kind) {
             Some(k) => (k, r.payload),
             None => {
-                warn!(seq = r.seq, kind = r.kind, "spool record of unknown kind; sent empty");
+                warn!(
+                    seq = r.seq,
+                    kind = r.kind,
+                    "spool record of unknown kind; sent empty"
+                );
                 (RecordKind::Telemetry, Vec::new())
             }
         };
