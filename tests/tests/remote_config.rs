@@ -259,3 +259,63 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_was_offline_gets_the_config_set_meanwhile() {
+    let relay = RelayProc::start("rc-offline", RelayBroker::Embedded).await;
+    let device = "rc-offline-1";
+    let state = tempfile::tempdir().expect("tempdir");
+    let options = AgentOptions::new(device, relay.broker_port)
+        .telemetry_interval_s(0.5)
+        .state_dir(state.path());
+    let mut agent = AgentProc::start(options.clone()).await;
+    let status = agent.proc.terminate(Duration::from_secs(15));
+    assert!(status.success(), "agent exit {status:?}");
+
+    // While the device is away, an operator changes its config over the HTTP API.
+    let resp = tierd_e2e::http_client()
+        .put(relay.url(&format!("/api/devices/{device}/config")))
+        .body(r#"{"threshold": 0.42, "audit_rate": 0.1}"#)
+        .send()
+        .await
+        .expect("PUT config");
+    assert_eq!(resp.status().as_u16(), 200);
+    let published: Value = resp.json().await.expect("json");
+    let version = published["published"]["version"].as_u64().expect("version");
+
+    // It comes back, receives the retained document, applies and acknowledges it.
+    let again = AgentProc::start(options).await;
+    let view = wait_config(
+        &relay,
+        device,
+        "the document applied after reconnecting",
+        |v| v["last_ack"]["applied"] == true && v["last_ack"]["version"].as_u64() == Some(version),
+    )
+    .await;
+    let published = view["published"]["settings"]["threshold"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!((published - 0.42).abs() < 1e-6, "{view:#}");
+    // The next telemetry report says the device runs it.
+    wait_config(&relay, device, "telemetry reporting the new version", |v| {
+        v["running"]["config_version"].as_u64() == Some(version)
+    })
+    .await;
+    assert!((metric(&again, "tierd_threshold").await - 0.42).abs() < 1e-6);
+    assert_eq!(metric(&again, "tierd_config_version").await as u64, version);
+    // A bad request body is refused with a message, and nothing is published.
+    let resp = tierd_e2e::http_client()
+        .put(relay.url(&format!("/api/devices/{device}/config")))
+        .body(r#"{"threshold": "very high"}"#)
+        .send()
+        .await
+        .expect("PUT config");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("threshold")),
+        "{body}"
+    );
+}
