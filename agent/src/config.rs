@@ -368,17 +368,7 @@ impl AgentConfig {
 
     /// The state directory in force (see [`AgentConfig::state_dir`]).
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(|| {
-            std::env::var_os("STATE_DIRECTORY")
-                .filter(|v| !v.is_empty())
-                // systemd may pass several, colon-separated; ours is the first.
-                .and_then(|v| {
-                    v.to_str()
-                        .and_then(|s| s.split(':').next())
-                        .map(PathBuf::from)
-                })
-                .unwrap_or_else(|| PathBuf::from("tierd-state"))
-        })
+        tierd_runtime::state::state_directory(self.state_dir.as_deref(), "tierd-state")
     }
 
     pub fn telemetry_interval(&self) -> Duration {

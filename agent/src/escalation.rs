@@ -159,44 +159,10 @@ impl Escalator {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// Sends `input` to the relay and waits at most `timeout` for its answer.
-    pub async fn escalate(
-        &self,
-        input: Tensor,
-        edge_model: String,
-        edge_probabilities: Vec<f32>,
-        timeout: Duration,
-    ) -> CloudResult {
-        self.ask(
-            EscalationKind::Escalation,
-            input,
-            edge_model,
-            edge_probabilities,
-            timeout,
-        )
-        .await
-    }
-
-    /// An audit: the same round trip for a request already answered locally, marked as such
-    /// on the wire. Shares the in-flight bound with escalations.
-    pub async fn audit(
-        &self,
-        input: Tensor,
-        edge_model: String,
-        edge_probabilities: Vec<f32>,
-        timeout: Duration,
-    ) -> CloudResult {
-        self.ask(
-            EscalationKind::Audit,
-            input,
-            edge_model,
-            edge_probabilities,
-            timeout,
-        )
-        .await
-    }
-
-    async fn ask(
+    /// Sends `input` to the relay and waits at most `timeout` for its answer. An
+    /// [`EscalationKind::Audit`] is the same round trip for a request already answered locally,
+    /// marked as such on the wire; both share the in-flight bound.
+    pub async fn ask(
         &self,
         kind: EscalationKind,
         input: Tensor,

@@ -357,7 +357,8 @@ async fn infer_checked(
         let t = Instant::now();
         let r = state
             .escalator
-            .escalate(
+            .ask(
+                tierd_protocol::EscalationKind::Escalation,
                 input,
                 state.model.id(),
                 edge.probabilities.clone(),
@@ -442,7 +443,16 @@ fn spawn_audit(
         .escalation_timeout
         .max(std::time::Duration::from_secs(2));
     tokio::spawn(async move {
-        if let Ok(cloud) = escalator.audit(input, model, probs, timeout).await {
+        if let Ok(cloud) = escalator
+            .ask(
+                tierd_protocol::EscalationKind::Audit,
+                input,
+                model,
+                probs,
+                timeout,
+            )
+            .await
+        {
             recorder
                 .counters
                 .audits

@@ -11,11 +11,11 @@
 //! [`RemoteConfig`] does the file I/O but no MQTT; the agent feeds it payloads and sends the
 //! acks it returns through the spool.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tierd_protocol::{ConfigAck, ConfigDocError, ConfigDocument, Settings};
+use tierd_runtime::state::write_atomic;
 use tracing::warn;
 
 use crate::cascade::Signal;
@@ -62,20 +62,6 @@ pub struct RemoteConfig {
     base: Policy,
     dir: PathBuf,
     doc: Option<ConfigDocument>,
-}
-
-/// Writes `bytes` to `dir/name` so that a crash at any point leaves the old file or the new
-/// one, never a mix: temp file, fsync, rename, fsync of the directory.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 impl RemoteConfig {
@@ -147,20 +133,8 @@ impl RemoteConfig {
 
     pub fn handle(&mut self, payload: &[u8]) -> Outcome {
         let in_force = self.version();
-        let reject = |reason: String| {
-            Outcome::Rejected(ConfigAck {
-                version: 0,
-                applied: false,
-                reason,
-                in_force,
-            })
-        };
-        let doc = match ConfigDocument::from_json(payload) {
-            Ok(d) => d,
-            Err(e) => return reject(e.to_string()),
-        };
-        let version = doc.version;
-        let rejected = |reason: String| {
+        // `version` is 0 when the payload does not even parse.
+        let rejected = |version: u64, reason: String| {
             Outcome::Rejected(ConfigAck {
                 version,
                 applied: false,
@@ -168,12 +142,17 @@ impl RemoteConfig {
                 in_force,
             })
         };
+        let doc = match ConfigDocument::from_json(payload) {
+            Ok(d) => d,
+            Err(e) => return rejected(0, e.to_string()),
+        };
+        let version = doc.version;
         if version == in_force && self.doc.as_ref() == Some(&doc) {
             return Outcome::Unchanged;
         }
         if let Err(e) = doc.check(&self.device_id, in_force) {
             // The same version with different content is as stale as an older one.
-            return rejected(match e {
+            return rejected(version, match e {
                 ConfigDocError::Stale { .. } if version == in_force => format!(
                     "config version {version} is already in force with different content; versions must increase"
                 ),
@@ -182,10 +161,13 @@ impl RemoteConfig {
         }
         if let Err(e) = write_atomic(&self.dir, APPLIED_FILE, &doc.to_json()) {
             warn!(error = %e, dir = %self.dir.display(), "cannot persist the config document");
-            return rejected(format!(
-                "cannot persist it in {}: {e}; not applied, so a reboot cannot undo it",
-                self.dir.display()
-            ));
+            return rejected(
+                version,
+                format!(
+                    "cannot persist it in {}: {e}; not applied, so a reboot cannot undo it",
+                    self.dir.display()
+                ),
+            );
         }
         self.doc = Some(doc);
         Outcome::Applied(

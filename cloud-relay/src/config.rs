@@ -326,16 +326,7 @@ impl RelayConfig {
 
     /// The state directory in force (see [`RelayConfig::state_dir`]).
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(|| {
-            std::env::var_os("STATE_DIRECTORY")
-                .filter(|v| !v.is_empty())
-                .and_then(|v| {
-                    v.to_str()
-                        .and_then(|s| s.split(':').next())
-                        .map(PathBuf::from)
-                })
-                .unwrap_or_else(|| PathBuf::from("tierd-relay-state"))
-        })
+        tierd_runtime::state::state_directory(self.state_dir.as_deref(), "tierd-relay-state")
     }
 
     /// Broker settings the relay's client uses: the configured broker or the embedded one.

@@ -10,7 +10,7 @@
 //! long as the relay's clock does not jump back.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 use tierd_protocol::{ConfigAck, ConfigDocument, Settings};
@@ -252,16 +252,8 @@ pub fn load_overrides(dir: &Path) -> Result<BTreeMap<String, Settings>, String> 
 
 /// Saves them atomically (temp file, fsync, rename, fsync of the directory).
 pub fn save_overrides(dir: &Path, map: &BTreeMap<String, Settings>) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let tmp: PathBuf = dir.join(format!(".{OVERRIDES_FILE}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(map).unwrap_or_default())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(OVERRIDES_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    let json = serde_json::to_vec_pretty(map).map_err(std::io::Error::other)?;
+    tierd_runtime::state::write_atomic(dir, OVERRIDES_FILE, &json)
 }
 
 #[cfg(test)]

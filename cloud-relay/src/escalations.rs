@@ -300,7 +300,13 @@ fn learn_config(ctx: &Ctx, topic: Topic, publish: &Publish) {
 
 /// Publishes a device's config document, retained, QoS 1.
 pub fn publish_config(client: &AsyncClient, doc: &ConfigDocument) {
-    let topic = format!("{}/{}/config", tierd_protocol::topic::PREFIX, doc.device_id);
+    let topic = match Topic::new(&doc.device_id, TopicKind::Config) {
+        Ok(t) => t.to_string(),
+        Err(e) => {
+            warn!(error = %e, "config document not published");
+            return;
+        }
+    };
     if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, doc.to_json()) {
         warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
     }

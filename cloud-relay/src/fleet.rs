@@ -408,13 +408,14 @@ impl Fleet {
             return Err(FleetError::NoTelemetry(c.device_id));
         };
         let setup = self.setup;
-        let latest = rec.latest.clone();
+        // Disjoint fields: the report is read while the calibration is updated.
+        let latest = &rec.latest;
         let cal = rec.calibration.get_or_insert_with(|| Calibration {
             signal: c.signal.clone(),
             edges: c.edges.clone(),
             audit_rate: c.audit_rate,
             bins: Vec::new(),
-            certificate: tune(&setup, &[], &latest),
+            certificate: tune(&setup, &[], latest),
             windows: VecDeque::new(),
         });
         // New bins or a new signal make old evidence incomparable: start over.
@@ -429,7 +430,7 @@ impl Fleet {
             cal.windows.pop_front();
         }
         cal.bins = sum_bins(&cal.windows, cal.edges.len());
-        cal.certificate = tune(&setup, &tuner_bins(&cal.edges, &cal.bins), &latest);
+        cal.certificate = tune(&setup, &tuner_bins(&cal.edges, &cal.bins), latest);
         Ok(())
     }
 

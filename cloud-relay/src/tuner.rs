@@ -105,6 +105,20 @@ pub struct Costs {
     pub latency_slo_s: f64,
 }
 
+impl Default for Costs {
+    /// Nothing priced (a one-second latency SLO, unpenalized).
+    fn default() -> Self {
+        Costs {
+            per_joule: 0.0,
+            per_cloud_call: 0.0,
+            per_latency_second: 0.0,
+            per_disagreement: 0.0,
+            per_slo_violation: 0.0,
+            latency_slo_s: 1.0,
+        }
+    }
+}
+
 /// The device's measured figures, from its latest telemetry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceCosts {
@@ -353,14 +367,7 @@ impl Default for Setup {
                 delta: 0.05,
             },
             limits: Limits::default(),
-            costs: Costs {
-                per_joule: 0.0,
-                per_cloud_call: 0.0,
-                per_latency_second: 0.0,
-                per_disagreement: 0.0,
-                per_slo_violation: 0.0,
-                latency_slo_s: 1.0,
-            },
+            costs: Costs::default(),
         }
     }
 }
@@ -451,6 +458,21 @@ mod tests {
         }
     }
 
+    /// `target_agreement` at δ = 0.05 with the default limits and test prices.
+    fn at_target(b: &[Bin], target: f64, current: f32) -> Certificate {
+        tune(
+            b,
+            Policy::TargetAgreement {
+                target,
+                delta: 0.05,
+            },
+            current,
+            &Limits::default(),
+            &costs(),
+            &DeviceCosts::default(),
+        )
+    }
+
     #[test]
     fn clopper_pearson_matches_known_values() {
         // 0 of 299: the rule of three gives ~3/n at 95 % one-sided.
@@ -469,17 +491,7 @@ mod tests {
         // 0.93 up disagrees on (0.01 + 0.004 + 0.002 + 0) / 11 = 0.15 % of traffic; from 0.9 up
         // on 0.33 %; from 0.85 on 0.78 %; from 0.8 on 1.7 % — so a 0.99 target lands on 0.85.
         let b = bins(100_000, &DISAGREE, 0.0, 1);
-        let c = tune(
-            &b,
-            Policy::TargetAgreement {
-                target: 0.99,
-                delta: 0.05,
-            },
-            0.9,
-            &Limits::default(),
-            &costs(),
-            &DeviceCosts::default(),
-        );
+        let c = at_target(&b, 0.99, 0.9);
         assert_eq!(c.threshold, 0.85, "{c:?}");
         assert!(c.agreement_lower_bound >= 0.99 && c.agreement > c.agreement_lower_bound);
         assert!(!c.insufficient_evidence);
@@ -490,31 +502,11 @@ mod tests {
     fn thin_evidence_is_conservative_and_too_little_keeps_the_threshold() {
         // Same rates, 1 % audits of few requests: the bound is loose, so a higher threshold.
         let b = bins(2_000, &DISAGREE, 0.9, 100);
-        let c = tune(
-            &b,
-            Policy::TargetAgreement {
-                target: 0.99,
-                delta: 0.05,
-            },
-            0.9,
-            &Limits::default(),
-            &costs(),
-            &DeviceCosts::default(),
-        );
+        let c = at_target(&b, 0.99, 0.9);
         assert!(c.threshold > 0.85, "{c:?}");
         assert!(c.agreement_lower_bound >= 0.99, "{c:?}");
         let tiny = bins(50, &DISAGREE, 0.9, 1);
-        let c = tune(
-            &tiny,
-            Policy::TargetAgreement {
-                target: 0.99,
-                delta: 0.05,
-            },
-            0.77,
-            &Limits::default(),
-            &costs(),
-            &DeviceCosts::default(),
-        );
+        let c = at_target(&tiny, 0.99, 0.77);
         assert!(c.insufficient_evidence, "{c:?}");
         assert_eq!(c.threshold, 0.77);
     }
@@ -524,17 +516,7 @@ mod tests {
         let b = bins(20_000, &DISAGREE, 0.8, 10);
         let mut last = 0.0;
         for target in [0.9, 0.95, 0.98, 0.99, 0.995, 0.999] {
-            let c = tune(
-                &b,
-                Policy::TargetAgreement {
-                    target,
-                    delta: 0.05,
-                },
-                0.9,
-                &Limits::default(),
-                &costs(),
-                &DeviceCosts::default(),
-            );
+            let c = at_target(&b, target, 0.9);
             assert!(c.threshold >= last, "target {target}: {c:?}");
             last = c.threshold;
         }

@@ -138,14 +138,7 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
         min_requests: cfg.min_requests,
         ..Limits::default()
     };
-    let costs = Costs {
-        per_joule: 0.0,
-        per_cloud_call: 0.0,
-        per_latency_second: 0.0,
-        per_disagreement: 0.0,
-        per_slo_violation: 0.0,
-        latency_slo_s: 1.0,
-    };
+    let costs = Costs::default();
     let policy = Policy::TargetAgreement {
         target: cfg.target,
         delta: cfg.delta,

@@ -1,5 +1,5 @@
-//! What both daemons run: verified models ([`Model`]), the MQTT connection ([`mqtt`]) and the
-//! systemd notify protocol ([`systemd`]).
+//! What both daemons run: verified models ([`Model`]), the MQTT connection ([`mqtt`]), the
+//! systemd notify protocol ([`systemd`]) and the state directory ([`state`]).
 //!
 //! A model file is not trusted: [`Model::load`] checks its sha256 against the manifest, compiles it
 //! with tract into an optimized plan once, then runs every golden vector and refuses the model if
@@ -10,6 +10,7 @@ mod manifest;
 pub mod metrics;
 mod model;
 pub mod mqtt;
+pub mod state;
 pub mod stream;
 pub mod systemd;
 

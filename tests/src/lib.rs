@@ -542,6 +542,25 @@ impl RelayProc {
         (status, resp.text().await.unwrap_or_default())
     }
 
+    /// Polls `GET path` until it answers 200 with a body for which `done` holds; panics with
+    /// the last body and the relay's log after 40 s.
+    pub async fn wait_json(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let limit = Duration::from_secs(40);
+        let start = Instant::now();
+        loop {
+            let (status, v) = self.get_json(path).await;
+            if status == 200 && done(&v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "waited {limit:?} for {what} on {path}; last: {v:#}\nrelay log:\n{}",
+                self.proc.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// GET on the relay's HTTP API, parsed as JSON.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let (status, text) = self.get_text(path).await;
@@ -756,6 +775,22 @@ impl AgentProc {
     /// The agent's HTTP client (shares connections across calls).
     pub fn client(&self) -> &reqwest::Client {
         &self.client
+    }
+
+    /// The value of the first sample of metric `name` on `/metrics` whose line contains
+    /// `label` (`""` for any).
+    pub async fn metric(&self, name: &str, label: &str) -> f64 {
+        let (status, body) = self.get("/metrics").await;
+        assert_eq!(status, 200, "GET /metrics");
+        let text = body.as_str().unwrap_or_default();
+        text.lines()
+            .find(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(label))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} {label} in /metrics:\n{text}"))
     }
 
     /// `GET path` → (status, JSON body or the text as a JSON string).

@@ -15,7 +15,6 @@ use tierd_e2e::{
 };
 use tierd_protocol::{encode, EscalationReply, ReplyOutcome, SpoolAck};
 
-const WAIT: Duration = Duration::from_secs(40);
 const EDGE_MODEL: &str = "digits-edge";
 
 /// What a load generator saw.
@@ -87,29 +86,13 @@ async fn wait_device(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let start = Instant::now();
-    loop {
-        let (status, v) = relay.get_json(&format!("/api/devices/{device}")).await;
-        if status == 200 && done(&v) {
-            return v;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "waited {WAIT:?} for {what}; last: {v:#}\nrelay log:\n{}",
-            relay.proc.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    relay
+        .wait_json(&format!("/api/devices/{device}"), what, done)
+        .await
 }
 
 async fn metric(agent: &AgentProc, name: &str, label: &str) -> f64 {
-    let (_, body) = agent.get("/metrics").await;
-    let text = body.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find(|l| l.starts_with(name) && l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} {label} in /metrics:\n{text}"))
+    agent.metric(name, label).await
 }
 
 fn spool_file(state: &std::path::Path) -> std::path::PathBuf {

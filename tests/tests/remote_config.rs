@@ -3,15 +3,13 @@
 //! decides the next requests with it and keeps it across a restart; invalid or stale documents
 //! are rejected with the reason acked and change nothing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tierd_e2e::{
     bin_path, confident_examples, free_port, unsure_examples, AgentOptions, AgentProc, RelayBroker,
     RelayProc, TestClient,
 };
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// Polls the relay's view of a device's config until `done` holds.
 async fn wait_config(
@@ -20,34 +18,14 @@ async fn wait_config(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let start = Instant::now();
-    loop {
-        let (status, v) = relay
-            .get_json(&format!("/api/devices/{device}/config"))
-            .await;
-        assert_eq!(status, 200, "{v}");
-        if done(&v) {
-            return v;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "waited {WAIT:?} for {what}; last view: {v:#}\nrelay log:\n{}",
-            relay.proc.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    relay
+        .wait_json(&format!("/api/devices/{device}/config"), what, done)
+        .await
 }
 
 /// The value of the first sample of `name` on the agent's `/metrics`.
 async fn metric(agent: &AgentProc, name: &str) -> f64 {
-    let (status, body) = agent.get("/metrics").await;
-    assert_eq!(status, 200);
-    let text = body.as_str().expect("metrics text").to_string();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    agent.metric(name, "").await
 }
 
 fn edge_confidence(p: &[f32]) -> f32 {
@@ -120,7 +98,10 @@ async fn the_relay_tunes_pushes_and_the_agent_applies_acks_and_keeps_it() {
         threshold <= lowest_confident && threshold > highest_unsure,
         "tuned threshold {threshold} should separate {highest_unsure} from {lowest_confident}: {view:#}"
     );
-    agent.proc.wait_for_log("remote config applied", WAIT).await;
+    agent
+        .proc
+        .wait_for_log("remote config applied", Duration::from_secs(30))
+        .await;
 
     // The next requests are decided with it.
     for ex in &confident {
