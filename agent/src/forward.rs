@@ -17,13 +17,15 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::AsyncClient;
-use tierd_protocol::{encode, RecordKind, SpoolAck, Spooled, Topic, TopicKind};
-use tokio::sync::{mpsc, watch, Notify};
+use tierd_protocol::{decode, encode, RecordKind, SpoolAck, Spooled, Topic, TopicKind};
+use tierd_runtime::link::Publisher;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use crate::spool::{Spool, SpoolStats};
+use crate::telemetry::{ReportSink, SinkError};
 
 pub type SharedSpool = Arc<Mutex<Spool>>;
 
@@ -102,15 +104,12 @@ pub struct SpoolSink {
     pub notify: Arc<Notify>,
 }
 
-impl crate::telemetry::ReportSink for SpoolSink {
-    fn send(&self, kind: RecordKind, payload: Vec<u8>) -> Result<(), String> {
-        let mut spool = self
-            .spool
-            .lock()
-            .map_err(|_| "spool lock poisoned".to_string())?;
+impl ReportSink for SpoolSink {
+    fn send(&self, kind: RecordKind, payload: Vec<u8>) -> Result<(), SinkError> {
+        let mut spool = self.spool.lock().map_err(|_| SinkError::Poisoned)?;
         spool
             .append(kind.as_u8(), &payload)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SinkError::Spool(Box::new(e)))?;
         drop(spool);
         self.notify.notify_one();
         Ok(())
@@ -135,10 +134,10 @@ impl SpoolSink {
 
 pub struct Forwarder {
     pub sink: SpoolSink,
-    pub client: AsyncClient,
+    pub publisher: Publisher,
     pub device_id: String,
-    pub acks: mpsc::Receiver<SpoolAck>,
-    pub connection: watch::Receiver<bool>,
+    /// The relay's cumulative acknowledgements, as the link routes them.
+    pub acks: mpsc::Receiver<Publish>,
     pub resend_after: Duration,
     pub flush_timeout: Duration,
 }
@@ -149,7 +148,7 @@ struct Topics {
 }
 
 /// Publishes what is due; stops at the first publish the client cannot queue.
-fn pump(spool: &SharedSpool, sender: &mut Sender, client: &AsyncClient, topics: &Topics) {
+fn pump(spool: &SharedSpool, sender: &mut Sender, publisher: &Publisher, topics: &Topics) {
     let Ok(spool) = spool.lock() else { return };
     let range = sender.due(spool.floor(), spool.next_seq(), Instant::now());
     if range.is_empty() {
@@ -203,7 +202,7 @@ fn pump(spool: &SharedSpool, sender: &mut Sender, client: &AsyncClient, topics: 
             RecordKind::ConfigAck => &topics.config_ack,
             RecordKind::Telemetry | RecordKind::Calibration => &topics.telemetry,
         };
-        if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
+        if let Err(e) = publisher.try_publish(topic, QoS::AtLeastOnce, false, payload) {
             debug!(seq = r.seq, error = %e, "MQTT queue full; will send again");
             sender.rewind(r.seq);
             return;
@@ -211,9 +210,10 @@ fn pump(spool: &SharedSpool, sender: &mut Sender, client: &AsyncClient, topics: 
     }
 }
 
-/// Forwards spooled records until `shutdown` flips, then tries for `flush_timeout` to have
+/// Forwards spooled records until `shutdown` resolves, then tries for `flush_timeout` to have
 /// everything pending acknowledged; what is left stays on disk for the next start.
-pub async fn run(mut f: Forwarder, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(mut f: Forwarder, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
     let topics = match (
         Topic::new(&f.device_id, TopicKind::Telemetry),
         Topic::new(&f.device_id, TopicKind::ConfigAck),
@@ -228,10 +228,11 @@ pub async fn run(mut f: Forwarder, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping: Option<tokio::time::Instant> = None;
+    let mut connection = f.publisher.connection();
     loop {
-        let connected = *f.connection.borrow();
+        let connected = *connection.borrow();
         if connected {
-            pump(&f.sink.spool, &mut sender, &f.client, &topics);
+            pump(&f.sink.spool, &mut sender, &f.publisher, &topics);
         }
         if let Some(deadline) = stopping {
             let pending = f.sink.stats().map_or(0, |s| s.pending_records);
@@ -245,18 +246,21 @@ pub async fn run(mut f: Forwarder, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = f.sink.notify.notified() => {}
             _ = tick.tick() => {}
-            Some(ack) = f.acks.recv() => handle_ack(&f.sink.spool, &mut sender, ack),
-            changed = f.connection.changed() => {
+            Some(ack) = f.acks.recv() => match decode::<SpoolAck>(&ack.payload) {
+                Ok(ack) => handle_ack(&f.sink.spool, &mut sender, ack),
+                Err(e) => warn!(error = %e, "rejected spool ack"),
+            },
+            changed = connection.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                if *f.connection.borrow_and_update() {
+                if *connection.borrow_and_update() {
                     if let Ok(s) = f.sink.spool.lock() {
                         sender.reconnected(s.floor());
                     }
                 }
             }
-            _ = shutdown.changed(), if stopping.is_none() => {
+            _ = &mut shutdown, if stopping.is_none() => {
                 stopping = Some(tokio::time::Instant::now() + f.flush_timeout);
             }
         }

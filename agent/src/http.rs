@@ -1,5 +1,5 @@
 //! The local HTTP API: Open Inference Protocol v2 routes, admission control, error mapping.
-//! The decision itself is in [`crate::cascade`]; this module only moves bytes and statuses.
+//! The cascade itself is [`crate::cascade::Cascade`]; this module only maps OIP to and from it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,9 +16,19 @@ use tokio::sync::Semaphore;
 
 use tierd_protocol::LatencySeries;
 
-use crate::cascade;
+use crate::cascade::{self, Cascade};
+use crate::escalation::Escalator;
 use crate::oip::{self, InferResponse, ModelMetadata, ResponseOutput, TensorMetadata};
-use crate::AppState;
+use crate::telemetry::Recorder;
+
+/// What the HTTP handlers share: the cascade they call and the front end's own parts.
+pub struct AppState {
+    pub cascade: Cascade<tierd_runtime::Model, Escalator>,
+    pub admission: Admission,
+    pub recorder: Arc<Recorder>,
+    pub metrics: prometheus_client::registry::Registry,
+    pub max_body_bytes: usize,
+}
 
 /// Bounded admission: `workers` requests run, up to `queue` more wait; the rest get 503.
 #[derive(Debug)]
@@ -162,7 +172,7 @@ async fn ready() -> Json<Value> {
 }
 
 fn check_model(state: &AppState, name: &str, version: Option<&str>) -> Result<(), ApiError> {
-    let m = state.model.manifest();
+    let m = state.cascade.model().manifest();
     if name != m.name {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -203,7 +213,7 @@ fn metadata(
     version: Option<&str>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
     check_model(state, name, version)?;
-    let m = state.model.manifest();
+    let m = state.cascade.model().manifest();
     let shape: Vec<i64> = m.input.shape.iter().map(|&d| d as i64).collect();
     Ok(Json(ModelMetadata {
         name: m.name.clone(),
@@ -304,8 +314,9 @@ async fn infer_checked(
         state.admission.workers.acquire().await.map_err(|_| {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down")
         })?;
-    let recorder = &state.recorder;
-    recorder.record(LatencySeries::StageQueue, started.elapsed());
+    state
+        .recorder
+        .record(LatencySeries::StageQueue, started.elapsed());
 
     let header_len = match headers.get("inference-header-content-length") {
         None => None,
@@ -317,7 +328,7 @@ async fn infer_checked(
         ),
     };
     let (req, binary) = oip::parse_request(body, header_len).map_err(bad)?;
-    let manifest = state.model.manifest();
+    let manifest = state.cascade.model().manifest();
     if let Some(outputs) = &req.outputs {
         if let Some(o) = outputs.iter().find(|o| o.name != manifest.output.name) {
             return Err(bad(format!(
@@ -327,70 +338,34 @@ async fn infer_checked(
         }
     }
     let input = oip::input_tensor(&req, binary, &manifest.input.name).map_err(bad)?;
-    let edge = state.model.predict(&input).map_err(|e| match e {
-        tierd_runtime::InputError::Runtime(m) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("edge model failed: {m}"),
-        ),
-        other => bad(other.to_string()),
-    })?;
-    recorder.record(LatencySeries::StageForward, edge.compute);
+    let outcome = state
+        .cascade
+        .infer(input, started)
+        .await
+        .map_err(|e| match e {
+            tierd_runtime::InputError::Runtime(m) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("edge model failed: {m}"),
+            ),
+            other => bad(other.to_string()),
+        })?;
+    Ok(Json(response(manifest, req.id, outcome, started)))
+}
 
-    let policy = *state.policy.borrow();
-    let confidence = cascade::confidence(&edge.probabilities, policy.signal);
-    let escalate = cascade::should_escalate(confidence, policy.threshold);
-    let mut cloud_us = None;
-    if !escalate {
-        state.evidence.record_local(confidence);
-        if state.evidence.should_audit() {
-            spawn_audit(
-                state,
-                input.clone(),
-                &edge.probabilities,
-                confidence,
-                &policy,
-            );
-        }
-    }
-    let edge_top1 = cascade::top1(&edge.probabilities);
-    let cloud = if escalate {
-        let t = Instant::now();
-        let r = state
-            .escalator
-            .ask(
-                tierd_protocol::EscalationKind::Escalation,
-                input,
-                state.model.id(),
-                edge.probabilities.clone(),
-                policy.escalation_timeout,
-            )
-            .await;
-        let took = t.elapsed();
-        recorder.record(LatencySeries::StageEscalation, took);
-        cloud_us = Some(took.as_micros() as u64);
-        Some(r)
-    } else {
-        None
-    };
-    if escalate {
-        let agree = match &cloud {
-            Some(Ok(p)) => Some(cascade::top1(p) == edge_top1),
-            _ => None,
-        };
-        state.evidence.record_escalated(confidence, agree);
-    }
-    let answer = cascade::resolve(edge.probabilities, cloud);
-    recorder.counters.count(answer.tier);
-    if let Some(reason) = &answer.fallback {
-        recorder.counters.count_fallback(reason);
-    }
-    recorder.record_path(answer.tier, started.elapsed());
-
+/// The OIP answer for one outcome: the probabilities as the output tensor, the cascade's
+/// decision in `parameters`.
+fn response(
+    manifest: &tierd_runtime::Manifest,
+    id: Option<String>,
+    outcome: cascade::Outcome,
+    started: Instant,
+) -> InferResponse {
+    let answer = outcome.answer;
     let mut params = Map::new();
     params.insert("tier".into(), answer.tier.as_str().into());
-    params.insert("confidence".into(), json!(confidence));
-    params.insert("threshold".into(), json!(policy.threshold));
-    params.insert("signal".into(), policy.signal.as_str().into());
+    params.insert("confidence".into(), json!(outcome.confidence));
+    params.insert("threshold".into(), json!(outcome.threshold));
+    params.insert("signal".into(), outcome.signal.as_str().into());
     if let Some(reason) = &answer.fallback {
         params.insert("fallback_reason".into(), reason.as_str().into());
     }
@@ -400,19 +375,19 @@ async fn infer_checked(
     }
     params.insert(
         "edge_compute_us".into(),
-        json!(edge.compute.as_micros() as u64),
+        json!(outcome.edge_compute.as_micros() as u64),
     );
-    if let Some(us) = cloud_us {
-        params.insert("escalation_us".into(), json!(us));
+    if let Some(took) = outcome.escalation {
+        params.insert("escalation_us".into(), json!(took.as_micros() as u64));
     }
     params.insert(
         "latency_us".into(),
         json!(started.elapsed().as_micros() as u64),
     );
-    Ok(Json(InferResponse {
+    InferResponse {
         model_name: manifest.name.clone(),
         model_version: manifest.version.clone(),
-        id: req.id,
+        id,
         parameters: params,
         outputs: vec![ResponseOutput {
             name: manifest.output.name.clone(),
@@ -420,44 +395,5 @@ async fn infer_checked(
             shape: vec![1, answer.probabilities.len() as u64],
             data: answer.probabilities,
         }],
-    }))
-}
-
-/// Sends a locally answered request to the cloud in the background and records whether the
-/// cloud agreed. The caller already has its answer; a failed audit is simply not counted.
-fn spawn_audit(
-    state: &AppState,
-    input: tierd_protocol::Tensor,
-    edge_probabilities: &[f32],
-    confidence: f32,
-    policy: &crate::Policy,
-) {
-    let escalator = state.escalator.clone();
-    let evidence = state.evidence.clone();
-    let recorder = state.recorder.clone();
-    let model = state.model.id();
-    let probs = edge_probabilities.to_vec();
-    let edge_top1 = cascade::top1(&probs);
-    // Audits are not waited on by anyone, so they may take longer than a caller would.
-    let timeout = policy
-        .escalation_timeout
-        .max(std::time::Duration::from_secs(2));
-    tokio::spawn(async move {
-        if let Ok(cloud) = escalator
-            .ask(
-                tierd_protocol::EscalationKind::Audit,
-                input,
-                model,
-                probs,
-                timeout,
-            )
-            .await
-        {
-            recorder
-                .counters
-                .audits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            evidence.record_audit(confidence, cascade::top1(&cloud) == edge_top1);
-        }
-    });
+    }
 }

@@ -18,8 +18,8 @@ use tierd_runtime::metrics::{counter, gauge, Labels};
 use tokio::sync::watch;
 
 use crate::escalation::MqttStats;
+use crate::policy::Policy;
 use crate::telemetry::{LatestReport, Recorder};
-use crate::Policy;
 
 /// Bucket bounds in seconds: 50 µs (a local forward) to 5 s (a slow escalation).
 pub const BUCKETS: [f64; 16] = [

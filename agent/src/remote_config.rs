@@ -8,18 +8,23 @@
 //! is acknowledged as rejected with the reason. A document with the version already in force
 //! is the retained copy the broker hands out at every subscribe: ignored without an ack.
 //!
-//! [`RemoteConfig`] does the file I/O but no MQTT; the agent feeds it payloads and sends the
-//! acks it returns through the spool.
+//! [`RemoteConfig`] does the file I/O but no MQTT; [`run`] feeds it the payloads the link
+//! routes here, puts what it applied in force and sends the acks it returns through the spool.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rumqttc::v5::mqttbytes::v5::Publish;
 use tierd_protocol::{ConfigAck, ConfigDocError, ConfigDocument, Settings};
 use tierd_runtime::state::write_atomic;
-use tracing::warn;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
 
 use crate::cascade::Signal;
-use crate::Policy;
+use crate::evidence::Evidence;
+use crate::forward::SpoolSink;
+use crate::policy::Policy;
+use crate::telemetry::ReportSink;
 
 pub const APPLIED_FILE: &str = "applied-config.json";
 
@@ -179,6 +184,69 @@ impl RemoteConfig {
                 in_force: version,
             },
         )
+    }
+}
+
+/// Applies the documents the link delivers until the channel closes or `shutdown` resolves.
+pub async fn run(
+    mut remote: RemoteConfig,
+    mut documents: mpsc::Receiver<Publish>,
+    policy: watch::Sender<Policy>,
+    evidence: std::sync::Arc<Evidence>,
+    sink: SpoolSink,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let publish = tokio::select! {
+            p = documents.recv() => match p { Some(p) => p, None => return },
+            _ = &mut shutdown => return,
+        };
+        // An empty retained message is how an operator clears the topic: nothing to apply.
+        if !publish.payload.is_empty() {
+            apply(&mut remote, &publish.payload, &policy, &evidence, &sink);
+        }
+    }
+}
+
+/// Handles one config document: applies it (policy and audit rate) or not, and spools the ack.
+fn apply(
+    remote: &mut RemoteConfig,
+    payload: &[u8],
+    policy_tx: &watch::Sender<Policy>,
+    evidence: &Evidence,
+    sink: &SpoolSink,
+) {
+    let ack = match remote.handle(payload) {
+        Outcome::Unchanged => return,
+        Outcome::Applied(policy, ack) => {
+            evidence.set_audit_rate(policy.audit_rate);
+            policy_tx.send_replace(policy);
+            info!(
+                version = ack.version,
+                threshold = policy.threshold,
+                signal = policy.signal.as_str(),
+                audit_rate = policy.audit_rate,
+                "remote config applied"
+            );
+            tierd_runtime::systemd::status(&format!(
+                "serving; remote config version {} applied (threshold {})",
+                ack.version, policy.threshold
+            ));
+            ack
+        }
+        Outcome::Rejected(ack) => {
+            warn!(version = ack.version, reason = %ack.reason, "remote config rejected; settings unchanged");
+            ack
+        }
+    };
+    match tierd_protocol::encode(&ack) {
+        Ok(bytes) => {
+            if let Err(e) = sink.send(tierd_protocol::RecordKind::ConfigAck, bytes) {
+                warn!(error = %e, "config ack not spooled");
+            }
+        }
+        Err(e) => warn!(error = %e, "config ack cannot be encoded"),
     }
 }
 

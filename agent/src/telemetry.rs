@@ -28,7 +28,7 @@ use crate::energy::attribution::{attribute, LinkModel, WindowUsage};
 use crate::energy::estimate::read_cpu_time;
 use crate::energy::sampler::{EnergyState, Sampler};
 use crate::escalation::MqttStats;
-use crate::Policy;
+use crate::policy::Policy;
 
 /// Latencies are recorded in microseconds, 1 µs to 10 min, at 2 significant digits (1 %).
 const HIGHEST_US: u64 = 600_000_000;
@@ -284,10 +284,19 @@ pub fn build_report(w: &WindowInputs) -> TelemetryReport {
     }
 }
 
+/// Why a record was not accepted by a [`ReportSink`].
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("spool lock poisoned")]
+    Poisoned,
+    #[error(transparent)]
+    Spool(Box<crate::spool::SpoolError>),
+}
+
 /// Where encoded reports go: the on-disk spool in production ([`crate::forward::SpoolSink`]).
 pub trait ReportSink: Send + Sync + 'static {
     /// Hands one encoded record over without waiting; an error means it was not accepted.
-    fn send(&self, kind: RecordKind, payload: Vec<u8>) -> Result<(), String>;
+    fn send(&self, kind: RecordKind, payload: Vec<u8>) -> Result<(), SinkError>;
     /// The spool's counters, for the report.
     fn spool(&self) -> SpoolCounts {
         SpoolCounts::default()
@@ -387,9 +396,14 @@ pub struct Reporter {
     pub latest: LatestReport,
 }
 
-/// Publishes one report per interval until `shutdown` flips, then a last one covering the
+/// Publishes one report per interval until `shutdown` resolves, then a last one covering the
 /// final partial window, so a clean stop loses no counts.
-pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    mut r: Reporter,
+    sink: impl ReportSink,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
     let boot_id = r.boot_id;
     let mut seq = 0u64;
     let mut start_ms = unix_ms();
@@ -411,7 +425,7 @@ pub async fn run(mut r: Reporter, sink: impl ReportSink, mut shutdown: watch::Re
         }
         let last = tokio::select! {
             _ = ticker.tick() => false,
-            _ = shutdown.changed() => true,
+            _ = &mut shutdown => true,
         };
         seq += 1;
         let end_ms = unix_ms().max(start_ms);

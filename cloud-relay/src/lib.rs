@@ -213,5 +213,7 @@ async fn self_check(
     model
         .verify_golden()
         .map_err(|e| format!("model self-test failed: {e}"))?;
-    tierd_runtime::systemd::probe_http(addr, "/health").await
+    tierd_runtime::systemd::probe_http(addr, "/health")
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -41,10 +41,11 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Feeds the watchdog every half period while `check` passes, until `shutdown` flips.
 /// A failing check withholds `WATCHDOG=1` (so systemd restarts the service when the period
 /// runs out) and says why in `STATUS=`.
-pub async fn run_watchdog<F, Fut>(mut check: F, mut shutdown: watch::Receiver<bool>)
+pub async fn run_watchdog<F, Fut, E>(mut check: F, mut shutdown: watch::Receiver<bool>)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     let Some(every) = watchdog_interval() else {
         return;
@@ -69,7 +70,7 @@ where
 
 /// GETs `path` from our own HTTP server and expects 200: proves the accept loop and a handler
 /// still run, which is what the watchdog should vouch for.
-pub async fn probe_http(mut addr: std::net::SocketAddr, path: &str) -> Result<(), String> {
+pub async fn probe_http(mut addr: std::net::SocketAddr, path: &str) -> Result<(), ProbeError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -84,13 +85,32 @@ pub async fn probe_http(mut addr: std::net::SocketAddr, path: &str) -> Result<()
     };
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(head)) if head.starts_with(b"HTTP/1.1 200") => Ok(()),
-        Ok(Ok(head)) => Err(format!(
-            "own {path} answered {:?}",
-            String::from_utf8_lossy(&head)
-        )),
-        Ok(Err(e)) => Err(format!("own {path} unreachable: {e}")),
-        Err(_) => Err(format!("own {path} did not answer within 5 s")),
+        Ok(Ok(head)) => Err(ProbeError::Status {
+            path: path.to_owned(),
+            head: String::from_utf8_lossy(&head).into_owned(),
+        }),
+        Ok(Err(e)) => Err(ProbeError::Unreachable {
+            path: path.to_owned(),
+            source: e,
+        }),
+        Err(_) => Err(ProbeError::Timeout {
+            path: path.to_owned(),
+        }),
     }
+}
+
+/// Why the daemon's own HTTP server failed its probe.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("own {path} answered {head:?}")]
+    Status { path: String, head: String },
+    #[error("own {path} unreachable: {source}")]
+    Unreachable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("own {path} did not answer within 5 s")]
+    Timeout { path: String },
 }
 
 /// Sets a flag to false when dropped, including when the task holding it panics: lets a

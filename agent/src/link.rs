@@ -1,0 +1,129 @@
+//! The agent's MQTT link: which topics it subscribes, where each inbound kind goes, and the
+//! device status it leaves on the broker (online on connect, "stopped" on a clean stop,
+//! "connection lost" as the last will). The connection itself is [`tierd_runtime::link`].
+//!
+//! | topic (`tierd/v1/{device}/…`) | QoS | goes to |
+//! |---|---|---|
+//! | `escalate/reply` | 0 | [`Replies::deliver`] on the link's task (no hop: latency) |
+//! | `config` | 1 | [`AgentLink::config`] → the remote-config task |
+//! | `ack` | 1 | [`AgentLink::acks`] → the spool forwarder |
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::MqttOptions;
+use tierd_protocol::{encode, DeviceStatus, Topic, TopicError, TopicKind};
+use tierd_runtime::link::{Link, LinkOptions, Message, Publisher, Routes};
+use tokio::sync::mpsc;
+
+use crate::escalation::{Escalator, Replies};
+
+/// How long the broker keeps the agent's session (subscriptions, queued QoS 1 messages such as
+/// config documents and spool acks) while it is offline: a day covers an overnight outage;
+/// after that the retained config document still reaches it at the next subscribe.
+pub const SESSION_EXPIRY_S: u32 = 86_400;
+
+/// The encoded `DeviceStatus` for the status topic and the last will.
+pub fn status_payload(online: bool, boot_id: u64, reason: &str) -> Vec<u8> {
+    encode(&DeviceStatus {
+        online,
+        boot_id,
+        reason: reason.to_string(),
+    })
+    .unwrap_or_default()
+}
+
+/// The started link and what it feeds.
+pub struct AgentLink {
+    pub link: Link,
+    pub escalator: Escalator,
+    /// Remote config documents (retained; one per change).
+    pub config: mpsc::Receiver<Publish>,
+    /// Cumulative spool acknowledgements from the relay.
+    pub acks: mpsc::Receiver<Publish>,
+}
+
+impl AgentLink {
+    pub fn publisher(&self) -> Publisher {
+        self.link.publisher()
+    }
+}
+
+/// Opens the agent's link (it connects in the background).
+pub fn start(
+    mut options: MqttOptions,
+    device_id: &str,
+    max_in_flight: usize,
+    boot_id: u64,
+) -> Result<AgentLink, TopicError> {
+    let topic = |kind| Topic::new(device_id, kind).map(|t| t.to_string());
+    let status_topic = topic(TopicKind::Status)?;
+    // A persistent session: QoS 1 messages for us (config documents, spool acks) queue at the
+    // broker while we are away, and rumqttc re-sends our unacknowledged publishes after a
+    // reconnect instead of dropping them.
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
+    // The broker publishes this, retained, if the connection dies without a clean DISCONNECT;
+    // a clean stop publishes its own "stopped" status instead.
+    options.set_last_will(LastWill::new(
+        status_topic.clone(),
+        status_payload(false, boot_id, "connection lost"),
+        QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    let replies = Replies::new();
+    let mut routes = Routes::new();
+    let r = replies.clone();
+    routes.handler(
+        TopicKind::EscalateReply,
+        Arc::new(move |p: Publish| r.deliver(&p)),
+    );
+    // Documents are rare (retained, one per change) and acks are cumulative, so a full channel
+    // only ever drops something a later message supersedes.
+    let config = routes.channel(TopicKind::Config, 8);
+    let acks = routes.channel(TopicKind::SpoolAck, 64);
+    let status = |online, reason| Message {
+        topic: status_topic.clone(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        payload: Bytes::from(status_payload(online, boot_id, reason)),
+    };
+    let link = Link::spawn(LinkOptions {
+        mqtt: options,
+        // The request queue only buffers our own publishes; in-flight escalations are bounded
+        // by the escalator's semaphore and spooled records by the forwarder's window.
+        queue: max_in_flight.clamp(16, 4096) + 64,
+        subscriptions: vec![
+            Filter::new(topic(TopicKind::EscalateReply)?, QoS::AtMostOnce),
+            Filter::new(topic(TopicKind::Config)?, QoS::AtLeastOnce),
+            Filter::new(topic(TopicKind::SpoolAck)?, QoS::AtLeastOnce),
+        ],
+        routes,
+        on_connect: vec![status(true, "")],
+        on_stop: vec![status(false, "stopped")],
+        ready_line: "connected to MQTT broker",
+        lost_line: "MQTT connection lost; escalations fall back to the edge until it returns",
+    });
+    let escalator = Escalator::new(link.publisher(), replies, device_id, max_in_flight)?;
+    // The systemd STATUS= line follows the connection.
+    let mut connection = link.publisher().connection();
+    tokio::spawn(async move {
+        while connection.changed().await.is_ok() {
+            let up = *connection.borrow_and_update();
+            tierd_runtime::systemd::status(if up {
+                "serving; connected to the MQTT broker"
+            } else {
+                "serving from the edge only: MQTT connection lost, reconnecting"
+            });
+        }
+    });
+    Ok(AgentLink {
+        link,
+        escalator,
+        config,
+        acks,
+    })
+}
