@@ -327,7 +327,7 @@ async fn infer_checked(
                 .ok_or_else(|| bad("Inference-Header-Content-Length is not a number".into()))?,
         ),
     };
-    let (req, binary) = oip::parse_request(body, header_len).map_err(bad)?;
+    let (req, binary) = oip::parse_request(body, header_len).map_err(|e| bad(e.0))?;
     let manifest = state.cascade.model().manifest();
     if let Some(outputs) = &req.outputs {
         if let Some(o) = outputs.iter().find(|o| o.name != manifest.output.name) {
@@ -337,7 +337,7 @@ async fn infer_checked(
             )));
         }
     }
-    let input = oip::input_tensor(&req, binary, &manifest.input.name).map_err(bad)?;
+    let input = oip::input_tensor(&req, binary, &manifest.input.name).map_err(|e| bad(e.0))?;
     let outcome = state
         .cascade
         .infer(input, started)

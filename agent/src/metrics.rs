@@ -50,11 +50,8 @@ impl Collector for AgentCollector {
             &mut enc,
             "tierd_requests",
             "Inference requests answered, by the tier whose answer was returned.",
-            &[
-                (with("tier", "edge"), t.edge),
-                (with("tier", "cloud"), t.cloud),
-                (with("tier", "edge_fallback"), t.edge_fallback),
-            ],
+            &t.by_tier()
+                .map(|(tier, n)| (with("tier", tier.as_str()), n)),
         )?;
         counter(
             &mut enc,

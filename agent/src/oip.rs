@@ -10,6 +10,24 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tierd_protocol::{Tensor, TensorData, MAX_TENSOR_ELEMENTS};
 
+/// Why a request body is not a valid OIP v2 inference request; the message is for the client
+/// that sent it (HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OipError(pub String);
+
+impl From<String> for OipError {
+    fn from(m: String) -> Self {
+        OipError(m)
+    }
+}
+
+impl From<&str> for OipError {
+    fn from(m: &str) -> Self {
+        OipError(m.to_owned())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct InferRequest {
     #[serde(default)]
@@ -77,13 +95,13 @@ pub struct ModelMetadata {
 pub fn parse_request(
     body: &[u8],
     header_len: Option<usize>,
-) -> Result<(InferRequest, &[u8]), String> {
+) -> Result<(InferRequest, &[u8]), OipError> {
     let (json, binary) = match header_len {
         Some(n) if n > body.len() => {
-            return Err(format!(
+            return Err(OipError::from(format!(
                 "Inference-Header-Content-Length {n} exceeds the body length {}",
                 body.len()
-            ))
+            )))
         }
         Some(n) => body.split_at(n),
         None => (body, &[][..]),
@@ -98,22 +116,22 @@ pub fn input_tensor(
     req: &InferRequest,
     binary: &[u8],
     expected_name: &str,
-) -> Result<Tensor, String> {
+) -> Result<Tensor, OipError> {
     let input = match req.inputs.as_slice() {
         [one] => one,
-        [] => return Err("request has no inputs".into()),
+        [] => return Err(OipError::from("request has no inputs")),
         many => {
-            return Err(format!(
+            return Err(OipError::from(format!(
                 "request has {} inputs; the model takes exactly one, {expected_name:?}",
                 many.len()
-            ))
+            )))
         }
     };
     if input.name != expected_name {
-        return Err(format!(
+        return Err(OipError::from(format!(
             "unknown input {:?}; the model's input is {expected_name:?}",
             input.name
-        ));
+        )));
     }
     let mut shape = Vec::with_capacity(input.shape.len());
     for &d in &input.shape {
@@ -132,14 +150,21 @@ pub fn input_tensor(
         })
         .transpose()?;
     let data = match (binary_size, &input.data) {
-        (Some(_), Some(_)) => return Err("input has both data and binary_data_size".into()),
-        (None, None) => return Err(format!("input {:?} has no data", input.name)),
+        (Some(_), Some(_)) => {
+            return Err(OipError::from("input has both data and binary_data_size"))
+        }
+        (None, None) => {
+            return Err(OipError::from(format!(
+                "input {:?} has no data",
+                input.name
+            )))
+        }
         (Some(n), None) => {
             if n != binary.len() {
-                return Err(format!(
+                return Err(OipError::from(format!(
                     "binary_data_size {n} does not match the {} bytes after the JSON header",
                     binary.len()
-                ));
+                )));
             }
             binary_data(&input.datatype, binary)?
         }
@@ -147,29 +172,29 @@ pub fn input_tensor(
             // Bytes after the JSON header that no input claims would be silently ignored;
             // a client that sent them meant something else, so say so.
             if !binary.is_empty() {
-                return Err(format!(
+                return Err(OipError::from(format!(
                     "{} bytes follow the JSON header but input {:?} carries JSON data, not binary_data_size",
                     binary.len(),
                     input.name
-                ));
+                )));
             }
             json_data(&input.datatype, v)?
         }
     };
     let t = Tensor { shape, data };
-    t.validate().map_err(|e| e.to_string())?;
+    t.validate().map_err(|e| OipError(e.to_string()))?;
     Ok(t)
 }
 
-fn binary_data(datatype: &str, bytes: &[u8]) -> Result<TensorData, String> {
+fn binary_data(datatype: &str, bytes: &[u8]) -> Result<TensorData, OipError> {
     match datatype {
         "UINT8" => Ok(TensorData::U8(bytes.to_vec())),
         "FP32" => {
             if !bytes.len().is_multiple_of(4) {
-                return Err(format!(
+                return Err(OipError::from(format!(
                     "FP32 binary data of {} bytes is not a multiple of 4",
                     bytes.len()
-                ));
+                )));
             }
             Ok(TensorData::F32(
                 bytes
@@ -178,7 +203,7 @@ fn binary_data(datatype: &str, bytes: &[u8]) -> Result<TensorData, String> {
                     .collect(),
             ))
         }
-        other => Err(unsupported(other)),
+        other => Err(OipError::from(unsupported(other))),
     }
 }
 
@@ -189,7 +214,7 @@ fn unsupported(datatype: &str) -> String {
 }
 
 /// Flattens row-major (possibly nested) JSON arrays, checking each element's type and range.
-fn json_data(datatype: &str, v: &Value) -> Result<TensorData, String> {
+fn json_data(datatype: &str, v: &Value) -> Result<TensorData, OipError> {
     let mut flat = Vec::new();
     flatten(v, &mut flat, 0)?;
     match datatype {
@@ -200,7 +225,9 @@ fn json_data(datatype: &str, v: &Value) -> Result<TensorData, String> {
                 x.as_u64()
                     .filter(|&n| n <= 255)
                     .map(|n| n as u8)
-                    .ok_or_else(|| format!("data[{i}] = {x} is not a UINT8 (integer 0..=255)"))
+                    .ok_or_else(|| {
+                        OipError(format!("data[{i}] = {x} is not a UINT8 (integer 0..=255)"))
+                    })
             })
             .collect::<Result<_, _>>()
             .map(TensorData::U8),
@@ -211,24 +238,28 @@ fn json_data(datatype: &str, v: &Value) -> Result<TensorData, String> {
                 x.as_f64()
                     .map(|f| f as f32)
                     .filter(|f| f.is_finite())
-                    .ok_or_else(|| format!("data[{i}] = {x} is not a finite FP32 number"))
+                    .ok_or_else(|| OipError(format!("data[{i}] = {x} is not a finite FP32 number")))
             })
             .collect::<Result<_, _>>()
             .map(TensorData::F32),
-        other => Err(unsupported(other)),
+        other => Err(OipError::from(unsupported(other))),
     }
 }
 
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>, depth: usize) -> Result<(), String> {
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>, depth: usize) -> Result<(), OipError> {
     if depth > tierd_protocol::MAX_TENSOR_RANK {
-        return Err("data is nested deeper than the largest supported rank".into());
+        return Err(OipError::from(
+            "data is nested deeper than the largest supported rank",
+        ));
     }
     match v {
         Value::Array(items) => {
             for item in items {
                 flatten(item, out, depth + 1)?;
                 if out.len() > MAX_TENSOR_ELEMENTS {
-                    return Err(format!("data has more than {MAX_TENSOR_ELEMENTS} elements"));
+                    return Err(OipError::from(format!(
+                        "data has more than {MAX_TENSOR_ELEMENTS} elements"
+                    )));
                 }
             }
             Ok(())
@@ -237,7 +268,9 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>, depth: usize) -> Result<(
             out.push(v);
             Ok(())
         }
-        other => Err(format!("data contains {other}, which is not a number")),
+        other => Err(OipError::from(format!(
+            "data contains {other}, which is not a number"
+        ))),
     }
 }
 
@@ -245,7 +278,7 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>, depth: usize) -> Result<(
 mod tests {
     use super::*;
 
-    fn req(json: &str) -> Result<Tensor, String> {
+    fn req(json: &str) -> Result<Tensor, OipError> {
         let (r, bin) = parse_request(json.as_bytes(), None)?;
         input_tensor(&r, bin, "input")
     }
@@ -298,7 +331,7 @@ mod tests {
         body.extend_from_slice(&[9, 9, 9]);
         let (req, binary) = parse_request(&body, Some(json.len())).expect("parses");
         let err = input_tensor(&req, binary, "input").expect_err("stray bytes");
-        assert!(err.contains("3 bytes follow the JSON header"), "{err}");
+        assert!(err.0.contains("3 bytes follow the JSON header"), "{err}");
         let (req, binary) = parse_request(json, Some(json.len())).expect("parses");
         assert!(input_tensor(&req, binary, "input").is_ok());
     }
@@ -342,10 +375,11 @@ mod tests {
             ),
         ] {
             let err = req(body).unwrap_err();
-            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+            assert!(err.0.contains(needle), "{needle:?} not in {err:?}");
         }
         assert!(parse_request(b"{}", Some(10))
             .unwrap_err()
+            .0
             .contains("exceeds"));
     }
 }

@@ -20,7 +20,6 @@ use tierd_runtime::state::write_atomic;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::cascade::Signal;
 use crate::evidence::Evidence;
 use crate::forward::SpoolSink;
 use crate::policy::Policy;
@@ -30,12 +29,7 @@ pub const APPLIED_FILE: &str = "applied-config.json";
 
 /// `base` (from `agent.toml`) with the document's settings laid over it. Pure.
 pub fn overlay(base: &Policy, s: &Settings, version: u64) -> Policy {
-    let signal = match s.signal.as_deref() {
-        Some("max_prob") => Signal::MaxProb,
-        Some("margin") => Signal::Margin,
-        Some("entropy") => Signal::Entropy,
-        _ => base.signal,
-    };
+    let signal = s.signal.unwrap_or(base.signal);
     Policy {
         threshold: s.threshold.unwrap_or(base.threshold),
         signal,
@@ -253,6 +247,7 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cascade::Signal;
 
     fn base() -> Policy {
         Policy {

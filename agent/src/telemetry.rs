@@ -258,7 +258,7 @@ pub fn build_report(w: &WindowInputs) -> TelemetryReport {
         window_end_ms: w.window_end_ms,
         model: w.model.clone(),
         threshold: w.policy.threshold,
-        signal: w.policy.signal.as_str().to_string(),
+        signal: w.policy.signal,
         window,
         totals: w.totals,
         fallbacks: w.fallbacks.since(w.previous_fallbacks),
@@ -475,7 +475,7 @@ pub async fn run(
             device_id: r.device_id.clone(),
             boot_id,
             seq,
-            signal: inputs.policy.signal.as_str().to_string(),
+            signal: inputs.policy.signal,
             edges: crate::evidence::EDGES.to_vec(),
             bins: r.evidence.take_window(),
             audit_rate: r.evidence.audit_rate() as f32,
@@ -585,7 +585,7 @@ mod tests {
         assert_eq!(r.window.bad_request, 0);
         assert_eq!(r.totals.answered(), 200);
         assert_eq!(r.fallbacks.timeout, 5);
-        assert_eq!(r.signal, "margin");
+        assert_eq!(r.signal, Signal::Margin);
         assert_eq!(r.escalation_rate(), Some(0.3));
     }
 

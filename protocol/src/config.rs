@@ -12,6 +12,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cascade::Signal;
+
 /// Largest document accepted, in bytes (a full document with certificate is ~700 bytes).
 pub const MAX_CONFIG_BYTES: usize = 16 * 1024;
 
@@ -23,8 +25,6 @@ pub mod limits {
     pub const AUDIT_RATE: RangeInclusive<f64> = 0.0..=1.0;
     pub const ESCALATION_TIMEOUT_MS: RangeInclusive<u64> = 1..=60_000;
     pub const TELEMETRY_INTERVAL_S: RangeInclusive<f64> = 0.1..=86_400.0;
-    /// Confidence signals an agent understands.
-    pub const SIGNALS: [&str; 3] = ["max_prob", "margin", "entropy"];
 }
 
 /// The settings a document can carry. `None` leaves the agent's file value in force.
@@ -34,7 +34,7 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<String>,
+    pub signal: Option<Signal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,14 +58,6 @@ impl Settings {
         if let Some(t) = self.threshold {
             if !(t.is_finite() && limits::THRESHOLD.contains(&t)) {
                 return Err(format!("threshold = {t} is outside [0, 1.01]"));
-            }
-        }
-        if let Some(s) = &self.signal {
-            if !limits::SIGNALS.contains(&s.as_str()) {
-                return Err(format!(
-                    "signal = {s:?} is not one of {:?}",
-                    limits::SIGNALS
-                ));
             }
         }
         if let Some(a) = self.audit_rate {
@@ -94,7 +86,7 @@ impl Settings {
     pub fn overlay(&self, over: &Settings) -> Settings {
         Settings {
             threshold: over.threshold.or(self.threshold),
-            signal: over.signal.clone().or_else(|| self.signal.clone()),
+            signal: over.signal.or(self.signal),
             audit_rate: over.audit_rate.or(self.audit_rate),
             escalation_timeout_ms: over.escalation_timeout_ms.or(self.escalation_timeout_ms),
             telemetry_interval_s: over.telemetry_interval_s.or(self.telemetry_interval_s),
@@ -120,7 +112,11 @@ impl Settings {
         }
         match key {
             "threshold" => self.threshold = (!unset).then(|| num(key, value)).transpose()?,
-            "signal" => self.signal = (!unset).then(|| value.to_string()),
+            "signal" => {
+                self.signal = (!unset)
+                    .then(|| value.parse::<Signal>().map_err(|e| e.to_string()))
+                    .transpose()?
+            }
             "audit_rate" => self.audit_rate = (!unset).then(|| num(key, value)).transpose()?,
             "escalation_timeout_ms" => {
                 self.escalation_timeout_ms = (!unset).then(|| num(key, value)).transpose()?

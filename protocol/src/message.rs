@@ -117,7 +117,7 @@ pub struct EscalationRequest {
 }
 
 /// Machine-readable failure classes in an [`EscalationReply`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReplyErrorCode {
     /// The payload could not be decoded or failed validation.
     BadRequest,

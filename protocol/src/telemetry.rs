@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cascade::{Signal, Tier};
+
 /// Requests by how they were answered (plus the two ways a request is refused).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierCounts {
@@ -25,6 +27,20 @@ pub struct TierCounts {
 }
 
 impl TierCounts {
+    /// Requests answered by `tier`.
+    pub fn get(&self, tier: Tier) -> u64 {
+        match tier {
+            Tier::Edge => self.edge,
+            Tier::Cloud => self.cloud,
+            Tier::EdgeFallback => self.edge_fallback,
+        }
+    }
+
+    /// `(tier, requests)` for every tier, in [`Tier::ALL`] order (metrics and API labels).
+    pub fn by_tier(&self) -> [(Tier, u64); 3] {
+        Tier::ALL.map(|t| (t, self.get(t)))
+    }
+
     /// Field-wise sum (windows into totals).
     pub fn plus(self, o: TierCounts) -> TierCounts {
         TierCounts {
@@ -203,8 +219,7 @@ pub struct TelemetryReport {
     /// `name@version` of the edge model.
     pub model: String,
     pub threshold: f32,
-    /// `max_prob`, `margin` or `entropy`.
-    pub signal: String,
+    pub signal: Signal,
     pub window: TierCounts,
     pub totals: TierCounts,
     pub fallbacks: FallbackCounts,
@@ -264,8 +279,8 @@ pub struct CalibrationReport {
     pub device_id: String,
     pub boot_id: u64,
     pub seq: u64,
-    /// `max_prob`, `margin` or `entropy`: what the bins are bins of.
-    pub signal: String,
+    /// What the bins are bins of.
+    pub signal: Signal,
     /// Lower edges of the bins; bin `i` is `[edges[i], edges[i + 1])`, the last ends at 1.
     pub edges: Vec<f32>,
     pub bins: Vec<BinCounts>,
@@ -299,7 +314,7 @@ mod tests {
             window_end_ms: 1_795_000_060_000,
             model: "digits-edge@1.0.0".into(),
             threshold: 0.9,
-            signal: "max_prob".into(),
+            signal: Signal::MaxProb,
             window: TierCounts {
                 edge: 700,
                 cloud: 280,

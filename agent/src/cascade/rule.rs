@@ -1,32 +1,9 @@
 //! The cascade rule: how confident the edge model is, whether to escalate, and which answer the
-//! caller gets. Pure functions only — every decision here is unit-tested without sockets.
+//! caller gets. Pure functions only — every decision here is unit-tested without sockets. The
+//! words themselves ([`Signal`], [`Tier`], [`FallbackReason`]) are the protocol's.
 
-use serde::{Deserialize, Serialize};
 use tierd_protocol::ReplyErrorCode;
-
-/// Which confidence signal decides escalation. All map to `[0, 1]`, higher = more confident, so
-/// one threshold semantics fits all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Signal {
-    /// Maximum softmax probability: the standard baseline, hard to beat (Hendrycks & Gimpel 2017).
-    #[default]
-    MaxProb,
-    /// Top-1 minus top-2 probability.
-    Margin,
-    /// `1 - H(p) / ln(K)`: one minus normalized entropy (the form Sedna's CrossEntropy filter uses).
-    Entropy,
-}
-
-impl Signal {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Signal::MaxProb => "max_prob",
-            Signal::Margin => "margin",
-            Signal::Entropy => "entropy",
-        }
-    }
-}
+pub use tierd_protocol::{FallbackReason, Signal, Tier};
 
 /// Confidence of a probability vector under `signal`, in `[0, 1]`.
 /// Degenerate input (empty, non-finite) yields 0, which escalates: when unsure, ask.
@@ -88,56 +65,6 @@ pub fn top1(probs: &[f32]) -> usize {
 /// The escalate-or-not rule: answer locally iff `confidence >= threshold`.
 pub fn should_escalate(confidence: f32, threshold: f32) -> bool {
     confidence < threshold
-}
-
-/// Which tier produced the answer the caller received.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
-#[serde(rename_all = "snake_case")]
-pub enum Tier {
-    Edge,
-    Cloud,
-    EdgeFallback,
-}
-
-impl Tier {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Edge => "edge",
-            Tier::Cloud => "cloud",
-            Tier::EdgeFallback => "edge_fallback",
-        }
-    }
-}
-
-/// Why an escalated request was answered by the edge after all.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FallbackReason {
-    /// No cloud answer within the escalation timeout.
-    Timeout,
-    /// Not connected to the broker when the request came in.
-    Disconnected,
-    /// Too many escalations already in flight.
-    Overload,
-    /// The relay answered with an error.
-    RelayError(ReplyErrorCode),
-    /// The request could not be encoded or published.
-    PublishFailed,
-}
-
-impl FallbackReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            FallbackReason::Timeout => "timeout",
-            FallbackReason::Disconnected => "disconnected",
-            FallbackReason::Overload => "overload",
-            FallbackReason::RelayError(ReplyErrorCode::BadRequest) => "relay_error:bad_request",
-            FallbackReason::RelayError(ReplyErrorCode::UnknownModel) => "relay_error:unknown_model",
-            FallbackReason::RelayError(ReplyErrorCode::BadShape) => "relay_error:bad_shape",
-            FallbackReason::RelayError(ReplyErrorCode::Internal) => "relay_error:internal",
-            FallbackReason::RelayError(ReplyErrorCode::Overloaded) => "relay_error:overloaded",
-            FallbackReason::PublishFailed => "publish_failed",
-        }
-    }
 }
 
 /// What the cloud path produced for an escalated request.

@@ -303,7 +303,7 @@ mod tests {
             FallbackReason::RelayError(ReplyErrorCode::Overloaded),
         ];
         for reason in reasons {
-            let c = cascade(vec![0.6, 0.4], Err(reason.clone()), policy(0.9, 0.0));
+            let c = cascade(vec![0.6, 0.4], Err(reason), policy(0.9, 0.0));
             let o = c.infer(input(), Instant::now()).await.unwrap();
             assert_eq!(o.answer.tier, Tier::EdgeFallback, "{reason:?}");
             assert_eq!(o.answer.probabilities, vec![0.6, 0.4]);
