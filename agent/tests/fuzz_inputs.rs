@@ -7,26 +7,14 @@ use edge_agent::config::AgentConfig;
 use edge_agent::oip;
 use proptest::prelude::*;
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-}
+// Shared with the other crates' fuzz suites (std only, so included rather than depended on).
+#[path = "../../devkit/src/fuzz.rs"]
+mod fuzz;
+use fuzz::{cases, splice};
 
 const EXAMPLE: &str = include_str!("../../cross/agent.example.toml");
 
 const BODY: &str = r#"{"id":"7","inputs":[{"name":"input","shape":[1,64],"datatype":"UINT8","data":[0,0,80,240,240,80,0,0,0,0,240,80,80,240,0,0,0,0,0,0,80,240,0,0,0,0,0,80,240,80,0,0,0,0,80,240,80,0,0,0,0,80,240,80,0,0,0,0,0,240,240,240,240,240,0,0,0,0,0,0,0,0,0,0]}]}"#;
-
-/// Replaces `len` bytes at `at` with `with` (a splice mutation, as coverage fuzzers do).
-fn splice(base: &[u8], at: usize, len: usize, with: &[u8]) -> Vec<u8> {
-    let at = at.min(base.len());
-    let end = (at + len).min(base.len());
-    let mut out = base[..at].to_vec();
-    out.extend_from_slice(with);
-    out.extend_from_slice(&base[end..]);
-    out
-}
 
 fn check_body(body: &[u8], header_len: Option<usize>) -> Result<(), TestCaseError> {
     if let Ok((req, binary)) = oip::parse_request(body, header_len) {

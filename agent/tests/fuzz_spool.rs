@@ -15,12 +15,10 @@ use std::path::Path;
 use edge_agent::spool::{self, Header, Spool, FILE_NAME, FRAME_OVERHEAD, HEADER_LEN};
 use proptest::prelude::*;
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-}
+// Shared with the other crates' fuzz suites (std only, so included rather than depended on).
+#[path = "../../devkit/src/fuzz.rs"]
+mod fuzz;
+use fuzz::cases;
 
 fn file_cases() -> u32 {
     std::env::var("SPOOL_FILE_CASES")

@@ -9,21 +9,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use cloud_relay::config::RelayConfig;
 use cloud_relay::Relay;
-use edge_agent::config::AgentConfig;
 use edge_agent::telemetry::LatestReport;
 use edge_agent::{Agent, AgentError};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use tierd_devkit::free_port;
+use tierd_devkit::inproc::{self, Running};
 use tierd_protocol::{encode, EscalationKind, EscalationRequest, Tensor};
 use tierd_runtime::mqtt::MqttConfig;
 use tierd_runtime::Model;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::inputs::{self, repo_path};
+use crate::inputs;
 use crate::stats::{Recorder, Round};
 
 /// Generous, so a noisy machine does not turn an escalation into an `edge_fallback` (which the
@@ -32,12 +32,6 @@ pub const ESCALATION_TIMEOUT_MS: u64 = 2_000;
 
 /// Longest any single request, reply or connection step may take before the bench gives up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// Relay (with its embedded broker) and agent, running on the server runtime.
 pub struct Servers {
@@ -48,17 +42,14 @@ pub struct Servers {
     pub agent_off_addr: SocketAddr,
     /// The telemetry agent's latest report, to measure its encoded size.
     pub latest: LatestReport,
-    stop_agents: Vec<oneshot::Sender<()>>,
-    stop_relay: oneshot::Sender<()>,
-    agent_tasks: Vec<JoinHandle<Result<(), AgentError>>>,
-    relay_task: JoinHandle<()>,
+    agents: Vec<Running<Result<(), AgentError>>>,
+    relay: Running<()>,
 }
 
 struct Started {
     addr: SocketAddr,
     latest: LatestReport,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), AgentError>>,
+    running: Running<Result<(), AgentError>>,
 }
 
 /// A fresh state folder per run (spool, applied config), under the system temp dir.
@@ -73,60 +64,36 @@ async fn start_agent(
     broker_port: u16,
     telemetry: bool,
 ) -> anyhow::Result<Started> {
-    let mut cfg = AgentConfig {
-        device_id: device_id.into(),
-        mqtt: MqttConfig {
-            port: broker_port,
-            ..MqttConfig::default()
-        },
-        ..AgentConfig::default()
-    };
-    cfg.http.listen = ([127, 0, 0, 1], 0).into();
-    cfg.model.manifest = repo_path("models/edge/digits-edge.toml");
+    let mut cfg = inproc::agent_config(device_id, broker_port, scratch(device_id));
     cfg.cascade.escalation_timeout_ms = ESCALATION_TIMEOUT_MS;
     cfg.telemetry.enabled = telemetry;
-    cfg.telemetry.interval_s = 1.0;
-    cfg.state_dir = Some(scratch(device_id));
     let agent = Agent::start(cfg)
         .await
         .with_context(|| format!("starting agent {device_id}"))?;
     let addr = agent.local_addr()?;
     let latest = agent.latest_report();
     let escalator = agent.escalator();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(agent.serve(async {
-        let _ = rx.await;
-    }));
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while !escalator.is_connected() {
-        if Instant::now() > deadline {
-            bail!("agent {device_id} did not connect to the embedded broker on port {broker_port}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let running = inproc::serve_agent(agent);
+    if inproc::wait_connected(&escalator, STEP_TIMEOUT)
+        .await
+        .is_err()
+    {
+        bail!("agent {device_id} did not connect to the embedded broker on port {broker_port}");
     }
     Ok(Started {
         addr,
         latest,
-        stop,
-        task,
+        running,
     })
 }
 
 /// Must run on the server runtime: the relay and agent spawn their tasks onto the current one.
 pub async fn start_servers() -> anyhow::Result<Servers> {
     let broker_port = free_port()?;
-    let mut relay_cfg = RelayConfig::default();
-    relay_cfg.model.manifest = repo_path("models/cloud/digits-cloud.toml");
-    relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
-    relay_cfg.http.listen = ([127, 0, 0, 1], 0).into();
-    relay_cfg.state_dir = Some(scratch("relay"));
-    let relay = Relay::start(relay_cfg)
+    let relay = Relay::start(inproc::relay_config(broker_port, scratch("relay")))
         .await
         .context("starting the relay")?;
-    let (stop_relay, relay_rx) = oneshot::channel::<()>();
-    let relay_task = tokio::spawn(relay.serve(async {
-        let _ = relay_rx.await;
-    }));
+    let relay = inproc::serve_relay(relay);
 
     let on = start_agent("bench-edge", broker_port, true).await?;
     let off = start_agent("bench-edge-notel", broker_port, false).await?;
@@ -135,10 +102,8 @@ pub async fn start_servers() -> anyhow::Result<Servers> {
         agent_addr: on.addr,
         agent_off_addr: off.addr,
         latest: on.latest,
-        stop_agents: vec![on.stop, off.stop],
-        stop_relay,
-        agent_tasks: vec![on.task, off.task],
-        relay_task,
+        agents: vec![on.running, off.running],
+        relay,
     })
 }
 
@@ -152,16 +117,14 @@ impl Servers {
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
-        for stop in self.stop_agents {
-            let _ = stop.send(());
-        }
-        for task in self.agent_tasks {
+        // Every agent is told first, then each awaited, so they wind down together.
+        let agent_tasks: Vec<_> = self.agents.into_iter().map(Running::shutdown).collect();
+        for task in agent_tasks {
             tokio::time::timeout(STEP_TIMEOUT, task)
                 .await
                 .context("an agent did not stop")???;
         }
-        let _ = self.stop_relay.send(());
-        tokio::time::timeout(STEP_TIMEOUT, self.relay_task)
+        tokio::time::timeout(STEP_TIMEOUT, self.relay.shutdown())
             .await
             .context("the relay did not stop")??;
         Ok(())

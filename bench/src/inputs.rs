@@ -1,17 +1,10 @@
 //! Bench inputs: the named examples of `models/eval/examples.toml` and OIP v2 request bodies.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use serde_json::{json, Value};
-
-/// Path of a file in the workspace (the bench runs from any directory).
-pub fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(rel)
-}
 
 /// One named example and the tier the agent must answer it from.
 #[derive(Debug, Clone)]

@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use tierd_devkit::{repo_path, CLOUD_MANIFEST, EDGE_MANIFEST};
 use tierd_runtime::{stream, Model};
 
 use crate::inproc::{Echo, Job, Servers};
-use crate::inputs::{example, repo_path, Example};
+use crate::inputs::{example, Example};
 use crate::stats::{median, round_ratio_range, Series};
 
 #[derive(Parser, Debug, Clone)]
@@ -113,8 +114,8 @@ async fn run(
     server: &tokio::runtime::Handle,
 ) -> anyhow::Result<String> {
     let examples = inputs::load_examples(&repo_path("models/eval/examples.toml"))?;
-    let edge = Model::load(&repo_path("models/edge/digits-edge.toml"))?;
-    let cloud = Model::load(&repo_path("models/cloud/digits-cloud.toml"))?;
+    let edge = Model::load(&repo_path(EDGE_MANIFEST))?;
+    let cloud = Model::load(&repo_path(CLOUD_MANIFEST))?;
     let input_name = edge.manifest().input.name.clone();
     let confident = example(&examples, "confident")?;
     let unsure = example(&examples, "unsure")?;

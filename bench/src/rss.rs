@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use tierd_devkit::{free_port, repo_path};
 use tokio::process::{Child, Command};
 
-use crate::inproc::{free_port, wait_for_tier, ESCALATION_TIMEOUT_MS};
-use crate::inputs::{self, repo_path, Example};
+use crate::inproc::{wait_for_tier, ESCALATION_TIMEOUT_MS};
+use crate::inputs::{self, Example};
 
 /// kB values from /proc/PID/status.
 #[derive(Debug, Clone, Copy, Default)]

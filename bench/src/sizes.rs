@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::inputs::repo_path;
 use crate::rss::release_dir;
+use tierd_devkit::repo_path;
 
 pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
 

@@ -7,23 +7,12 @@ use cloud_relay::config::RelayConfig;
 use proptest::prelude::*;
 use tierd_protocol::Settings;
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-}
+// Shared with the other crates' fuzz suites (std only, so included rather than depended on).
+#[path = "../../devkit/src/fuzz.rs"]
+mod fuzz;
+use fuzz::{cases, splice};
 
 const EXAMPLE: &str = include_str!("../../cross/relay.example.toml");
-
-fn splice(base: &[u8], at: usize, len: usize, with: &[u8]) -> Vec<u8> {
-    let at = at.min(base.len());
-    let end = (at + len).min(base.len());
-    let mut out = base[..at].to_vec();
-    out.extend_from_slice(with);
-    out.extend_from_slice(&base[end..]);
-    out
-}
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]

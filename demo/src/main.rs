@@ -13,13 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use cloud_relay::config::RelayConfig;
 use cloud_relay::Relay;
-use edge_agent::config::AgentConfig;
 use edge_agent::Agent;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tierd_runtime::mqtt::MqttConfig;
+use tierd_devkit::{free_port, inproc, repo_path, CLOUD_MANIFEST, EDGE_MANIFEST};
 use tierd_runtime::{stream, Model};
 use tokio::sync::Semaphore;
 
@@ -44,12 +42,6 @@ struct Args {
     /// Escalation timeout in milliseconds.
     #[arg(long, default_value_t = 250)]
     timeout_ms: u64,
-}
-
-fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(rel)
 }
 
 #[derive(Default)]
@@ -82,29 +74,19 @@ fn main() -> anyhow::Result<()> {
         .block_on(demo(args))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 async fn demo(args: Args) -> anyhow::Result<()> {
     let mut records = stream::read(&args.stream)?;
     if args.limit > 0 {
         records.truncate(args.limit);
     }
-    let edge_manifest = repo_path("models/edge/digits-edge.toml");
-    let cloud_manifest = repo_path("models/cloud/digits-cloud.toml");
+    let edge_manifest = repo_path(EDGE_MANIFEST);
+    let cloud_manifest = repo_path(CLOUD_MANIFEST);
 
     // 1. The relay with its embedded broker, on a free port so a local Mosquitto is no obstacle.
+    //    State (spool, applied config, overrides) in a scratch folder: a demo leaves no trace.
     let broker_port = free_port()?;
-    let mut relay_cfg = RelayConfig::default();
-    relay_cfg.model.manifest = cloud_manifest.clone();
-    relay_cfg.embedded_broker.listen = ([127, 0, 0, 1], broker_port).into();
-    relay_cfg.http.listen = ([127, 0, 0, 1], 0).into();
-    // State (spool, applied config, overrides) in a scratch folder: a demo leaves no trace.
     let state = std::env::temp_dir().join(format!("tierd-demo-{}", std::process::id()));
-    relay_cfg.state_dir = Some(state.join("relay"));
+    let mut relay_cfg = inproc::relay_config(broker_port, state.join("relay"));
     // The demo measures one fixed threshold, so the tuner proposes (printed at the end) but
     // does not push; an answer that disagrees with the cloud is priced at 0.2 cents so the
     // cost report weighs accuracy too (illustrative: set your own in [prices]).
@@ -118,27 +100,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let relay_stats = relay.stats();
     let relay_http = relay.http_addr();
     let fleet = relay.fleet();
-    let (stop_relay, relay_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let relay_task = tokio::spawn(relay.serve(async {
-        let _ = relay_stop_rx.await;
-    }));
+    let relay = inproc::serve_relay(relay);
 
-    // 2. The agent, speaking HTTP on a free port and MQTT to that broker.
-    let mut agent_cfg = AgentConfig {
-        device_id: "demo-pi".into(),
-        mqtt: MqttConfig {
-            port: broker_port,
-            ..MqttConfig::default()
-        },
-        ..AgentConfig::default()
-    };
-    agent_cfg.http.listen = ([127, 0, 0, 1], 0).into();
-    agent_cfg.model.manifest = edge_manifest.clone();
+    // 2. The agent, speaking HTTP on a free port and MQTT to that broker; one report a second,
+    //    so the relay's view is live while the replay runs.
+    let mut agent_cfg = inproc::agent_config("demo-pi", broker_port, state.join("agent"));
     agent_cfg.cascade.threshold = args.threshold;
     agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
-    // One report a second, so the relay's view is live while the replay runs.
-    agent_cfg.telemetry.interval_s = 1.0;
-    agent_cfg.state_dir = Some(state.join("agent"));
     let agent = Agent::start(agent_cfg)
         .await
         .context("starting the agent")?;
@@ -147,16 +115,12 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let counters = &recorder.counters;
     let mqtt = agent.mqtt_stats();
     let escalator = agent.escalator();
-    let (stop_agent, agent_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent_task = tokio::spawn(agent.serve(async {
-        let _ = agent_stop_rx.await;
-    }));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !escalator.is_connected() {
-        if Instant::now() > deadline {
-            bail!("the agent did not connect to the embedded broker on port {broker_port} within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let agent = inproc::serve_agent(agent);
+    if inproc::wait_connected(&escalator, Duration::from_secs(10))
+        .await
+        .is_err()
+    {
+        bail!("the agent did not connect to the embedded broker on port {broker_port} within 10 s");
     }
     // The relay subscribes right after it connects; give its SUBSCRIBE a moment to land.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -293,8 +257,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
 
     // The agent's last report covers the final partial window; once it has landed, the relay's
     // fleet view accounts for every request.
-    let _ = stop_agent.send(());
-    let _ = agent_task.await;
+    let _ = agent.shutdown().await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let record = loop {
         let rec = fleet.lock().ok().and_then(|f| f.get("demo-pi").cloned());
@@ -356,8 +319,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             cloud_relay::report::render_text(&report)
         );
     }
-    let _ = stop_relay.send(());
-    let _ = relay_task.await;
+    let _ = relay.shutdown().await;
     let _ = std::fs::remove_dir_all(&state);
     if total != records.len() as u64 {
         bail!("{} requests sent but {total} answered", records.len());

@@ -9,12 +9,10 @@ use tierd_protocol::{
     TensorData, WIRE_VERSION,
 };
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-}
+// Shared with the other crates' fuzz suites (std only, so included rather than depended on).
+#[path = "../../devkit/src/fuzz.rs"]
+mod fuzz;
+use fuzz::cases;
 
 /// Decodes `bytes` as every message type. Whatever decodes must re-encode to the same bytes:
 /// one payload has exactly one meaning.

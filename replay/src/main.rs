@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Parser;
 use edge_agent::cascade::{self, Signal};
+use tierd_devkit::repo_path;
 use tierd_runtime::{stream, Model};
 
 use crate::sim::{Config, Item};
@@ -50,12 +51,6 @@ struct Args {
     /// Where to write the SVG plot of the unshuffled replay.
     #[arg(long, default_value = "docs/replay-drift.svg")]
     svg: PathBuf,
-}
-
-fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(rel)
 }
 
 fn items(

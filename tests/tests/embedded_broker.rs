@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tierd_e2e::{
-    assert_probs_close, cloud_manifest, confident_examples, free_port, top1, unsure_examples,
-    AgentOptions, AgentProc, RelayBroker, RelayProc, EDGE_MODEL,
+    assert_concurrent_cloud_answers, assert_probs_close, cloud_manifest, confident_examples,
+    free_port, top1, unsure_examples, AgentOptions, AgentProc, RelayBroker, RelayProc, EDGE_MODEL,
 };
 use tierd_protocol::{Tensor, TensorData};
 use tierd_runtime::Model;
@@ -73,23 +73,7 @@ async fn unsure_inputs_are_answered_by_the_cloud_model() {
 async fn concurrent_escalations_each_get_their_own_answer() {
     let (_relay, agent) = relay_and_agent("emb-concurrent").await;
     let agent = Arc::new(agent);
-    let unsure = unsure_examples();
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        // Different inputs interleaved: a mixed-up correlation would hand one request another's answer.
-        let ex = unsure[i % unsure.len()].clone();
-        let agent = agent.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = agent.infer(&ex.pixels).await;
-            (i, ex, r)
-        }));
-    }
-    for t in tasks {
-        let (i, ex, r) = t.await.expect("request task");
-        let what = format!("request {i} ({})", ex.name);
-        r.assert_ok_from("cloud", &what);
-        assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, TOL, &what);
-    }
+    assert_concurrent_cloud_answers(&agent, 50, TOL).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

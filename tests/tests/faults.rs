@@ -79,22 +79,6 @@ fn start_load(
     (load, task)
 }
 
-/// The relay's record of a device, once `done` holds.
-async fn wait_device(
-    relay: &RelayProc,
-    device: &str,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    relay
-        .wait_json(&format!("/api/devices/{device}"), what, done)
-        .await
-}
-
-async fn metric(agent: &AgentProc, name: &str, label: &str) -> f64 {
-    agent.metric(name, label).await
-}
-
 fn spool_file(state: &std::path::Path) -> std::path::PathBuf {
     state.join("spool").join("spool.bin")
 }
@@ -122,14 +106,15 @@ async fn broker_killed_under_load_loses_no_request_and_no_report() {
     drop(mosquitto); // SIGKILL: the broker is gone, sessions and all
     let down = Instant::now();
     tokio::time::sleep(outage).await;
-    let seq_at_restart = metric(&agent, "tierd_telemetry_seq", "device").await as u64;
+    let seq_at_restart = agent.metric("tierd_telemetry_seq", "device").await as u64;
     let mosquitto = start_mosquitto(port).await.expect("mosquitto again");
     let restarted = Instant::now();
     let outage = down.elapsed();
-    wait_device(&relay, device, "the reports of the outage", |v| {
-        v["last_seq"].as_u64().unwrap_or(0) >= seq_at_restart
-    })
-    .await;
+    relay
+        .wait_device(device, "the reports of the outage", |v| {
+            v["last_seq"].as_u64().unwrap_or(0) >= seq_at_restart
+        })
+        .await;
     let drain = restarted.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
@@ -149,13 +134,14 @@ async fn broker_killed_under_load_loses_no_request_and_no_report() {
         load.fallback.load(Ordering::Relaxed) > 0,
         "the outage was not felt"
     );
-    let v = wait_device(&relay, device, "every request counted", |v| {
-        v["latest"]["totals"]["edge"].as_u64().unwrap_or(0)
-            + v["latest"]["totals"]["cloud"].as_u64().unwrap_or(0)
-            + v["latest"]["totals"]["edge_fallback"].as_u64().unwrap_or(0)
-            == answered
-    })
-    .await;
+    let v = relay
+        .wait_device(device, "every request counted", |v| {
+            v["latest"]["totals"]["edge"].as_u64().unwrap_or(0)
+                + v["latest"]["totals"]["cloud"].as_u64().unwrap_or(0)
+                + v["latest"]["totals"]["edge_fallback"].as_u64().unwrap_or(0)
+                == answered
+        })
+        .await;
     assert_eq!(v["missing_reports"], 0, "telemetry lost: {v:#}");
     assert_eq!(v["window_sums"], v["latest"]["totals"], "{v:#}");
     assert_eq!(v["restarts"], 0);
@@ -240,13 +226,17 @@ async fn agent_killed_mid_spool_write_and_mid_config_apply_recovers() {
     let mut pending_before = 0.0;
     for round in 0..4u64 {
         let mut agent = AgentProc::start(options.clone()).await;
-        let pending = metric(&agent, "tierd_spool_records", "state=\"pending\"").await;
+        let pending = agent
+            .metric("tierd_spool_records", "state=\"pending\"")
+            .await;
         assert!(
             pending >= pending_before,
             "round {round}: {pending} records pending after restart, {pending_before} before the kill"
         );
         tokio::time::sleep(Duration::from_millis(300 + 137 * round)).await;
-        pending_before = metric(&agent, "tierd_spool_records", "state=\"pending\"").await;
+        pending_before = agent
+            .metric("tierd_spool_records", "state=\"pending\"")
+            .await;
         agent.proc.kill();
     }
     // 2. A torn write (power lost mid-frame): half a frame of garbage at the end.
@@ -265,8 +255,18 @@ async fn agent_killed_mid_spool_write_and_mid_config_apply_recovers() {
         "{}",
         agent.proc.log_tail(20)
     );
-    assert!(metric(&agent, "tierd_spool_records", "state=\"corrupt\"").await >= 1.0);
-    assert!(metric(&agent, "tierd_spool_records", "state=\"pending\"").await >= pending_before);
+    assert!(
+        agent
+            .metric("tierd_spool_records", "state=\"corrupt\"")
+            .await
+            >= 1.0
+    );
+    assert!(
+        agent
+            .metric("tierd_spool_records", "state=\"pending\"")
+            .await
+            >= pending_before
+    );
     drop(agent);
 
     // 3. The broker and relay come: everything spooled is delivered, the corrupt tail is
@@ -280,16 +280,12 @@ async fn agent_killed_mid_spool_write_and_mid_config_apply_recovers() {
         ..options.clone()
     })
     .await;
-    let v = wait_device(
-        &relay,
-        device,
-        "the spool drained with the corrupt count",
-        |v| {
+    let v = relay
+        .wait_device(device, "the spool drained with the corrupt count", |v| {
             v["latest"]["spool"]["corrupt"].as_u64().unwrap_or(0) >= 1
                 && v["latest"]["spool"]["pending"].as_u64().unwrap_or(99) <= 4
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!(v["missing_reports"], 0, "{v:#}");
     let delivered = v["stream"]["delivered"].as_u64().unwrap_or(0);
     assert!(delivered as f64 >= pending_before, "{v:#}");
@@ -359,8 +355,10 @@ async fn spool_cap_in_a_long_outage_drops_oldest_counts_and_keeps_serving() {
     let rss_early = rss_bytes(agent.proc.pid());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_late = rss_bytes(agent.proc.pid());
-    let dropped = metric(&agent, "tierd_spool_records", "state=\"dropped\"").await;
-    let bytes = metric(&agent, "tierd_spool_bytes", "device").await;
+    let dropped = agent
+        .metric("tierd_spool_records", "state=\"dropped\"")
+        .await;
+    let bytes = agent.metric("tierd_spool_bytes", "device").await;
     stop.store(true, Ordering::Relaxed);
     task.await.expect("load");
     assert_eq!(
@@ -383,10 +381,11 @@ async fn spool_cap_in_a_long_outage_drops_oldest_counts_and_keeps_serving() {
         return;
     };
     let relay = RelayProc::start("fault-cap", RelayBroker::External(port)).await;
-    let v = wait_device(&relay, device, "the drop count reported", |v| {
-        v["latest"]["spool"]["dropped"].as_u64().unwrap_or(0) >= dropped as u64
-    })
-    .await;
+    let v = relay
+        .wait_device(device, "the drop count reported", |v| {
+            v["latest"]["spool"]["dropped"].as_u64().unwrap_or(0) >= dropped as u64
+        })
+        .await;
     println!(
         "RELIABILITY spool-cap: cap {cap} bytes, {} requests served during the outage, {} records dropped oldest-first, reported in telemetry (relay: spool.dropped = {}, {} report seq gaps), RSS {} -> {} KiB",
         load.ok.load(Ordering::Relaxed),
@@ -407,7 +406,7 @@ async fn a_stranger_flooding_every_topic_breaks_nothing() {
     let relay = RelayProc::start("fault-flood", RelayBroker::External(port)).await;
     let device = "fault-flood-1";
     let agent = AgentProc::start(AgentOptions::new(device, port).telemetry_interval_s(0.2)).await;
-    let seq_before = wait_device(&relay, device, "first report", |_| true).await["last_seq"]
+    let seq_before = relay.wait_device(device, "first report", |_| true).await["last_seq"]
         .as_u64()
         .unwrap_or(0);
 
@@ -486,12 +485,13 @@ async fn a_stranger_flooding_every_topic_breaks_nothing() {
             .await
             .assert_ok_from("cloud", &ex.name);
     }
-    let v = wait_device(&relay, device, "telemetry after the flood", |v| {
-        v["last_seq"].as_u64().unwrap_or(0) > seq_before + 5
-    })
-    .await;
+    let v = relay
+        .wait_device(device, "telemetry after the flood", |v| {
+            v["last_seq"].as_u64().unwrap_or(0) > seq_before + 5
+        })
+        .await;
     assert_eq!(v["missing_reports"], 0, "{v:#}");
-    let threshold = metric(&agent, "tierd_threshold", "signal").await;
+    let threshold = agent.metric("tierd_threshold", "signal").await;
     assert!(
         (threshold - 0.9).abs() < 1e-6,
         "the flood changed the threshold to {threshold}"

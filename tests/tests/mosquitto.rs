@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tierd_e2e::{
-    assert_probs_close, confident_examples, free_port, start_mosquitto, unsure_examples,
-    AgentOptions, AgentProc, RelayBroker, RelayProc,
+    assert_concurrent_cloud_answers, assert_probs_close, confident_examples, free_port,
+    start_mosquitto, unsure_examples, AgentOptions, AgentProc, RelayBroker, RelayProc,
 };
 
 const TOL: f32 = 1e-4;
@@ -88,22 +88,7 @@ async fn two_relays_share_the_escalations() {
     let agent = Arc::new(AgentProc::start(AgentOptions::new("mq-share-dev", mosquitto.port)).await);
     mosquitto.wait_for_suback("edge-agent-mq-share-dev").await;
 
-    let unsure = unsure_examples();
-    let mut tasks = Vec::new();
-    for i in 0..40 {
-        let ex = unsure[i % unsure.len()].clone();
-        let agent = agent.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = agent.infer(&ex.pixels).await;
-            (i, ex, r)
-        }));
-    }
-    for t in tasks {
-        let (i, ex, r) = t.await.expect("request task");
-        let what = format!("request {i} ({})", ex.name);
-        r.assert_ok_from("cloud", &what);
-        assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, TOL, &what);
-    }
+    assert_concurrent_cloud_answers(&agent, 40, TOL).await;
 
     // Mosquitto logs every PUBLISH it sends: each escalation went to exactly one relay, and the
     // shared subscription spread them over both.

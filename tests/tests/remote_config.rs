@@ -11,23 +11,6 @@ use tierd_e2e::{
     RelayProc, TestClient,
 };
 
-/// Polls the relay's view of a device's config until `done` holds.
-async fn wait_config(
-    relay: &RelayProc,
-    device: &str,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    relay
-        .wait_json(&format!("/api/devices/{device}/config"), what, done)
-        .await
-}
-
-/// The value of the first sample of `name` on the agent's `/metrics`.
-async fn metric(agent: &AgentProc, name: &str) -> f64 {
-    agent.metric(name, "").await
-}
-
 fn edge_confidence(p: &[f32]) -> f32 {
     p.iter().copied().fold(0.0, f32::max)
 }
@@ -64,17 +47,13 @@ async fn the_relay_tunes_pushes_and_the_agent_applies_acks_and_keeps_it() {
         }
     }
 
-    let view = wait_config(
-        &relay,
-        "rc-tune-1",
-        "a tuned threshold applied by the agent",
-        |v| {
+    let view = relay
+        .wait_device_config("rc-tune-1", "a tuned threshold applied by the agent", |v| {
             v["published"]["source"] == "tuner"
                 && v["last_ack"]["applied"] == true
                 && v["last_ack"]["version"] == v["published"]["version"]
-        },
-    )
-    .await;
+        })
+        .await;
     let version = view["published"]["version"].as_u64().expect("version");
     let threshold = view["published"]["settings"]["threshold"]
         .as_f64()
@@ -116,8 +95,11 @@ async fn the_relay_tunes_pushes_and_the_agent_applies_acks_and_keeps_it() {
             .await
             .assert_ok_from("cloud", &ex.name);
     }
-    assert_eq!(metric(&agent, "tierd_config_version").await as u64, version);
-    assert!((metric(&agent, "tierd_threshold").await as f32 - threshold).abs() < 1e-6);
+    assert_eq!(
+        agent.metric("tierd_config_version", "").await as u64,
+        version
+    );
+    assert!((agent.metric("tierd_threshold", "").await as f32 - threshold).abs() < 1e-6);
 
     // It survives a restart, even with no broker to hand the retained copy back.
     let status = agent.proc.terminate(Duration::from_secs(15));
@@ -128,7 +110,10 @@ async fn the_relay_tunes_pushes_and_the_agent_applies_acks_and_keeps_it() {
     }
     .without_broker();
     let again = AgentProc::start(offline).await;
-    assert_eq!(metric(&again, "tierd_config_version").await as u64, version);
+    assert_eq!(
+        again.metric("tierd_config_version", "").await as u64,
+        version
+    );
     for ex in &confident {
         again
             .infer(&ex.pixels)
@@ -156,13 +141,15 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
         "config set failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let view = wait_config(&relay, device, "the operator's document applied", |v| {
-        v["last_ack"]["applied"] == true && v["last_ack"]["version"] == v["published"]["version"]
-    })
-    .await;
+    let view = relay
+        .wait_device_config(device, "the operator's document applied", |v| {
+            v["last_ack"]["applied"] == true
+                && v["last_ack"]["version"] == v["published"]["version"]
+        })
+        .await;
     let version = view["published"]["version"].as_u64().expect("version");
     assert_eq!(view["pinned"], true);
-    assert!((metric(&agent, "tierd_threshold").await - 0.95).abs() < 1e-6);
+    assert!((agent.metric("tierd_threshold", "").await - 0.95).abs() < 1e-6);
 
     let client = TestClient::connect(relay.broker_port, "rc-bad-intruder").await;
     let topic = format!("tierd/v1/{device}/config");
@@ -187,20 +174,24 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
         ),
     ] {
         client.publish(&topic, payload, true).await;
-        let view = wait_config(&relay, device, reason, |v| {
-            v["last_ack"]["applied"] == false
-                && v["last_ack"]["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains(reason))
-        })
-        .await;
+        let view = relay
+            .wait_device_config(device, reason, |v| {
+                v["last_ack"]["applied"] == false
+                    && v["last_ack"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(reason))
+            })
+            .await;
         assert_eq!(
             view["last_ack"]["in_force"].as_u64(),
             Some(version),
             "{view:#}"
         );
-        assert!((metric(&agent, "tierd_threshold").await - 0.95).abs() < 1e-6);
-        assert_eq!(metric(&agent, "tierd_config_version").await as u64, version);
+        assert!((agent.metric("tierd_threshold", "").await - 0.95).abs() < 1e-6);
+        assert_eq!(
+            agent.metric("tierd_config_version", "").await as u64,
+            version
+        );
     }
 
     // `config show` prints the same view.
@@ -266,24 +257,26 @@ async fn a_device_that_was_offline_gets_the_config_set_meanwhile() {
 
     // It comes back, receives the retained document, applies and acknowledges it.
     let again = AgentProc::start(options).await;
-    let view = wait_config(
-        &relay,
-        device,
-        "the document applied after reconnecting",
-        |v| v["last_ack"]["applied"] == true && v["last_ack"]["version"].as_u64() == Some(version),
-    )
-    .await;
+    let view = relay
+        .wait_device_config(device, "the document applied after reconnecting", |v| {
+            v["last_ack"]["applied"] == true && v["last_ack"]["version"].as_u64() == Some(version)
+        })
+        .await;
     let published = view["published"]["settings"]["threshold"]
         .as_f64()
         .unwrap_or(0.0);
     assert!((published - 0.42).abs() < 1e-6, "{view:#}");
     // The next telemetry report says the device runs it.
-    wait_config(&relay, device, "telemetry reporting the new version", |v| {
-        v["running"]["config_version"].as_u64() == Some(version)
-    })
-    .await;
-    assert!((metric(&again, "tierd_threshold").await - 0.42).abs() < 1e-6);
-    assert_eq!(metric(&again, "tierd_config_version").await as u64, version);
+    relay
+        .wait_device_config(device, "telemetry reporting the new version", |v| {
+            v["running"]["config_version"].as_u64() == Some(version)
+        })
+        .await;
+    assert!((again.metric("tierd_threshold", "").await - 0.42).abs() < 1e-6);
+    assert_eq!(
+        again.metric("tierd_config_version", "").await as u64,
+        version
+    );
     // A bad request body is refused with a message, and nothing is published.
     let resp = tierd_e2e::http_client()
         .put(relay.url(&format!("/api/devices/{device}/config")))

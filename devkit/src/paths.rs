@@ -1,0 +1,37 @@
+//! Paths in the workspace, independent of the current directory.
+
+use std::path::{Path, PathBuf};
+
+/// The committed edge model manifest, relative to the workspace root.
+pub const EDGE_MANIFEST: &str = "models/edge/digits-edge.toml";
+/// The committed cloud model manifest, relative to the workspace root.
+pub const CLOUD_MANIFEST: &str = "models/cloud/digits-cloud.toml";
+
+/// The workspace root (absolute: the parent of this crate's folder, fixed at build time).
+pub fn repo_root() -> PathBuf {
+    let devkit = Path::new(env!("CARGO_MANIFEST_DIR"));
+    devkit
+        .parent()
+        .map_or_else(|| devkit.join(".."), Path::to_path_buf)
+}
+
+/// `rel` (a `/`-separated path such as `models/eval/stream.bin`) under the workspace root.
+pub fn repo_path(rel: &str) -> PathBuf {
+    repo_root().join(rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_holds_the_workspace_and_its_models() {
+        let root = repo_root();
+        assert!(root.is_absolute());
+        assert!(root.join("Cargo.toml").is_file());
+        assert!(root.join("devkit").is_dir());
+        assert!(repo_path(EDGE_MANIFEST).is_file());
+        assert!(repo_path(CLOUD_MANIFEST).is_file());
+        assert_eq!(repo_path("a/b"), root.join("a").join("b"));
+    }
+}

@@ -1,0 +1,102 @@
+//! What the tests feed the daemons and compare against: the committed models and evaluation
+//! examples, and TOML paths for the config files they write.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    tierd_devkit::repo_root()
+}
+
+/// The committed edge model manifest (absolute).
+pub fn edge_manifest() -> PathBuf {
+    tierd_devkit::repo_path(tierd_devkit::EDGE_MANIFEST)
+}
+
+/// The committed cloud model manifest (absolute).
+pub fn cloud_manifest() -> PathBuf {
+    tierd_devkit::repo_path(tierd_devkit::CLOUD_MANIFEST)
+}
+
+/// `path` as a TOML string literal.
+pub(crate) fn toml_path(path: &Path) -> String {
+    toml::Value::String(path.to_string_lossy().into_owned()).to_string()
+}
+
+/// A named input from `models/eval/examples.toml` with both models' expected probabilities.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Example {
+    pub name: String,
+    pub label: usize,
+    pub pixels: Vec<u8>,
+    pub edge_probabilities: Vec<f32>,
+    pub cloud_probabilities: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct ExampleFile {
+    example: Vec<Example>,
+}
+
+/// Every example in `models/eval/examples.toml`.
+pub fn examples() -> Vec<Example> {
+    let path = repo_root().join("models/eval/examples.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let file: ExampleFile =
+        toml::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()));
+    assert!(
+        !file.example.is_empty(),
+        "{} has no examples",
+        path.display()
+    );
+    file.example
+}
+
+/// The example called `name`.
+pub fn example(name: &str) -> Example {
+    examples()
+        .into_iter()
+        .find(|e| e.name == name)
+        .unwrap_or_else(|| panic!("no example named {name:?} in models/eval/examples.toml"))
+}
+
+/// Examples the edge model answers confidently (and correctly).
+pub fn confident_examples() -> Vec<Example> {
+    let v: Vec<_> = examples()
+        .into_iter()
+        .filter(|e| e.name.starts_with("confident"))
+        .collect();
+    assert!(!v.is_empty(), "no confident* examples");
+    v
+}
+
+/// Examples the edge model is unsure about (its top-1 is wrong, the cloud's is right).
+pub fn unsure_examples() -> Vec<Example> {
+    let v: Vec<_> = examples()
+        .into_iter()
+        .filter(|e| e.name.starts_with("unsure"))
+        .collect();
+    assert!(!v.is_empty(), "no unsure* examples");
+    v
+}
+
+/// Panics unless `got` and `expected` have the same length and differ by at most `tol` anywhere.
+pub fn assert_probs_close(got: &[f32], expected: &[f32], tol: f32, what: &str) {
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "{what}: {} probabilities, expected {}: got {got:?}",
+        got.len(),
+        expected.len()
+    );
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        let diff = (g - e).abs();
+        assert!(
+            diff <= tol,
+            "{what}: class {i} is {g}, expected {e} (|diff| {diff:e} > {tol:e})\n got      {got:?}\n expected {expected:?}"
+        );
+    }
+}
