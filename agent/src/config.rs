@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use thiserror::Error;
 
 use tierd_protocol::config::limits;
 use tierd_runtime::mqtt::MqttConfig;
@@ -15,18 +14,7 @@ use crate::cascade::Signal;
 use crate::energy::attribution::{Link, LinkModel};
 use crate::energy::{EnergySource, Ina219Config};
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config {path}: {reason}")]
-    Parse { path: PathBuf, reason: String },
-    #[error("config: {0}")]
-    Invalid(String),
-}
+pub use tierd_runtime::config::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -218,29 +206,13 @@ impl Default for CascadeConfig {
 impl AgentConfig {
     /// Reads, parses and validates a config file; relative paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.to_owned(),
-            source: e,
-        })?;
-        let mut cfg = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { reason, .. } | ConfigError::Invalid(reason) => {
-                ConfigError::Parse {
-                    path: path.to_owned(),
-                    reason,
-                }
-            }
-            other => other,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolve_paths(base);
+        let (mut cfg, base) = tierd_runtime::config::read(path, Self::parse)?;
+        cfg.resolve_paths(&base);
         Ok(cfg)
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            reason: e.to_string(),
-        })?;
+        let cfg: AgentConfig = tierd_runtime::config::from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -259,7 +231,7 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |s: String| Err(ConfigError::Invalid(s));
+        let bad = |s: String| Err(ConfigError::invalid(s));
         if let Err(e) = tierd_protocol::topic::validate_device_id(&self.device_id) {
             return bad(format!("device_id: {e}"));
         }
