@@ -3,11 +3,12 @@
 //! (remote config: show, or set `key=value` overrides), `GET /api/report` (cost report; JSON,
 //! or `?format=text`), `GET /health`.
 //!
-//! Metrics are produced at scrape time by a `prometheus-client` collector over the [`Fleet`],
+//! Metrics are produced at scrape time by a `prometheus-client` collector over the
+//! [`Fleet`](crate::fleet::Fleet),
 //! so a device that reports is visible at the next scrape with no per-device registration.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -24,15 +25,15 @@ use rumqttc::v5::AsyncClient;
 use serde_json::json;
 use tierd_runtime::metrics::{family, Labels};
 
-use crate::control::Control;
-use crate::escalations::RelayStats;
-use crate::fleet::{DeviceRecord, Fleet};
+use crate::fleet::DeviceRecord;
 use crate::report::{DeviceUsage, Prices};
+use crate::state::{RelayState, RelayStats};
 
-pub type SharedFleet = Arc<Mutex<Fleet>>;
-pub type SharedControl = Arc<Mutex<Control>>;
+/// Re-exported from their home, [`crate::state`], for callers of the old paths.
+pub use crate::state::{SharedControl, SharedFleet};
 
 pub struct ApiState {
+    pub relay: RelayState,
     pub fleet: SharedFleet,
     pub control: SharedControl,
     pub client: AsyncClient,
@@ -43,9 +44,8 @@ pub struct ApiState {
     pub registry: Registry,
 }
 
-/// What the HTTP API needs besides the fleet.
+/// What the HTTP API needs besides the shared state.
 pub struct ApiDeps {
-    pub control: SharedControl,
     pub client: AsyncClient,
     pub prices: Prices,
     pub state_dir: std::path::PathBuf,
@@ -303,15 +303,16 @@ impl Collector for FleetCollector {
     }
 }
 
-pub fn router(fleet: SharedFleet, stats: Arc<RelayStats>, deps: ApiDeps) -> Router {
+pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(FleetCollector {
-        fleet: fleet.clone(),
-        stats,
+        fleet: relay.fleet.clone(),
+        stats: relay.stats.clone(),
     }));
     let state = Arc::new(ApiState {
-        fleet,
-        control: deps.control,
+        fleet: relay.fleet.clone(),
+        control: relay.control.clone(),
+        relay,
         client: deps.client,
         prices: deps.prices,
         state_dir: deps.state_dir,
@@ -436,29 +437,19 @@ async fn config_set(
             (k, v)
         })
         .collect();
-    let result = state
-        .control
-        .lock()
-        .map_err(|_| "control state poisoned".to_string())
-        .and_then(|mut c| {
-            let doc = c.set(&id, &pairs, tierd_runtime::unix_ms())?;
-            crate::control::save_overrides(&state.state_dir, c.operator_overrides()).map_err(
-                |e| {
-                    format!(
-                        "cannot save the overrides in {}: {e}",
-                        state.state_dir.display()
-                    )
-                },
-            )?;
-            Ok(doc)
-        });
+    let result = state.relay.operator_set(
+        &state.client,
+        &state.state_dir,
+        &id,
+        &pairs,
+        tierd_runtime::unix_ms(),
+    );
     match result {
         Ok(doc) => {
-            crate::escalations::publish_config(&state.client, &doc);
             tracing::info!(device = %id, version = doc.version, "operator config published");
             Json(json!({ "published": doc })).into_response()
         }
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 

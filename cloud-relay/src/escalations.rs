@@ -6,7 +6,7 @@
 //! Every reject is logged with the device id and counted; nothing a client sends can stop the
 //! loop.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,24 +21,14 @@ use tierd_protocol::{
     TelemetryReport, Topic, TopicKind,
 };
 
-use crate::api::{SharedControl, SharedFleet};
 use crate::fleet::{Delivery, Ingest};
+/// Re-exported from their home, [`crate::state`], for callers of the old paths.
+pub use crate::state::{publish_config, RelayStats};
+use crate::state::{RelayState, SharedControl, SharedFleet};
 use tierd_runtime::mqtt::Backoff;
 use tierd_runtime::{InputError, Model};
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{debug, info, warn};
-
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    pub answered: AtomicU64,
-    pub errors: AtomicU64,
-    pub rejected: AtomicU64,
-    pub overloaded: AtomicU64,
-    pub telemetry_accepted: AtomicU64,
-    pub telemetry_rejected: AtomicU64,
-    /// Spooled records received again (resends after a lost ack); acknowledged, not re-filed.
-    pub duplicates: AtomicU64,
-}
 
 /// What the MQTT loop's handlers share.
 struct Ctx {
@@ -298,20 +288,6 @@ fn learn_config(ctx: &Ctx, topic: Topic, publish: &Publish) {
     }
 }
 
-/// Publishes a device's config document, retained, QoS 1.
-pub fn publish_config(client: &AsyncClient, doc: &ConfigDocument) {
-    let topic = match Topic::new(&doc.device_id, TopicKind::Config) {
-        Ok(t) => t.to_string(),
-        Err(e) => {
-            warn!(error = %e, "config document not published");
-            return;
-        }
-    };
-    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, doc.to_json()) {
-        warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
-    }
-}
-
 /// Files a device's online/offline status (its own, or its last will published by the broker).
 fn ingest_status(ctx: &Ctx, topic: Topic, publish: &Publish) {
     let (fleet, stats) = (&ctx.fleet, &ctx.stats);
@@ -461,9 +437,7 @@ pub struct Service {
     pub serves: Vec<String>,
     pub workers: usize,
     pub queue: usize,
-    pub stats: Arc<RelayStats>,
-    pub fleet: SharedFleet,
-    pub control: SharedControl,
+    pub state: RelayState,
 }
 
 /// Runs the escalation service until `shutdown` flips: event loop plus `workers` workers.
@@ -478,13 +452,12 @@ pub async fn run(
         serves,
         workers,
         queue,
-        stats,
-        fleet,
-        control,
+        state,
     } = service;
+    let stats = state.stats.clone();
     let ctx = Ctx {
-        fleet,
-        control,
+        fleet: state.fleet.clone(),
+        control: state.control.clone(),
         stats: stats.clone(),
         client: client.clone(),
     };

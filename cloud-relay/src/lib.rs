@@ -16,11 +16,12 @@ pub mod control;
 pub mod escalations;
 pub mod fleet;
 pub mod report;
+pub mod state;
 pub mod tuner;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::AsyncClient;
@@ -31,7 +32,8 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::{ConfigError, RelayConfig};
-use crate::escalations::{RelayStats, Service};
+use crate::escalations::Service;
+use crate::state::{RelayState, RelayStats, SharedFleet};
 
 #[derive(Debug, Error)]
 pub enum RelayError {
@@ -46,7 +48,7 @@ pub enum RelayError {
     #[error(transparent)]
     Mqtt(#[from] tierd_runtime::mqtt::MqttSetupError),
     #[error("state directory: {0}")]
-    State(String),
+    State(#[from] control::OverridesError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -56,8 +58,7 @@ pub enum RelayError {
 
 /// A started relay: model verified, broker (if embedded) listening, client connecting.
 pub struct Relay {
-    stats: Arc<RelayStats>,
-    fleet: api::SharedFleet,
+    state: RelayState,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -90,29 +91,26 @@ impl Relay {
             .client_mqtt()
             .options(&format!("cloud-relay-{}", config.relay_id))?;
         let (client, eventloop) = AsyncClient::new(options, 1024);
-        let stats = Arc::new(RelayStats::default());
         let (stop, stop_rx) = watch::channel(false);
-        let fleet = Arc::new(Mutex::new(
-            fleet::Fleet::new(config.http.max_devices).with_tuner(config.tuner_setup()),
-        ));
         let state_dir = config.state_dir();
-        let operator = control::load_overrides(&state_dir).map_err(RelayError::State)?;
+        let operator = control::load_overrides(&state_dir)?;
         if !operator.is_empty() {
             info!(devices = operator.len(), dir = %state_dir.display(), "operator overrides restored");
         }
-        let control = Arc::new(Mutex::new(control::Control::new(
-            config.tuning.push,
-            config.push_rules(),
-            config.defaults.clone(),
-            config.devices.clone(),
-            operator,
-            config.http.max_devices,
-        )));
+        let state = RelayState::new(
+            fleet::Fleet::new(config.http.max_devices).with_tuner(config.tuner_setup()),
+            control::Control::new(
+                config.tuning.push,
+                config.push_rules(),
+                config.defaults.clone(),
+                config.devices.clone(),
+                operator,
+                config.http.max_devices,
+            ),
+        );
         let app = api::router(
-            fleet.clone(),
-            stats.clone(),
+            state.clone(),
             api::ApiDeps {
-                control: control.clone(),
                 client: client.clone(),
                 prices: config.prices.clone(),
                 state_dir,
@@ -143,17 +141,14 @@ impl Relay {
             serves: config.model.serves.clone(),
             workers: config.workers,
             queue: config.queue,
-            stats: stats.clone(),
-            fleet: fleet.clone(),
-            control,
+            state: state.clone(),
         };
         let task = tokio::spawn(async move {
             let _down = loop_down;
             escalations::run(service, client, eventloop, stop_rx).await;
         });
         Ok(Relay {
-            stats,
-            fleet,
+            state,
             http_addr,
             stop,
             task,
@@ -165,7 +160,7 @@ impl Relay {
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
-        self.stats.clone()
+        self.state.stats.clone()
     }
 
     /// Where `/metrics` and `/api/devices` are served (useful with port 0).
@@ -173,8 +168,8 @@ impl Relay {
         self.http_addr
     }
 
-    pub fn fleet(&self) -> api::SharedFleet {
-        self.fleet.clone()
+    pub fn fleet(&self) -> SharedFleet {
+        self.state.fleet.clone()
     }
 
     /// Runs until `shutdown` resolves, then stops taking escalations and disconnects.
