@@ -434,6 +434,13 @@ impl Fleet {
         Ok(())
     }
 
+    /// The tuner's latest proposal for a device, with the threshold the device runs.
+    pub fn proposal(&self, device_id: &str) -> Option<(Certificate, f32)> {
+        let d = self.devices.get(device_id)?;
+        let c = d.calibration.as_ref()?;
+        Some((c.certificate.clone(), d.latest.threshold))
+    }
+
     /// Records a status message. A status from an older agent run than the one already known
     /// is ignored, so a late last will cannot mark a restarted device offline.
     pub fn set_status(

@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod escalations;
 pub mod fleet;
+pub mod intake;
 pub mod report;
 pub mod state;
 pub mod tuner;
