@@ -25,11 +25,12 @@ use rumqttc::v5::AsyncClient;
 use serde_json::json;
 use tierd_runtime::metrics::{family, Labels};
 
-use crate::fleet::DeviceRecord;
 use crate::report::{DeviceUsage, Prices};
 use crate::state::{RelayState, RelayStats};
 
-/// Re-exported from their home, [`crate::state`], for callers of the old paths.
+/// Re-exported from their homes, [`crate::report`] and [`crate::state`], for callers of the
+/// old paths.
+pub use crate::report::usage;
 pub use crate::state::{SharedControl, SharedFleet};
 
 pub struct ApiState {
@@ -49,14 +50,24 @@ pub struct ApiDeps {
     pub client: AsyncClient,
     pub prices: Prices,
     pub state_dir: std::path::PathBuf,
-    /// Error rate of the agreement bounds in the report.
+    /// Error rate of the agreement bounds in the report (`tuning.delta`).
     pub delta: f64,
+    /// Agreement with the cloud the tuner certifies (`tuning.target`), for the metrics' help.
+    pub target: f64,
 }
 
 #[derive(Debug)]
 struct FleetCollector {
     fleet: SharedFleet,
     stats: Arc<RelayStats>,
+    /// `tierd_device_proposed_threshold`'s help, which states the configured target.
+    proposed_help: String,
+}
+
+/// A ratio as a percentage for people: `0.99` is `99`, `0.995` is `99.5`.
+fn percent(ratio: f64) -> String {
+    let p = (ratio * 100.0 * 1e4).round() / 1e4;
+    format!("{p}")
 }
 
 impl Collector for FleetCollector {
@@ -257,7 +268,7 @@ impl Collector for FleetCollector {
         family(
             &mut enc,
             "tierd_device_proposed_threshold",
-            "Threshold the tuner certifies for the device (99 % agreement with the cloud, 95 % confidence).",
+            &self.proposed_help,
             MetricType::Gauge,
             proposed,
         )?;
@@ -308,6 +319,11 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
     registry.register_collector(Box::new(FleetCollector {
         fleet: relay.fleet.clone(),
         stats: relay.stats.clone(),
+        proposed_help: format!(
+            "Threshold the tuner certifies for the device ({} % agreement with the cloud, {} % confidence).",
+            percent(deps.target),
+            percent(1.0 - deps.delta)
+        ),
     }));
     let state = Arc::new(ApiState {
         fleet: relay.fleet.clone(),
@@ -458,34 +474,6 @@ struct ReportQuery {
     format: Option<String>,
 }
 
-/// What a device did, for the cost report.
-pub fn usage(d: &DeviceRecord, delta: f64) -> DeviceUsage {
-    let r = &d.latest;
-    let (agreement, edge_only) = match &d.calibration {
-        Some(c) if c.bins.iter().any(|b| b.escalated_labelled + b.audited > 0) => {
-            let bins = crate::fleet::tuner_bins(&c.edges, &c.bins);
-            (
-                Some(crate::tuner::estimate_agreement(&bins, r.threshold, delta).0),
-                Some(crate::tuner::estimate_agreement(&bins, 0.0, delta).0),
-            )
-        }
-        _ => (None, None),
-    };
-    DeviceUsage {
-        device_id: d.device_id.clone(),
-        requests: r.totals.answered(),
-        escalations: r.totals.escalated(),
-        cloud_answers: r.totals.cloud,
-        audits: r.totals.audits,
-        energy_joules: r.energy.attributed_joules.map(|_| r.energy.total_joules),
-        energy_estimated: r.energy.estimated,
-        joules_per_inference: d.energy_rates.joules_per_inference,
-        radio_joules_per_escalation: d.energy_rates.radio_joules_per_escalation,
-        agreement,
-        edge_only_agreement: edge_only,
-    }
-}
-
 async fn report(State(state): State<Arc<ApiState>>, Query(q): Query<ReportQuery>) -> Response {
     let usages: Vec<DeviceUsage> = match state.fleet.lock() {
         Ok(f) => f.devices().map(|d| usage(d, state.delta)).collect(),
@@ -504,5 +492,18 @@ async fn report(State(state): State<Arc<ApiState>>, Query(q): Query<ReportQuery>
             StatusCode::BAD_REQUEST,
             format!("format {other:?}: use json or text"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent;
+
+    #[test]
+    fn percentages_read_as_people_write_them() {
+        assert_eq!(percent(0.99), "99");
+        assert_eq!(percent(1.0 - 0.05), "95");
+        assert_eq!(percent(0.995), "99.5");
+        assert_eq!(percent(0.999), "99.9");
     }
 }

@@ -116,6 +116,7 @@ impl Relay {
                 prices: config.prices.clone(),
                 state_dir,
                 delta: config.tuning.delta,
+                target: config.tuning.target,
             },
         );
         // The watchdog's self-check reads these; the guards clear them when a task ends.

@@ -1,7 +1,7 @@
 //! **The cost report**: what tierd saved, in money, device energy and CO₂, against sending
 //! everything to the cloud and against answering everything on the device. Pure: usage and
-//! prices in, numbers and a text table out. The caller maps the fleet's telemetry into
-//! [`DeviceUsage`], and serves the result (`cloud-relay report`, `GET /api/report`).
+//! prices in, numbers and a text table out. [`usage`] maps a device's fleet record into
+//! [`DeviceUsage`]; the caller serves the result (`cloud-relay report`, `GET /api/report`).
 //!
 //! # The model: the same traffic, three ways
 //! Every device's answered requests are replayed, on paper, through three deployments:
@@ -57,6 +57,9 @@
 //!   with a note naming it and the direction of the error.
 
 use std::fmt::Write as _;
+
+use crate::fleet::{self, DeviceRecord};
+use crate::tuner;
 
 use serde::{Deserialize, Serialize};
 
@@ -207,6 +210,35 @@ pub struct Report {
 /// The report for these devices at these prices. Expects prices that pass
 /// [`Prices::validate`]; invalid ones are reported in `notes` rather than refused, because a
 /// report is read by a person who should see both the numbers and the problem.
+/// What a device did, for the cost report: its latest counters and energy, and the tuner's
+/// agreement estimates (bounds at error rate `delta`) at its threshold and at 0 (all-edge).
+pub fn usage(d: &DeviceRecord, delta: f64) -> DeviceUsage {
+    let r = &d.latest;
+    let (agreement, edge_only) = match &d.calibration {
+        Some(c) if c.bins.iter().any(|b| b.escalated_labelled + b.audited > 0) => {
+            let bins = fleet::tuner_bins(&c.edges, &c.bins);
+            (
+                Some(tuner::estimate_agreement(&bins, r.threshold, delta).0),
+                Some(tuner::estimate_agreement(&bins, 0.0, delta).0),
+            )
+        }
+        _ => (None, None),
+    };
+    DeviceUsage {
+        device_id: d.device_id.clone(),
+        requests: r.totals.answered(),
+        escalations: r.totals.escalated(),
+        cloud_answers: r.totals.cloud,
+        audits: r.totals.audits,
+        energy_joules: r.energy.attributed_joules.map(|_| r.energy.total_joules),
+        energy_estimated: r.energy.estimated,
+        joules_per_inference: d.energy_rates.joules_per_inference,
+        radio_joules_per_escalation: d.energy_rates.radio_joules_per_escalation,
+        agreement,
+        edge_only_agreement: edge_only,
+    }
+}
+
 pub fn build(devices: &[DeviceUsage], prices: &Prices) -> Report {
     let devices: Vec<DeviceReport> = devices.iter().map(|u| device(u, prices)).collect();
 
