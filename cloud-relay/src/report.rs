@@ -62,6 +62,7 @@ use crate::fleet::{self, DeviceRecord};
 use crate::tuner;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 const JOULES_PER_KWH: f64 = 3.6e6;
 
@@ -102,16 +103,22 @@ impl Default for Prices {
     }
 }
 
+/// Why `[prices]` is refused; the message names the key as `prices.<key>`.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum PricesError {
+    #[error("prices.currency {0:?} must be 1-8 characters without spaces")]
+    Currency(String),
+    #[error("prices.{key} = {value} must be a finite number >= 0")]
+    Negative { key: &'static str, value: f64 },
+}
+
 impl Prices {
     /// Every figure finite and non-negative, the currency 1-8 printable characters. The
     /// message names the offending key as `prices.<key>`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PricesError> {
         let n = self.currency.chars().count();
         if !(1..=8).contains(&n) || self.currency.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(format!(
-                "prices.currency {:?} must be 1-8 characters without spaces",
-                self.currency
-            ));
+            return Err(PricesError::Currency(self.currency.clone()));
         }
         for (key, v) in [
             ("energy_per_kwh", self.energy_per_kwh),
@@ -124,7 +131,7 @@ impl Prices {
             ("per_disagreement", self.per_disagreement),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("prices.{key} = {v} must be a finite number >= 0"));
+                return Err(PricesError::Negative { key, value: v });
             }
         }
         Ok(())
@@ -1142,14 +1149,18 @@ mod tests {
         for (key, break_it) in cases {
             let mut p = Prices::default();
             break_it(&mut p);
-            let e = p.validate().unwrap_err();
+            let e = p.validate().unwrap_err().to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
         let empty = Prices {
             currency: String::new(),
             ..Prices::default()
         };
-        assert!(empty.validate().unwrap_err().contains("prices.currency"));
+        assert!(empty
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("prices.currency"));
         let zero = Prices {
             energy_per_kwh: 0.0,
             per_disagreement: 0.0,
