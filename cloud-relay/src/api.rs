@@ -3,11 +3,12 @@
 //! (remote config: show, or set `key=value` overrides), `GET /api/report` (cost report; JSON,
 //! or `?format=text`), `GET /health`.
 //!
-//! Metrics are produced at scrape time by a `prometheus-client` collector over the [`Fleet`],
+//! Metrics are produced at scrape time by a `prometheus-client` collector over the
+//! [`Fleet`](crate::fleet::Fleet),
 //! so a device that reports is visible at the next scrape with no per-device registration.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -24,15 +25,16 @@ use rumqttc::v5::AsyncClient;
 use serde_json::json;
 use tierd_runtime::metrics::{family, Labels};
 
-use crate::control::Control;
-use crate::escalations::RelayStats;
-use crate::fleet::{DeviceRecord, Fleet};
 use crate::report::{DeviceUsage, Prices};
+use crate::state::{RelayState, RelayStats};
 
-pub type SharedFleet = Arc<Mutex<Fleet>>;
-pub type SharedControl = Arc<Mutex<Control>>;
+/// Re-exported from their homes, [`crate::report`] and [`crate::state`], for callers of the
+/// old paths.
+pub use crate::report::usage;
+pub use crate::state::{SharedControl, SharedFleet};
 
 pub struct ApiState {
+    pub relay: RelayState,
     pub fleet: SharedFleet,
     pub control: SharedControl,
     pub client: AsyncClient,
@@ -43,20 +45,29 @@ pub struct ApiState {
     pub registry: Registry,
 }
 
-/// What the HTTP API needs besides the fleet.
+/// What the HTTP API needs besides the shared state.
 pub struct ApiDeps {
-    pub control: SharedControl,
     pub client: AsyncClient,
     pub prices: Prices,
     pub state_dir: std::path::PathBuf,
-    /// Error rate of the agreement bounds in the report.
+    /// Error rate of the agreement bounds in the report (`tuning.delta`).
     pub delta: f64,
+    /// Agreement with the cloud the tuner certifies (`tuning.target`), for the metrics' help.
+    pub target: f64,
 }
 
 #[derive(Debug)]
 struct FleetCollector {
     fleet: SharedFleet,
     stats: Arc<RelayStats>,
+    /// `tierd_device_proposed_threshold`'s help, which states the configured target.
+    proposed_help: String,
+}
+
+/// A ratio as a percentage for people: `0.99` is `99`, `0.995` is `99.5`.
+fn percent(ratio: f64) -> String {
+    let p = (ratio * 100.0 * 1e4).round() / 1e4;
+    format!("{p}")
 }
 
 impl Collector for FleetCollector {
@@ -165,7 +176,7 @@ impl Collector for FleetCollector {
                 escalation_ratio.push((dev(id, &[]), ConstGauge::new(rate)));
             }
             threshold.push((
-                dev(id, &[("signal", &r.signal)]),
+                dev(id, &[("signal", r.signal.as_str())]),
                 ConstGauge::new(f64::from(r.threshold)),
             ));
             last_seen.push((
@@ -257,7 +268,7 @@ impl Collector for FleetCollector {
         family(
             &mut enc,
             "tierd_device_proposed_threshold",
-            "Threshold the tuner certifies for the device (99 % agreement with the cloud, 95 % confidence).",
+            &self.proposed_help,
             MetricType::Gauge,
             proposed,
         )?;
@@ -303,15 +314,21 @@ impl Collector for FleetCollector {
     }
 }
 
-pub fn router(fleet: SharedFleet, stats: Arc<RelayStats>, deps: ApiDeps) -> Router {
+pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(FleetCollector {
-        fleet: fleet.clone(),
-        stats,
+        fleet: relay.fleet.clone(),
+        stats: relay.stats.clone(),
+        proposed_help: format!(
+            "Threshold the tuner certifies for the device ({} % agreement with the cloud, {} % confidence).",
+            percent(deps.target),
+            percent(1.0 - deps.delta)
+        ),
     }));
     let state = Arc::new(ApiState {
-        fleet,
-        control: deps.control,
+        fleet: relay.fleet.clone(),
+        control: relay.control.clone(),
+        relay,
         client: deps.client,
         prices: deps.prices,
         state_dir: deps.state_dir,
@@ -436,63 +453,25 @@ async fn config_set(
             (k, v)
         })
         .collect();
-    let result = state
-        .control
-        .lock()
-        .map_err(|_| "control state poisoned".to_string())
-        .and_then(|mut c| {
-            let doc = c.set(&id, &pairs, tierd_runtime::unix_ms())?;
-            crate::control::save_overrides(&state.state_dir, c.operator_overrides()).map_err(
-                |e| {
-                    format!(
-                        "cannot save the overrides in {}: {e}",
-                        state.state_dir.display()
-                    )
-                },
-            )?;
-            Ok(doc)
-        });
+    let result = state.relay.operator_set(
+        &state.client,
+        &state.state_dir,
+        &id,
+        &pairs,
+        tierd_runtime::unix_ms(),
+    );
     match result {
         Ok(doc) => {
-            crate::escalations::publish_config(&state.client, &doc);
             tracing::info!(device = %id, version = doc.version, "operator config published");
             Json(json!({ "published": doc })).into_response()
         }
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
 #[derive(serde::Deserialize)]
 struct ReportQuery {
     format: Option<String>,
-}
-
-/// What a device did, for the cost report.
-pub fn usage(d: &DeviceRecord, delta: f64) -> DeviceUsage {
-    let r = &d.latest;
-    let (agreement, edge_only) = match &d.calibration {
-        Some(c) if c.bins.iter().any(|b| b.escalated_labelled + b.audited > 0) => {
-            let bins = crate::fleet::tuner_bins(&c.edges, &c.bins);
-            (
-                Some(crate::tuner::estimate_agreement(&bins, r.threshold, delta).0),
-                Some(crate::tuner::estimate_agreement(&bins, 0.0, delta).0),
-            )
-        }
-        _ => (None, None),
-    };
-    DeviceUsage {
-        device_id: d.device_id.clone(),
-        requests: r.totals.answered(),
-        escalations: r.totals.escalated(),
-        cloud_answers: r.totals.cloud,
-        audits: r.totals.audits,
-        energy_joules: r.energy.attributed_joules.map(|_| r.energy.total_joules),
-        energy_estimated: r.energy.estimated,
-        joules_per_inference: d.energy_rates.joules_per_inference,
-        radio_joules_per_escalation: d.energy_rates.radio_joules_per_escalation,
-        agreement,
-        edge_only_agreement: edge_only,
-    }
 }
 
 async fn report(State(state): State<Arc<ApiState>>, Query(q): Query<ReportQuery>) -> Response {
@@ -513,5 +492,18 @@ async fn report(State(state): State<Arc<ApiState>>, Query(q): Query<ReportQuery>
             StatusCode::BAD_REQUEST,
             format!("format {other:?}: use json or text"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent;
+
+    #[test]
+    fn percentages_read_as_people_write_them() {
+        assert_eq!(percent(0.99), "99");
+        assert_eq!(percent(1.0 - 0.05), "95");
+        assert_eq!(percent(0.995), "99.5");
+        assert_eq!(percent(0.999), "99.9");
     }
 }

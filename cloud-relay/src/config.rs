@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use thiserror::Error;
-use tierd_protocol::Settings;
-use tierd_runtime::mqtt::MqttConfig;
+use tierd_protocol::{Settings, TopicError};
+use tierd_runtime::mqtt::{MqttConfig, MqttSetupError};
 
-use crate::report::Prices;
+use crate::report::{Prices, PricesError};
 use crate::tuner::{Costs, Limits, Policy, PushRules, Setup, ALWAYS_ESCALATE};
 
 #[derive(Debug, Error)]
@@ -23,7 +23,40 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("config {path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        path: PathBuf,
+        reason: InvalidConfig,
+    },
+}
+
+/// Why a `relay.toml` is refused; the message names the key at fault.
+#[derive(Debug, Error)]
+pub enum InvalidConfig {
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    #[error("relay_id {0:?} must be 1-64 of [A-Za-z0-9_.-]")]
+    RelayId(String),
+    #[error("{key} must be within {range}")]
+    OutOfRange {
+        key: &'static str,
+        range: &'static str,
+    },
+    #[error("{key} = {value} must be within (0, 1)")]
+    NotARatio { key: &'static str, value: f64 },
+    #[error("tuning.min_threshold <= tuning.max_threshold, both within [0, 1.01]")]
+    ThresholdBounds,
+    #[error("{key} = {value} must be a non-negative number")]
+    Negative { key: &'static str, value: f64 },
+    #[error(transparent)]
+    Mqtt(#[from] MqttSetupError),
+    #[error("defaults.{0}")]
+    Defaults(String),
+    #[error("[devices.{device}]: {source}")]
+    DeviceId { device: String, source: TopicError },
+    #[error("devices.{device}.{reason}")]
+    Device { device: String, reason: String },
+    #[error(transparent)]
+    Prices(#[from] PricesError),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,13 +241,14 @@ impl RelayConfig {
     }
 
     /// Parses and validates; the error names the key at fault.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: RelayConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, InvalidConfig> {
+        let cfg: RelayConfig = toml::from_str(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let range = |key, range| Err(InvalidConfig::OutOfRange { key, range });
         if self.relay_id.is_empty()
             || self.relay_id.len() > 64
             || !self
@@ -222,48 +256,46 @@ impl RelayConfig {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
-            return Err(format!(
-                "relay_id {:?} must be 1-64 of [A-Za-z0-9_.-]",
-                self.relay_id
-            ));
+            return Err(InvalidConfig::RelayId(self.relay_id.clone()));
         }
         if !(1..=256).contains(&self.workers) {
-            return Err("workers must be within [1, 256]".into());
+            return range("workers", "[1, 256]");
         }
         if !(1..=1_000_000).contains(&self.queue) {
-            return Err("queue must be within [1, 1000000]".into());
+            return range("queue", "[1, 1000000]");
         }
         if !(1..=10_000_000).contains(&self.http.max_devices) {
-            return Err("http.max_devices must be within [1, 10000000]".into());
+            return range("http.max_devices", "[1, 10000000]");
         }
         if let Some(m) = &self.mqtt {
-            m.validate().map_err(|e| e.to_string())?;
+            m.validate()?;
         }
         let t = &self.tuning;
         let unit = |v: f64| v.is_finite() && v > 0.0 && v < 1.0;
         if !unit(t.target) {
-            return Err(format!(
-                "tuning.target = {} must be within (0, 1)",
-                t.target
-            ));
+            return Err(InvalidConfig::NotARatio {
+                key: "tuning.target",
+                value: t.target,
+            });
         }
         if !unit(t.delta) {
-            return Err(format!("tuning.delta = {} must be within (0, 1)", t.delta));
+            return Err(InvalidConfig::NotARatio {
+                key: "tuning.delta",
+                value: t.delta,
+            });
         }
         if !(t.max_escalation_rate.is_finite() && (0.0..=1.0).contains(&t.max_escalation_rate)) {
-            return Err("tuning.max_escalation_rate must be within [0, 1]".into());
+            return range("tuning.max_escalation_rate", "[0, 1]");
         }
         let th = tierd_protocol::config::limits::THRESHOLD;
         if !(th.contains(&t.min_threshold)
             && th.contains(&t.max_threshold)
             && t.min_threshold <= t.max_threshold)
         {
-            return Err(
-                "tuning.min_threshold <= tuning.max_threshold, both within [0, 1.01]".into(),
-            );
+            return Err(InvalidConfig::ThresholdBounds);
         }
         if !(t.hysteresis.is_finite() && (0.0..=1.0).contains(&t.hysteresis)) {
-            return Err("tuning.hysteresis must be within [0, 1]".into());
+            return range("tuning.hysteresis", "[0, 1]");
         }
         for (key, v) in [
             ("tuning.min_interval_s", t.min_interval_s),
@@ -272,16 +304,21 @@ impl RelayConfig {
             ("tuning.slo_penalty", t.slo_penalty),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("{key} = {v} must be a non-negative number"));
+                return Err(InvalidConfig::Negative { key, value: v });
             }
         }
-        self.defaults
-            .validate()
-            .map_err(|e| format!("defaults.{e}"))?;
+        self.defaults.validate().map_err(InvalidConfig::Defaults)?;
         for (device, s) in &self.devices {
-            tierd_protocol::topic::validate_device_id(device)
-                .map_err(|e| format!("[devices.{device}]: {e}"))?;
-            s.validate().map_err(|e| format!("devices.{device}.{e}"))?;
+            tierd_protocol::topic::validate_device_id(device).map_err(|source| {
+                InvalidConfig::DeviceId {
+                    device: device.clone(),
+                    source,
+                }
+            })?;
+            s.validate().map_err(|reason| InvalidConfig::Device {
+                device: device.clone(),
+                reason,
+            })?;
         }
         self.prices.validate()?;
         Ok(())
@@ -372,7 +409,7 @@ mod tests {
             ("[devices.\"a b\"]\nthreshold = 0.5", "devices.a b"),
             ("[prices]\nenergy_per_kwh = -1.0", "prices.energy_per_kwh"),
         ] {
-            let err = RelayConfig::parse(text).unwrap_err();
+            let err = RelayConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
         }
     }

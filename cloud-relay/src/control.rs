@@ -10,14 +10,52 @@
 //! long as the relay's clock does not jump back.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tierd_protocol::{ConfigAck, ConfigDocument, Settings};
+use thiserror::Error;
+use tierd_protocol::{ConfigAck, ConfigDocument, Settings, TopicError};
 
 use crate::tuner::{should_push, Certificate, PushRules};
 
 pub const OVERRIDES_FILE: &str = "operator-overrides.json";
+
+/// Why an operator's change (see [`Control::set`]) was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SetError {
+    #[error(transparent)]
+    DeviceId(#[from] TopicError),
+    #[error("nothing to set: give key=value pairs")]
+    Nothing,
+    /// A key or value the settings refuse (the message names the key).
+    #[error("{0}")]
+    Setting(String),
+    #[error("the relay tracks at most {0} devices")]
+    TooManyDevices(usize),
+    #[error("device limit reached")]
+    DeviceLimit,
+}
+
+/// Why the saved operator overrides could not be loaded.
+#[derive(Debug, Error)]
+pub enum OverridesError {
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not valid: {source}", .path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: device {device:?}: {reason}", .path.display())]
+    Invalid {
+        path: PathBuf,
+        device: String,
+        reason: String,
+    },
+}
 
 /// The last ack a device sent.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -166,20 +204,17 @@ impl Control {
         device: &str,
         changes: &[(String, String)],
         now_ms: u64,
-    ) -> Result<ConfigDocument, String> {
-        tierd_protocol::topic::validate_device_id(device).map_err(|e| e.to_string())?;
+    ) -> Result<ConfigDocument, SetError> {
+        tierd_protocol::topic::validate_device_id(device)?;
         if changes.is_empty() {
-            return Err("nothing to set: give key=value pairs".into());
+            return Err(SetError::Nothing);
         }
         let mut next = self.operator.get(device).cloned().unwrap_or_default();
         for (k, v) in changes {
-            next.set(k, v)?;
+            next.set(k, v).map_err(SetError::Setting)?;
         }
         if !self.devices.contains_key(device) && self.devices.len() >= self.max_devices {
-            return Err(format!(
-                "the relay tracks at most {} devices",
-                self.max_devices
-            ));
+            return Err(SetError::TooManyDevices(self.max_devices));
         }
         if next.is_empty() {
             self.operator.remove(device);
@@ -187,7 +222,7 @@ impl Control {
             self.operator.insert(device.to_string(), next);
         }
         self.compose(device, "operator", None, now_ms)
-            .ok_or_else(|| "device limit reached".to_string())
+            .ok_or(SetError::DeviceLimit)
     }
 
     pub fn record_ack(&mut self, device: &str, ack: ConfigAck, now_ms: u64) {
@@ -234,18 +269,25 @@ impl Control {
 }
 
 /// Loads the operators' overrides; a missing file is an empty set.
-pub fn load_overrides(dir: &Path) -> Result<BTreeMap<String, Settings>, String> {
+pub fn load_overrides(dir: &Path) -> Result<BTreeMap<String, Settings>, OverridesError> {
     let path = dir.join(OVERRIDES_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => return Err(OverridesError::Read { path, source }),
     };
-    let map: BTreeMap<String, Settings> = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{} is not valid: {e}", path.display()))?;
+    let map: BTreeMap<String, Settings> = match serde_json::from_slice(&bytes) {
+        Ok(m) => m,
+        Err(source) => return Err(OverridesError::Parse { path, source }),
+    };
     for (device, s) in &map {
-        s.validate()
-            .map_err(|e| format!("{}: device {device:?}: {e}", path.display()))?;
+        if let Err(reason) = s.validate() {
+            return Err(OverridesError::Invalid {
+                path,
+                device: device.clone(),
+                reason,
+            });
+        }
     }
     Ok(map)
 }
@@ -368,7 +410,8 @@ mod tests {
             .is_none());
         let err = c
             .set("d", &[("threshold".into(), "3".into())], 6)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("threshold"), "{err}");
         assert_eq!(
             c.view("d").operator_overrides.threshold,
@@ -417,6 +460,7 @@ mod tests {
         std::fs::write(dir.path().join(OVERRIDES_FILE), br#"{"d":{"threshold":9}}"#).unwrap();
         assert!(load_overrides(dir.path())
             .unwrap_err()
+            .to_string()
             .contains("threshold"));
     }
 }

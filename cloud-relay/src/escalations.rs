@@ -1,12 +1,13 @@
 //! Answering escalations: take requests from the shared subscription, run the cloud model, reply
 //! to the requesting device.
 //!
-//! One task owns the MQTT event loop and hands each publish to a bounded queue; a fixed pool of
-//! workers answers them. A full queue is answered with `Overloaded` instead of growing memory.
-//! Every reject is logged with the device id and counted; nothing a client sends can stop the
-//! loop.
+//! One task owns the MQTT event loop and hands each escalation to a bounded queue; a fixed pool
+//! of workers answers them. A full queue is answered with `Overloaded` instead of growing
+//! memory. Every reject is logged with the device id and counted; nothing a client sends can
+//! stop the loop. Everything else that arrives (telemetry, status, config acks and documents)
+//! goes to [`intake`](crate::intake).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,38 +16,20 @@ use rumqttc::v5::mqttbytes::v5::Filter;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use thiserror::Error;
 use tierd_protocol::{
-    decode, encode, CalibrationReport, ConfigAck, ConfigDocument, DeviceStatus, EscalationReply,
-    EscalationRequest, RecordKind, ReplyErrorCode, ReplyOutcome, SpoolAck, Spooled,
-    TelemetryReport, Topic, TopicKind,
+    decode, encode, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome, Topic,
+    TopicError, TopicKind,
 };
 
-use crate::api::{SharedControl, SharedFleet};
-use crate::fleet::{Delivery, Ingest};
+use crate::intake::{self, Intake};
+use crate::state::RelayState;
+/// Re-exported from their home, [`crate::state`], for callers of the old paths.
+pub use crate::state::{publish_config, RelayStats};
 use tierd_runtime::mqtt::Backoff;
 use tierd_runtime::{InputError, Model};
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{debug, info, warn};
-
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    pub answered: AtomicU64,
-    pub errors: AtomicU64,
-    pub rejected: AtomicU64,
-    pub overloaded: AtomicU64,
-    pub telemetry_accepted: AtomicU64,
-    pub telemetry_rejected: AtomicU64,
-    /// Spooled records received again (resends after a lost ack); acknowledged, not re-filed.
-    pub duplicates: AtomicU64,
-}
-
-/// What the MQTT loop's handlers share.
-struct Ctx {
-    fleet: SharedFleet,
-    control: SharedControl,
-    stats: Arc<RelayStats>,
-    client: AsyncClient,
-}
 
 /// Decides the reply to one decoded request. Pure apart from running the model.
 pub fn answer(model: &Model, serves: &[String], req: &EscalationRequest) -> ReplyOutcome {
@@ -86,24 +69,35 @@ struct Job {
     received: Instant,
 }
 
+/// Why an inbound message is ignored without a reply.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("topic is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error("unexpected topic {0}")]
+    Unexpected(Topic),
+    #[error("device {device} asked for replies on {asked:?}, which is not its own reply topic")]
+    ForeignReplyTopic { device: String, asked: String },
+}
+
 /// Where a reply goes, or why the request is dropped without one.
 ///
 /// The reply topic must be the sending device's own: a forged request must not turn the relay
 /// into a publisher on arbitrary topics.
-fn route(parsed: &Topic, publish: &Publish) -> Result<Job, String> {
+fn route(parsed: &Topic, publish: &Publish) -> Result<Job, RouteError> {
     if parsed.kind != TopicKind::Escalate {
-        return Err(format!("unexpected topic {parsed}"));
+        return Err(RouteError::Unexpected(parsed.clone()));
     }
-    let own_reply = Topic::new(&parsed.device_id, TopicKind::EscalateReply)
-        .map_err(|e| e.to_string())?
-        .to_string();
+    let own_reply = Topic::new(&parsed.device_id, TopicKind::EscalateReply)?.to_string();
     let props = publish.properties.as_ref();
     if let Some(rt) = props.and_then(|p| p.response_topic.as_deref()) {
         if rt != own_reply {
-            return Err(format!(
-                "device {} asked for replies on {rt:?}, which is not its own reply topic",
-                parsed.device_id
-            ));
+            return Err(RouteError::ForeignReplyTopic {
+                device: parsed.device_id.clone(),
+                asked: rt.to_string(),
+            });
         }
     }
     Ok(Job {
@@ -116,226 +110,9 @@ fn route(parsed: &Topic, publish: &Publish) -> Result<Job, String> {
 }
 
 /// The tierd topic a publish arrived on; parsed once, then dispatched on its kind.
-fn publish_topic(publish: &Publish) -> Result<Topic, String> {
-    let topic =
-        std::str::from_utf8(&publish.topic).map_err(|_| "topic is not UTF-8".to_string())?;
-    Topic::parse(topic).map_err(|e| e.to_string())
-}
-
-/// Takes a spooled record (telemetry, calibration or config ack): delivers it once, in order,
-/// and acknowledges cumulatively on the device's `ack` topic. A record whose body is bad is
-/// still acknowledged (sending it again cannot fix it) and counted as rejected.
-fn ingest_spooled(ctx: &Ctx, topic: Topic, publish: &Publish) {
-    let device = topic.device_id.clone();
-    let envelope = match decode::<Spooled>(&publish.payload) {
-        Ok(e) => e,
-        Err(e) => {
-            ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
-            warn!(%device, error = %e, "spooled record rejected");
-            return;
-        }
-    };
-    let expected_topic = match envelope.kind {
-        RecordKind::ConfigAck => TopicKind::ConfigAck,
-        RecordKind::Telemetry | RecordKind::Calibration => TopicKind::Telemetry,
-    };
-    if topic.kind != expected_topic {
-        ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
-        warn!(%device, kind = ?envelope.kind, "spooled record on the wrong topic");
-        return;
-    }
-    let accepted = ctx
-        .fleet
-        .lock()
-        .map_err(|_| "fleet state poisoned".to_string())
-        .and_then(|mut f| {
-            f.accept(&device, envelope.stream_id, envelope.seq, envelope.floor)
-                .map_err(|e| e.to_string())
-        });
-    let (delivery, ack) = match accepted {
-        Ok(x) => x,
-        Err(why) => {
-            ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
-            warn!(%device, %why, "spooled record rejected");
-            return;
-        }
-    };
-    match delivery {
-        Delivery::Deliver => {
-            let result = match envelope.kind {
-                RecordKind::Telemetry => ingest_report(ctx, &device, &envelope.body),
-                RecordKind::Calibration => ingest_calibration(ctx, &device, &envelope.body),
-                RecordKind::ConfigAck => ingest_config_ack(ctx, &device, &envelope.body),
-            };
-            match result {
-                Ok(()) => {
-                    ctx.stats.telemetry_accepted.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(why) => {
-                    ctx.stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
-                    warn!(%device, %why, "record rejected");
-                }
-            }
-        }
-        Delivery::Duplicate => {
-            ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            debug!(%device, seq = envelope.seq, "duplicate record (resend); acknowledged again");
-        }
-        Delivery::Ahead => {
-            debug!(%device, seq = envelope.seq, "record ahead of a missing one; waiting for the resend");
-        }
-    }
-    if let Some(upto) = ack {
-        let ack = SpoolAck {
-            stream_id: envelope.stream_id,
-            upto,
-        };
-        let ack_topic = Topic {
-            device_id: device,
-            kind: TopicKind::SpoolAck,
-        }
-        .to_string();
-        if let Ok(payload) = encode(&ack) {
-            if let Err(e) = ctx
-                .client
-                .try_publish(ack_topic, QoS::AtLeastOnce, false, payload)
-            {
-                warn!(error = %e, "cannot queue a spool ack; the agent will send again");
-            }
-        }
-    }
-}
-
-fn ingest_report(ctx: &Ctx, device: &str, body: &[u8]) -> Result<(), String> {
-    let report = decode::<TelemetryReport>(body).map_err(|e| e.to_string())?;
-    let outcome = ctx
-        .fleet
-        .lock()
-        .map_err(|_| "fleet state poisoned".to_string())?
-        .ingest(device, report, tierd_runtime::unix_ms())
-        .map_err(|e| e.to_string())?;
-    match outcome {
-        Ingest::Gap { missing } => warn!(%device, missing, "telemetry reports missing"),
-        Ingest::Restart => info!(%device, "device agent restarted"),
-        Ingest::New => info!(%device, "first telemetry from device"),
-        _ => debug!(%device, ?outcome, "telemetry"),
-    }
-    Ok(())
-}
-
-/// Files a calibration window, and pushes a new config document if the tuner's proposal is
-/// worth it.
-fn ingest_calibration(ctx: &Ctx, device: &str, body: &[u8]) -> Result<(), String> {
-    let c = decode::<CalibrationReport>(body).map_err(|e| e.to_string())?;
-    let (certificate, running) = {
-        let mut fleet = ctx
-            .fleet
-            .lock()
-            .map_err(|_| "fleet state poisoned".to_string())?;
-        fleet
-            .ingest_calibration(device, c)
-            .map_err(|e| e.to_string())?;
-        let rec = fleet.get(device);
-        match rec.and_then(|d| {
-            d.calibration
-                .as_ref()
-                .map(|c| (c.certificate.clone(), d.latest.threshold))
-        }) {
-            Some(x) => x,
-            None => return Ok(()),
-        }
-    };
-    let doc = ctx
-        .control
-        .lock()
-        .map_err(|_| "control state poisoned".to_string())?
-        .on_certificate(device, &certificate, running, tierd_runtime::unix_ms());
-    if let Some(doc) = doc {
-        info!(
-            %device,
-            version = doc.version,
-            threshold = ?doc.settings.threshold,
-            lower_bound = certificate.agreement_lower_bound,
-            "pushing a tuned threshold"
-        );
-        publish_config(&ctx.client, &doc);
-    }
-    Ok(())
-}
-
-fn ingest_config_ack(ctx: &Ctx, device: &str, body: &[u8]) -> Result<(), String> {
-    let ack = decode::<ConfigAck>(body).map_err(|e| e.to_string())?;
-    if ack.applied {
-        info!(%device, version = ack.version, "config applied by device");
-    } else {
-        warn!(%device, version = ack.version, reason = %ack.reason, "config rejected by device");
-    }
-    ctx.control
-        .lock()
-        .map_err(|_| "control state poisoned".to_string())?
-        .record_ack(device, ack, tierd_runtime::unix_ms());
-    Ok(())
-}
-
-/// A retained config document seen on the broker (ours, another replica's, or from before a
-/// restart): versions continue from it.
-fn learn_config(ctx: &Ctx, topic: Topic, publish: &Publish) {
-    if publish.payload.is_empty() {
-        return;
-    }
-    match ConfigDocument::from_json(&publish.payload) {
-        Ok(doc) if doc.device_id == topic.device_id => {
-            if let Ok(mut c) = ctx.control.lock() {
-                c.learn_published(doc);
-            }
-        }
-        Ok(_) => {
-            warn!(device = %topic.device_id, "config document for another device on this topic ignored")
-        }
-        Err(e) => {
-            warn!(device = %topic.device_id, error = %e, "invalid config document on the broker ignored")
-        }
-    }
-}
-
-/// Publishes a device's config document, retained, QoS 1.
-pub fn publish_config(client: &AsyncClient, doc: &ConfigDocument) {
-    let topic = match Topic::new(&doc.device_id, TopicKind::Config) {
-        Ok(t) => t.to_string(),
-        Err(e) => {
-            warn!(error = %e, "config document not published");
-            return;
-        }
-    };
-    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, doc.to_json()) {
-        warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
-    }
-}
-
-/// Files a device's online/offline status (its own, or its last will published by the broker).
-fn ingest_status(ctx: &Ctx, topic: Topic, publish: &Publish) {
-    let (fleet, stats) = (&ctx.fleet, &ctx.stats);
-    let result: Result<_, String> = (|| {
-        let status = decode::<DeviceStatus>(&publish.payload)
-            .map_err(|e| format!("device {}: {e}", topic.device_id))?;
-        let online = status.online;
-        let reason = status.reason.clone();
-        fleet
-            .lock()
-            .map_err(|_| "fleet state poisoned".to_string())?
-            .set_status(&topic.device_id, status, tierd_runtime::unix_ms())
-            .map_err(|e| e.to_string())?;
-        Ok((topic.device_id, online, reason))
-    })();
-    match result {
-        Ok((device, online, reason)) => {
-            info!(%device, online, %reason, "device status");
-        }
-        Err(why) => {
-            stats.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
-            warn!(%why, "status rejected");
-        }
-    }
+fn publish_topic(publish: &Publish) -> Result<Topic, RouteError> {
+    let topic = std::str::from_utf8(&publish.topic).map_err(|_| RouteError::NotUtf8)?;
+    Ok(Topic::parse(topic)?)
 }
 
 /// Hands a job to the workers, or answers `Overloaded` at once when the queue is full.
@@ -461,9 +238,7 @@ pub struct Service {
     pub serves: Vec<String>,
     pub workers: usize,
     pub queue: usize,
-    pub stats: Arc<RelayStats>,
-    pub fleet: SharedFleet,
-    pub control: SharedControl,
+    pub state: RelayState,
 }
 
 /// Runs the escalation service until `shutdown` flips: event loop plus `workers` workers.
@@ -478,16 +253,10 @@ pub async fn run(
         serves,
         workers,
         queue,
-        stats,
-        fleet,
-        control,
+        state,
     } = service;
-    let ctx = Ctx {
-        fleet,
-        control,
-        stats: stats.clone(),
-        client: client.clone(),
-    };
+    let stats = state.stats.clone();
+    let intake = Intake::new(state, client.clone());
     let (tx, rx) = mpsc::channel::<Job>(queue);
     let rx = Arc::new(Mutex::new(rx));
     let serves = Arc::new(serves);
@@ -502,16 +271,8 @@ pub async fn run(
         )));
     }
     let filter = Topic::relay_escalation_filter();
-    // Not shared: every replica sees every device's telemetry and can serve the fleet view.
-    // Not shared either: acks go to every replica's controller, and every replica learns
-    // the retained documents so versions keep increasing whoever pushes.
-    let own_filters = [
-        TopicKind::Telemetry,
-        TopicKind::Status,
-        TopicKind::ConfigAck,
-        TopicKind::Config,
-    ]
-    .map(|k| Filter::new(Topic::all_devices(k), QoS::AtLeastOnce));
+    // Not shared: see `intake` for why every replica takes all of these.
+    let own_filters = intake::TOPICS.map(|k| Filter::new(Topic::all_devices(k), QoS::AtLeastOnce));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut connected = false;
     loop {
@@ -535,11 +296,7 @@ pub async fn run(
                 info!(%filter, "connected; taking escalations");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match publish_topic(&p) {
-                Ok(t) if matches!(t.kind, TopicKind::Telemetry | TopicKind::ConfigAck) => {
-                    ingest_spooled(&ctx, t, &p)
-                }
-                Ok(t) if t.kind == TopicKind::Status => ingest_status(&ctx, t, &p),
-                Ok(t) if t.kind == TopicKind::Config => learn_config(&ctx, t, &p),
+                Ok(t) if intake::takes(t.kind) => intake.handle(t, &p),
                 other => match other.and_then(|t| route(&t, &p)) {
                     Ok(job) => enqueue(job, &tx, &stats, &client),
                     Err(why) => {
@@ -585,7 +342,7 @@ mod tests {
         p
     }
 
-    fn routed(p: &Publish) -> Result<Job, String> {
+    fn routed(p: &Publish) -> Result<Job, RouteError> {
         route(&publish_topic(p)?, p)
     }
 
@@ -605,7 +362,8 @@ mod tests {
             Some("tierd/v1/pi-2/escalate/reply"),
         ))
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(err.contains("not its own"), "{err}");
         assert!(routed(&publish("tierd/v1/pi-1/telemetry", None)).is_err());
         assert!(routed(&publish("elsewhere", None)).is_err());

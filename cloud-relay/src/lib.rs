@@ -1,12 +1,26 @@
-//! The tierd cloud relay as a library; `main.rs` is a thin CLI over it.
+//! The tierd cloud relay as a library; `main.rs` is a thin CLI over it. [`Relay::start`] is
+//! the composition root: it wires the modules below over one [`state::RelayState`].
 //!
-//! - [`escalations`]: answers escalations with the cloud model (shared subscription, worker pool).
+//! Shared state
+//! - [`state`]: the handles the HTTP and MQTT sides share (fleet, control, counters), and
+//!   [`state::publish_config`], the one way a config document leaves the relay.
+//!
+//! MQTT side
+//! - [`escalations`]: answers escalations with the cloud model (shared subscription, bounded
+//!   queue, worker pool); owns the MQTT event loop and hands everything else to `intake`.
+//! - [`intake`]: spooled telemetry, calibration and config acks (exactly once, acknowledged),
+//!   device status, retained config documents.
 //! - [`broker`]: the embedded rumqttd used when no broker is configured.
-//! - [`tuner`]: where the escalation threshold is tuned, with a statistical certificate (pure).
-//! - [`control`]: where thresholds are pushed: per-device config documents, overrides, acks (pure).
-//! - [`fleet`]: every device's latest telemetry, with sequence-gap accounting (pure).
-//! - [`report`]: the cost report (money, energy, CO₂) against all-cloud and all-edge (pure).
-//! - [`api`]: `/metrics`, `/api/devices` over HTTP.
+//!
+//! Domain (pure)
+//! - [`fleet`]: every device's latest telemetry, spool streams with gap accounting, status, and
+//!   calibration evidence (where the tuner runs).
+//! - [`tuner`]: where the escalation threshold is tuned, with a statistical certificate.
+//! - [`control`]: where thresholds are pushed: per-device config documents, overrides, acks.
+//! - [`report`]: the cost report (money, energy, CO₂) against all-cloud and all-edge.
+//!
+//! Edges
+//! - [`api`]: `/metrics`, `/api/devices`, `/api/report`, `/health` over HTTP.
 //! - [`config`]: the `relay.toml` schema.
 
 pub mod api;
@@ -15,12 +29,14 @@ pub mod config;
 pub mod control;
 pub mod escalations;
 pub mod fleet;
+pub mod intake;
 pub mod report;
+pub mod state;
 pub mod tuner;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::AsyncClient;
@@ -31,14 +47,15 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::{ConfigError, RelayConfig};
-use crate::escalations::{RelayStats, Service};
+use crate::escalations::Service;
+use crate::state::{RelayState, RelayStats, SharedFleet};
 
 #[derive(Debug, Error)]
 pub enum RelayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("config: {0}")]
-    Invalid(String),
+    Invalid(config::InvalidConfig),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -46,7 +63,7 @@ pub enum RelayError {
     #[error(transparent)]
     Mqtt(#[from] tierd_runtime::mqtt::MqttSetupError),
     #[error("state directory: {0}")]
-    State(String),
+    State(#[from] control::OverridesError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -56,8 +73,7 @@ pub enum RelayError {
 
 /// A started relay: model verified, broker (if embedded) listening, client connecting.
 pub struct Relay {
-    stats: Arc<RelayStats>,
-    fleet: api::SharedFleet,
+    state: RelayState,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -68,6 +84,8 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The composition root: checks the config and the model, brings up the broker (when
+    /// embedded), the HTTP API and the MQTT side over one shared state.
     pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
         config.validate().map_err(RelayError::Invalid)?;
         tierd_runtime::mqtt::install_crypto_provider();
@@ -76,84 +94,37 @@ impl Relay {
         if config.mqtt.is_none() {
             broker::start(config.embedded_broker.listen)?;
         }
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .map_err(|e| RelayError::Bind {
-                addr: config.http.listen,
-                source: e,
-            })?;
-        let http_addr = listener.local_addr().map_err(|e| RelayError::Bind {
-            addr: config.http.listen,
-            source: e,
-        })?;
+        let (listener, http_addr) = bind_http(&config).await?;
         let options = config
             .client_mqtt()
             .options(&format!("cloud-relay-{}", config.relay_id))?;
         let (client, eventloop) = AsyncClient::new(options, 1024);
-        let stats = Arc::new(RelayStats::default());
+        let state = shared_state(&config)?;
         let (stop, stop_rx) = watch::channel(false);
-        let fleet = Arc::new(Mutex::new(
-            fleet::Fleet::new(config.http.max_devices).with_tuner(config.tuner_setup()),
-        ));
-        let state_dir = config.state_dir();
-        let operator = control::load_overrides(&state_dir).map_err(RelayError::State)?;
-        if !operator.is_empty() {
-            info!(devices = operator.len(), dir = %state_dir.display(), "operator overrides restored");
-        }
-        let control = Arc::new(Mutex::new(control::Control::new(
-            config.tuning.push,
-            config.push_rules(),
-            config.defaults.clone(),
-            config.devices.clone(),
-            operator,
-            config.http.max_devices,
-        )));
+
         let app = api::router(
-            fleet.clone(),
-            stats.clone(),
+            state.clone(),
             api::ApiDeps {
-                control: control.clone(),
                 client: client.clone(),
                 prices: config.prices.clone(),
-                state_dir,
+                state_dir: config.state_dir(),
                 delta: config.tuning.delta,
+                target: config.tuning.target,
             },
         );
-        // The watchdog's self-check reads these; the guards clear them when a task ends.
-        let loop_alive = Arc::new(AtomicBool::new(true));
-        let http_alive = Arc::new(AtomicBool::new(true));
-        let http_down = AliveGuard(http_alive.clone());
-        let loop_down = AliveGuard(loop_alive.clone());
-        let mut http_stop = stop_rx.clone();
-        let http_task = tokio::spawn(async move {
-            let _down = http_down;
-            let shutdown = async move {
-                let _ = http_stop.changed().await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "relay HTTP API failed");
-            }
-        });
+        let (http_task, http_alive) = spawn_http(listener, app, stop_rx.clone());
         info!(addr = %http_addr, "serving /metrics and /api/devices");
+
         let service = Service {
             model: model.clone(),
             serves: config.model.serves.clone(),
             workers: config.workers,
             queue: config.queue,
-            stats: stats.clone(),
-            fleet: fleet.clone(),
-            control,
+            state: state.clone(),
         };
-        let task = tokio::spawn(async move {
-            let _down = loop_down;
-            escalations::run(service, client, eventloop, stop_rx).await;
-        });
+        let (task, loop_alive) = spawn_mqtt(service, client, eventloop, stop_rx);
         Ok(Relay {
-            stats,
-            fleet,
+            state,
             http_addr,
             stop,
             task,
@@ -165,7 +136,7 @@ impl Relay {
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
-        self.stats.clone()
+        self.state.stats.clone()
     }
 
     /// Where `/metrics` and `/api/devices` are served (useful with port 0).
@@ -173,8 +144,8 @@ impl Relay {
         self.http_addr
     }
 
-    pub fn fleet(&self) -> api::SharedFleet {
-        self.fleet.clone()
+    pub fn fleet(&self) -> SharedFleet {
+        self.state.fleet.clone()
     }
 
     /// Runs until `shutdown` resolves, then stops taking escalations and disconnects.
@@ -197,23 +168,108 @@ impl Relay {
     }
 }
 
+/// Binds the HTTP API's listener (`http.listen`; port 0 picks one).
+async fn bind_http(
+    config: &RelayConfig,
+) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
+    let addr = config.http.listen;
+    let bind_error = |source| RelayError::Bind { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
+}
+
+/// The fleet view and the config controller, with the operators' overrides restored from the
+/// state directory.
+fn shared_state(config: &RelayConfig) -> Result<RelayState, RelayError> {
+    let state_dir = config.state_dir();
+    let operator = control::load_overrides(&state_dir)?;
+    if !operator.is_empty() {
+        info!(devices = operator.len(), dir = %state_dir.display(), "operator overrides restored");
+    }
+    Ok(RelayState::new(
+        fleet::Fleet::new(config.http.max_devices).with_tuner(config.tuner_setup()),
+        control::Control::new(
+            config.tuning.push,
+            config.push_rules(),
+            config.defaults.clone(),
+            config.devices.clone(),
+            operator,
+            config.http.max_devices,
+        ),
+    ))
+}
+
+/// Serves the HTTP API until `stop` flips. The flag is cleared when the task ends (the
+/// watchdog's self-check reads it).
+fn spawn_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicBool>) {
+    let alive = Arc::new(AtomicBool::new(true));
+    let down = AliveGuard(alive.clone());
+    let task = tokio::spawn(async move {
+        let _down = down;
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "relay HTTP API failed");
+        }
+    });
+    (task, alive)
+}
+
+/// Runs the MQTT side (escalations and intake) until `stop` flips; the flag as above.
+fn spawn_mqtt(
+    service: Service,
+    client: AsyncClient,
+    eventloop: rumqttc::v5::EventLoop,
+    stop: watch::Receiver<bool>,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicBool>) {
+    let alive = Arc::new(AtomicBool::new(true));
+    let down = AliveGuard(alive.clone());
+    let task = tokio::spawn(async move {
+        let _down = down;
+        escalations::run(service, client, eventloop, stop).await;
+    });
+    (task, alive)
+}
+
+/// Why the watchdog's self-check failed.
+#[derive(Debug, Error)]
+enum Unhealthy {
+    #[error("the escalation loop has stopped")]
+    LoopStopped,
+    #[error("the HTTP API has stopped")]
+    HttpStopped,
+    #[error("model self-test failed: {0}")]
+    Model(ModelError),
+    #[error(transparent)]
+    Probe(#[from] tierd_runtime::systemd::ProbeError),
+}
+
 /// The watchdog's self-check: both tasks running, the model still reproduces its golden
 /// vectors, and the HTTP API answers.
 async fn self_check(
     model: &Model,
     alive: &[Arc<AtomicBool>; 2],
     addr: SocketAddr,
-) -> Result<(), String> {
+) -> Result<(), Unhealthy> {
     if !alive[0].load(Ordering::Relaxed) {
-        return Err("the escalation loop has stopped".into());
+        return Err(Unhealthy::LoopStopped);
     }
     if !alive[1].load(Ordering::Relaxed) {
-        return Err("the HTTP API has stopped".into());
+        return Err(Unhealthy::HttpStopped);
     }
-    model
-        .verify_golden()
-        .map_err(|e| format!("model self-test failed: {e}"))?;
+    model.verify_golden().map_err(Unhealthy::Model)?;
     tierd_runtime::systemd::probe_http(addr, "/health")
         .await
-        .map_err(|e| e.to_string())
+        .map_err(Unhealthy::Probe)
 }

@@ -1,7 +1,7 @@
 //! **The cost report**: what tierd saved, in money, device energy and CO₂, against sending
 //! everything to the cloud and against answering everything on the device. Pure: usage and
-//! prices in, numbers and a text table out. The caller maps the fleet's telemetry into
-//! [`DeviceUsage`], and serves the result (`cloud-relay report`, `GET /api/report`).
+//! prices in, numbers and a text table out. [`usage`] maps a device's fleet record into
+//! [`DeviceUsage`]; the caller serves the result (`cloud-relay report`, `GET /api/report`).
 //!
 //! # The model: the same traffic, three ways
 //! Every device's answered requests are replayed, on paper, through three deployments:
@@ -58,7 +58,11 @@
 
 use std::fmt::Write as _;
 
+use crate::fleet::{self, DeviceRecord};
+use crate::tuner;
+
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 const JOULES_PER_KWH: f64 = 3.6e6;
 
@@ -99,16 +103,22 @@ impl Default for Prices {
     }
 }
 
+/// Why `[prices]` is refused; the message names the key as `prices.<key>`.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum PricesError {
+    #[error("prices.currency {0:?} must be 1-8 characters without spaces")]
+    Currency(String),
+    #[error("prices.{key} = {value} must be a finite number >= 0")]
+    Negative { key: &'static str, value: f64 },
+}
+
 impl Prices {
     /// Every figure finite and non-negative, the currency 1-8 printable characters. The
     /// message names the offending key as `prices.<key>`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PricesError> {
         let n = self.currency.chars().count();
         if !(1..=8).contains(&n) || self.currency.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(format!(
-                "prices.currency {:?} must be 1-8 characters without spaces",
-                self.currency
-            ));
+            return Err(PricesError::Currency(self.currency.clone()));
         }
         for (key, v) in [
             ("energy_per_kwh", self.energy_per_kwh),
@@ -121,7 +131,7 @@ impl Prices {
             ("per_disagreement", self.per_disagreement),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("prices.{key} = {v} must be a finite number >= 0"));
+                return Err(PricesError::Negative { key, value: v });
             }
         }
         Ok(())
@@ -207,6 +217,35 @@ pub struct Report {
 /// The report for these devices at these prices. Expects prices that pass
 /// [`Prices::validate`]; invalid ones are reported in `notes` rather than refused, because a
 /// report is read by a person who should see both the numbers and the problem.
+/// What a device did, for the cost report: its latest counters and energy, and the tuner's
+/// agreement estimates (bounds at error rate `delta`) at its threshold and at 0 (all-edge).
+pub fn usage(d: &DeviceRecord, delta: f64) -> DeviceUsage {
+    let r = &d.latest;
+    let (agreement, edge_only) = match &d.calibration {
+        Some(c) if c.bins.iter().any(|b| b.escalated_labelled + b.audited > 0) => {
+            let bins = fleet::tuner_bins(&c.edges, &c.bins);
+            (
+                Some(tuner::estimate_agreement(&bins, r.threshold, delta).0),
+                Some(tuner::estimate_agreement(&bins, 0.0, delta).0),
+            )
+        }
+        _ => (None, None),
+    };
+    DeviceUsage {
+        device_id: d.device_id.clone(),
+        requests: r.totals.answered(),
+        escalations: r.totals.escalated(),
+        cloud_answers: r.totals.cloud,
+        audits: r.totals.audits,
+        energy_joules: r.energy.attributed_joules.map(|_| r.energy.total_joules),
+        energy_estimated: r.energy.estimated,
+        joules_per_inference: d.energy_rates.joules_per_inference,
+        radio_joules_per_escalation: d.energy_rates.radio_joules_per_escalation,
+        agreement,
+        edge_only_agreement: edge_only,
+    }
+}
+
 pub fn build(devices: &[DeviceUsage], prices: &Prices) -> Report {
     let devices: Vec<DeviceReport> = devices.iter().map(|u| device(u, prices)).collect();
 
@@ -1110,14 +1149,18 @@ mod tests {
         for (key, break_it) in cases {
             let mut p = Prices::default();
             break_it(&mut p);
-            let e = p.validate().unwrap_err();
+            let e = p.validate().unwrap_err().to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
         let empty = Prices {
             currency: String::new(),
             ..Prices::default()
         };
-        assert!(empty.validate().unwrap_err().contains("prices.currency"));
+        assert!(empty
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("prices.currency"));
         let zero = Prices {
             energy_per_kwh: 0.0,
             per_disagreement: 0.0,

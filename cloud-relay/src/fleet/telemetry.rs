@@ -1,0 +1,250 @@
+//! The latest telemetry of each device, with sequence-gap accounting, its energy rates, and its
+//! online/offline status.
+
+use serde::Serialize;
+use tierd_protocol::{DeviceStatus, TelemetryReport, TierCounts};
+
+use super::evidence::Calibration;
+
+/// How a report related to the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingest {
+    /// First report seen from this device.
+    New,
+    /// The next sequence number.
+    Next,
+    /// Sequence numbers were skipped: `missing` reports never arrived.
+    Gap { missing: u64 },
+    /// Already seen (a QoS 1 redelivery) or older than the latest; ignored.
+    Duplicate,
+    /// The agent restarted (new boot id); sequence numbers start again.
+    Restart,
+    /// From an earlier boot than the one already seen; ignored.
+    Stale,
+    /// A calibration window, added to the device's evidence (see
+    /// [`Fleet::ingest_calibration`](super::Fleet::ingest_calibration)).
+    Calibration,
+}
+
+/// Per-device bookkeeping, serialized as-is by `/api/devices`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    /// Relay clock, Unix ms, when the latest report arrived.
+    pub last_seen_ms: u64,
+    pub boot_id: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Reports received in this boot.
+    pub reports: u64,
+    /// Reports of this boot that never arrived (seq gaps).
+    pub missing_reports: u64,
+    pub duplicate_reports: u64,
+    pub restarts: u64,
+    /// Sum of the windows received this boot; equals `latest.totals` when nothing was missed.
+    pub window_sums: TierCounts,
+    /// The latest known per-request energy figures (an idle window reports none).
+    pub energy_rates: EnergyRates,
+    pub latest: TelemetryReport,
+    pub calibration: Option<Calibration>,
+}
+
+/// Joules per local inference and modelled radio joules per escalation, as last measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct EnergyRates {
+    pub joules_per_inference: Option<f64>,
+    pub radio_joules_per_escalation: Option<f64>,
+}
+
+impl EnergyRates {
+    fn update(&mut self, r: &TelemetryReport) {
+        if r.energy.joules_per_inference.is_some() {
+            self.joules_per_inference = r.energy.joules_per_inference;
+        }
+        if r.energy.radio_joules_per_escalation.is_some() {
+            self.radio_joules_per_escalation = r.energy.radio_joules_per_escalation;
+        }
+    }
+}
+
+/// The latest retained status a device (or the broker, as its last will) published.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusRecord {
+    pub online: bool,
+    pub boot_id: u64,
+    pub reason: String,
+    /// Relay clock, Unix ms, when it arrived.
+    pub since_ms: u64,
+}
+
+impl DeviceRecord {
+    /// The record after the first report of an agent run (`restarts` runs before it).
+    pub(super) fn first(report: TelemetryReport, restarts: u64, now_ms: u64) -> Self {
+        DeviceRecord {
+            device_id: report.device_id.clone(),
+            last_seen_ms: now_ms,
+            boot_id: report.boot_id,
+            first_seq: report.seq,
+            last_seq: report.seq,
+            reports: 1,
+            // Reports before the first one we saw (the relay started late) count as missing
+            // too: the totals still cover them, but their windows were not seen.
+            missing_reports: report.seq.saturating_sub(1),
+            duplicate_reports: 0,
+            restarts,
+            window_sums: report.window,
+            energy_rates: {
+                let mut rates = EnergyRates::default();
+                rates.update(&report);
+                rates
+            },
+            latest: report,
+            calibration: None,
+        }
+    }
+
+    /// Files a later report of the same device (already checked to be its own and sane).
+    pub(super) fn update(&mut self, report: TelemetryReport, now_ms: u64) -> Ingest {
+        if report.boot_id < self.boot_id {
+            return Ingest::Stale;
+        }
+        if report.boot_id > self.boot_id {
+            let restarts = self.restarts + 1;
+            // Evidence is about the model and traffic, not the agent run: keep it.
+            let calibration = self.calibration.take();
+            let rates = self.energy_rates;
+            *self = DeviceRecord::first(report, restarts, now_ms);
+            self.calibration = calibration;
+            self.energy_rates = EnergyRates {
+                joules_per_inference: self
+                    .energy_rates
+                    .joules_per_inference
+                    .or(rates.joules_per_inference),
+                radio_joules_per_escalation: self
+                    .energy_rates
+                    .radio_joules_per_escalation
+                    .or(rates.radio_joules_per_escalation),
+            };
+            return Ingest::Restart;
+        }
+        if report.seq <= self.last_seq {
+            self.duplicate_reports += 1;
+            return Ingest::Duplicate;
+        }
+        let missing = report.seq - self.last_seq - 1;
+        self.missing_reports += missing;
+        self.last_seq = report.seq;
+        self.reports += 1;
+        self.last_seen_ms = now_ms;
+        self.window_sums = self.window_sums.plus(report.window);
+        self.energy_rates.update(&report);
+        self.latest = report;
+        if missing == 0 {
+            Ingest::Next
+        } else {
+            Ingest::Gap { missing }
+        }
+    }
+}
+
+/// Files a status message into a device's slot. A status from an older agent run than the one
+/// already known is ignored, so a late last will cannot mark a restarted device offline.
+pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus, now_ms: u64) {
+    if slot
+        .as_ref()
+        .is_some_and(|known| status.boot_id < known.boot_id)
+    {
+        return;
+    }
+    *slot = Some(StatusRecord {
+        online: status.online,
+        boot_id: status.boot_id,
+        reason: status.reason,
+        since_ms: now_ms,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::testing::report;
+    use crate::fleet::Fleet;
+
+    #[test]
+    fn contiguous_reports_sum_to_the_totals() {
+        let mut f = Fleet::new(10);
+        assert_eq!(f.ingest("a", report("a", 1, 1, 5), 0), Ok(Ingest::New));
+        for seq in 2..=4 {
+            assert_eq!(f.ingest("a", report("a", 1, seq, 5), 0), Ok(Ingest::Next));
+        }
+        let d = f.get("a").expect("device");
+        assert_eq!((d.first_seq, d.last_seq, d.reports), (1, 4, 4));
+        assert_eq!(d.missing_reports, 0);
+        assert_eq!(d.window_sums, d.latest.totals);
+        assert_eq!(f.totals().edge, 20);
+    }
+
+    #[test]
+    fn gaps_duplicates_restarts_and_stale_reports() {
+        let mut f = Fleet::new(10);
+        f.ingest("a", report("a", 1, 1, 5), 0).expect("1");
+        assert_eq!(
+            f.ingest("a", report("a", 1, 4, 5), 0),
+            Ok(Ingest::Gap { missing: 2 })
+        );
+        assert_eq!(
+            f.ingest("a", report("a", 1, 4, 5), 0),
+            Ok(Ingest::Duplicate)
+        );
+        assert_eq!(
+            f.ingest("a", report("a", 1, 3, 5), 0),
+            Ok(Ingest::Duplicate)
+        );
+        let d = f.get("a").expect("device");
+        assert_eq!((d.missing_reports, d.duplicate_reports), (2, 2));
+        assert_eq!(f.ingest("a", report("a", 2, 1, 7), 0), Ok(Ingest::Restart));
+        assert_eq!(f.get("a").map(|d| (d.restarts, d.last_seq)), Some((1, 1)));
+        assert_eq!(f.ingest("a", report("a", 1, 9, 5), 0), Ok(Ingest::Stale));
+        assert_eq!(f.get("a").map(|d| d.latest.totals.edge), Some(7));
+    }
+
+    #[test]
+    fn energy_rates_survive_idle_windows_and_restarts() {
+        let mut f = Fleet::new(10);
+        let mut busy = report("a", 1, 1, 5);
+        busy.energy.joules_per_inference = Some(0.002);
+        busy.energy.radio_joules_per_escalation = Some(0.0005);
+        f.ingest("a", busy, 0).expect("busy");
+        f.ingest("a", report("a", 1, 2, 0), 0).expect("idle");
+        f.ingest("a", report("a", 2, 1, 0), 0).expect("restart");
+        let rates = f.get("a").map(|d| d.energy_rates).expect("device");
+        assert_eq!(rates.joules_per_inference, Some(0.002));
+        assert_eq!(rates.radio_joules_per_escalation, Some(0.0005));
+    }
+
+    #[test]
+    fn a_relay_that_starts_late_counts_earlier_reports_as_missing() {
+        let mut f = Fleet::new(10);
+        f.ingest("a", report("a", 1, 6, 5), 0).expect("first");
+        assert_eq!(f.get("a").map(|d| d.missing_reports), Some(5));
+    }
+
+    #[test]
+    fn a_late_will_from_an_old_run_does_not_mark_a_restarted_device_offline() {
+        let mut f = Fleet::new(10);
+        let st = |online, boot_id| DeviceStatus {
+            online,
+            boot_id,
+            reason: if online { "" } else { "connection lost" }.into(),
+        };
+        f.set_status("a", st(true, 1), 0).expect("online");
+        f.set_status("a", st(false, 1), 1).expect("will");
+        assert_eq!(f.status("a").map(|s| s.online), Some(false));
+        f.set_status("a", st(true, 2), 2).expect("restart");
+        f.set_status("a", st(false, 1), 3).expect("late will");
+        assert_eq!(
+            f.status("a").map(|s| (s.online, s.boot_id)),
+            Some((true, 2))
+        );
+    }
+}

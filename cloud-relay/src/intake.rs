@@ -1,0 +1,280 @@
+//! Intake: everything inbound that is not an escalation.
+//!
+//! - Spooled records (telemetry reports, calibration reports, config acks): delivered once and
+//!   in order through the fleet's stream bookkeeping, acknowledged cumulatively on the device's
+//!   `ack` topic. A calibration window may make the tuner's proposal worth a push.
+//! - Device status (its own, or its last will published by the broker).
+//! - Retained config documents seen on the broker, so versions continue from them.
+//!
+//! These subscriptions are not shared: every replica sees every device's telemetry and can
+//! serve the fleet view, acks reach every replica's controller, and every replica learns the
+//! retained documents so versions keep increasing whoever pushes.
+
+use std::sync::atomic::Ordering;
+
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
+use thiserror::Error;
+use tierd_protocol::{
+    decode, encode, CalibrationReport, ConfigAck, ConfigDocument, DeviceStatus, RecordKind,
+    SpoolAck, Spooled, TelemetryReport, Topic, TopicKind, WireError,
+};
+use tracing::{debug, info, warn};
+
+use crate::fleet::{Delivery, FleetError, Ingest};
+use crate::state::{publish_config, Poisoned, RelayState};
+
+/// The topic kinds intake takes (each subscribed for all devices, not shared).
+pub const TOPICS: [TopicKind; 4] = [
+    TopicKind::Telemetry,
+    TopicKind::Status,
+    TopicKind::ConfigAck,
+    TopicKind::Config,
+];
+
+/// Whether a message on a topic of this kind is intake's (and not an escalation).
+pub fn takes(kind: TopicKind) -> bool {
+    TOPICS.contains(&kind)
+}
+
+/// Why an inbound record was not filed.
+#[derive(Debug, Error)]
+pub enum IntakeError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    Poisoned(#[from] Poisoned),
+    #[error("device {device}: {source}")]
+    Status { device: String, source: WireError },
+}
+
+/// Files what devices send besides escalations. `client` publishes spool acks and the config
+/// documents the tuner's proposals call for.
+pub struct Intake {
+    state: RelayState,
+    client: AsyncClient,
+}
+
+impl Intake {
+    pub fn new(state: RelayState, client: AsyncClient) -> Self {
+        Intake { state, client }
+    }
+
+    /// Takes one message on one of [`TOPICS`].
+    pub fn handle(&self, topic: Topic, publish: &Publish) {
+        match topic.kind {
+            TopicKind::Telemetry | TopicKind::ConfigAck => self.spooled(topic, publish),
+            TopicKind::Status => self.status(topic, publish),
+            TopicKind::Config => self.learn_config(topic, publish),
+            _ => debug!(%topic, "not an intake topic; ignored"),
+        }
+    }
+
+    fn rejected(&self) {
+        self.state
+            .stats
+            .telemetry_rejected
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes a spooled record (telemetry, calibration or config ack): delivers it once, in
+    /// order, and acknowledges cumulatively on the device's `ack` topic. A record whose body is
+    /// bad is still acknowledged (sending it again cannot fix it) and counted as rejected.
+    fn spooled(&self, topic: Topic, publish: &Publish) {
+        let stats = &self.state.stats;
+        let device = topic.device_id.clone();
+        let envelope = match decode::<Spooled>(&publish.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                self.rejected();
+                warn!(%device, error = %e, "spooled record rejected");
+                return;
+            }
+        };
+        let expected_topic = match envelope.kind {
+            RecordKind::ConfigAck => TopicKind::ConfigAck,
+            RecordKind::Telemetry | RecordKind::Calibration => TopicKind::Telemetry,
+        };
+        if topic.kind != expected_topic {
+            self.rejected();
+            warn!(%device, kind = ?envelope.kind, "spooled record on the wrong topic");
+            return;
+        }
+        let accepted = self
+            .state
+            .fleet()
+            .map_err(IntakeError::from)
+            .and_then(|mut f| {
+                Ok(f.accept(&device, envelope.stream_id, envelope.seq, envelope.floor)?)
+            });
+        let (delivery, ack) = match accepted {
+            Ok(x) => x,
+            Err(why) => {
+                self.rejected();
+                warn!(%device, %why, "spooled record rejected");
+                return;
+            }
+        };
+        match delivery {
+            Delivery::Deliver => {
+                let result = match envelope.kind {
+                    RecordKind::Telemetry => self.report(&device, &envelope.body),
+                    RecordKind::Calibration => self.calibration(&device, &envelope.body),
+                    RecordKind::ConfigAck => self.config_ack(&device, &envelope.body),
+                };
+                match result {
+                    Ok(()) => {
+                        stats.telemetry_accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(why) => {
+                        self.rejected();
+                        warn!(%device, %why, "record rejected");
+                    }
+                }
+            }
+            Delivery::Duplicate => {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                debug!(%device, seq = envelope.seq, "duplicate record (resend); acknowledged again");
+            }
+            Delivery::Ahead => {
+                debug!(%device, seq = envelope.seq, "record ahead of a missing one; waiting for the resend");
+            }
+        }
+        if let Some(upto) = ack {
+            self.ack(device, envelope.stream_id, upto);
+        }
+    }
+
+    /// Acknowledges a stream up to `upto` (cumulative) on the device's `ack` topic.
+    fn ack(&self, device: String, stream_id: u64, upto: u64) {
+        let ack = SpoolAck { stream_id, upto };
+        let ack_topic = Topic {
+            device_id: device,
+            kind: TopicKind::SpoolAck,
+        }
+        .to_string();
+        if let Ok(payload) = encode(&ack) {
+            if let Err(e) = self
+                .client
+                .try_publish(ack_topic, QoS::AtLeastOnce, false, payload)
+            {
+                warn!(error = %e, "cannot queue a spool ack; the agent will send again");
+            }
+        }
+    }
+
+    fn report(&self, device: &str, body: &[u8]) -> Result<(), IntakeError> {
+        let report = decode::<TelemetryReport>(body)?;
+        let outcome = self
+            .state
+            .fleet()?
+            .ingest(device, report, tierd_runtime::unix_ms())?;
+        match outcome {
+            Ingest::Gap { missing } => warn!(%device, missing, "telemetry reports missing"),
+            Ingest::Restart => info!(%device, "device agent restarted"),
+            Ingest::New => info!(%device, "first telemetry from device"),
+            _ => debug!(%device, ?outcome, "telemetry"),
+        }
+        Ok(())
+    }
+
+    /// Files a calibration window, and pushes a new config document if the tuner's proposal
+    /// is worth it.
+    fn calibration(&self, device: &str, body: &[u8]) -> Result<(), IntakeError> {
+        let c = decode::<CalibrationReport>(body)?;
+        let proposal = {
+            let mut fleet = self.state.fleet()?;
+            fleet.ingest_calibration(device, c)?;
+            fleet.proposal(device)
+        };
+        let Some((certificate, running)) = proposal else {
+            return Ok(());
+        };
+        let doc = self.state.control()?.on_certificate(
+            device,
+            &certificate,
+            running,
+            tierd_runtime::unix_ms(),
+        );
+        if let Some(doc) = doc {
+            info!(
+                %device,
+                version = doc.version,
+                threshold = ?doc.settings.threshold,
+                lower_bound = certificate.agreement_lower_bound,
+                "pushing a tuned threshold"
+            );
+            publish_config(&self.client, &doc);
+        }
+        Ok(())
+    }
+
+    fn config_ack(&self, device: &str, body: &[u8]) -> Result<(), IntakeError> {
+        let ack = decode::<ConfigAck>(body)?;
+        if ack.applied {
+            info!(%device, version = ack.version, "config applied by device");
+        } else {
+            warn!(%device, version = ack.version, reason = %ack.reason, "config rejected by device");
+        }
+        self.state
+            .control()?
+            .record_ack(device, ack, tierd_runtime::unix_ms());
+        Ok(())
+    }
+
+    /// A retained config document seen on the broker (ours, another replica's, or from before
+    /// a restart): versions continue from it.
+    fn learn_config(&self, topic: Topic, publish: &Publish) {
+        if publish.payload.is_empty() {
+            return;
+        }
+        match ConfigDocument::from_json(&publish.payload) {
+            Ok(doc) if doc.device_id == topic.device_id => {
+                if let Ok(mut c) = self.state.control() {
+                    c.learn_published(doc);
+                }
+            }
+            Ok(_) => {
+                warn!(device = %topic.device_id, "config document for another device on this topic ignored")
+            }
+            Err(e) => {
+                warn!(device = %topic.device_id, error = %e, "invalid config document on the broker ignored")
+            }
+        }
+    }
+
+    /// Files a device's online/offline status (its own, or its last will published by the
+    /// broker).
+    fn status(&self, topic: Topic, publish: &Publish) {
+        match self.file_status(topic, publish) {
+            Ok((device, online, reason)) => {
+                info!(%device, online, %reason, "device status");
+            }
+            Err(why) => {
+                self.rejected();
+                warn!(%why, "status rejected");
+            }
+        }
+    }
+
+    fn file_status(
+        &self,
+        topic: Topic,
+        publish: &Publish,
+    ) -> Result<(String, bool, String), IntakeError> {
+        let status =
+            decode::<DeviceStatus>(&publish.payload).map_err(|source| IntakeError::Status {
+                device: topic.device_id.clone(),
+                source,
+            })?;
+        let online = status.online;
+        let reason = status.reason.clone();
+        self.state
+            .fleet()?
+            .set_status(&topic.device_id, status, tierd_runtime::unix_ms())?;
+        Ok((topic.device_id, online, reason))
+    }
+}

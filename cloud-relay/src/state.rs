@@ -1,0 +1,124 @@
+//! The relay's shared state: the fleet view, the config controller and the counters, as the
+//! HTTP API and the MQTT side both hold them, plus the one way a config document leaves the
+//! relay ([`publish_config`]).
+//!
+//! Both sides import from here and from nowhere else, so neither depends on the other.
+
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
+use thiserror::Error;
+use tierd_protocol::{ConfigDocument, Topic, TopicKind};
+use tracing::warn;
+
+use crate::control::{self, Control, SetError};
+use crate::fleet::Fleet;
+
+pub type SharedFleet = Arc<Mutex<Fleet>>;
+pub type SharedControl = Arc<Mutex<Control>>;
+
+/// The relay replica's counters (exported on `/metrics`).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub answered: AtomicU64,
+    pub errors: AtomicU64,
+    pub rejected: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub telemetry_accepted: AtomicU64,
+    pub telemetry_rejected: AtomicU64,
+    /// Spooled records received again (resends after a lost ack); acknowledged, not re-filed.
+    pub duplicates: AtomicU64,
+}
+
+/// A lock over shared state was poisoned (a thread panicked while holding it).
+#[derive(Debug, Clone, Copy, Error, PartialEq, Eq)]
+pub enum Poisoned {
+    #[error("fleet state poisoned")]
+    Fleet,
+    #[error("control state poisoned")]
+    Control,
+}
+
+/// The handles every part of the relay shares; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RelayState {
+    pub fleet: SharedFleet,
+    pub control: SharedControl,
+    pub stats: Arc<RelayStats>,
+}
+
+impl RelayState {
+    pub fn new(fleet: Fleet, control: Control) -> Self {
+        RelayState {
+            fleet: Arc::new(Mutex::new(fleet)),
+            control: Arc::new(Mutex::new(control)),
+            stats: Arc::new(RelayStats::default()),
+        }
+    }
+
+    pub fn fleet(&self) -> Result<MutexGuard<'_, Fleet>, Poisoned> {
+        self.fleet.lock().map_err(|_| Poisoned::Fleet)
+    }
+
+    pub fn control(&self) -> Result<MutexGuard<'_, Control>, Poisoned> {
+        self.control.lock().map_err(|_| Poisoned::Control)
+    }
+}
+
+/// Why an operator's config change was not published.
+#[derive(Debug, Error)]
+pub enum OperatorError {
+    #[error(transparent)]
+    Poisoned(#[from] Poisoned),
+    #[error(transparent)]
+    Set(#[from] SetError),
+    #[error("cannot save the overrides in {}: {source}", .dir.display())]
+    Save {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl RelayState {
+    /// An operator's `key=value` changes (`value` empty unsets): applied all or nothing,
+    /// persisted in `state_dir`, and the device's new document published.
+    pub fn operator_set(
+        &self,
+        client: &AsyncClient,
+        state_dir: &Path,
+        device: &str,
+        pairs: &[(String, String)],
+        now_ms: u64,
+    ) -> Result<ConfigDocument, OperatorError> {
+        let doc = {
+            let mut c = self.control()?;
+            let doc = c.set(device, pairs, now_ms)?;
+            control::save_overrides(state_dir, c.operator_overrides()).map_err(|source| {
+                OperatorError::Save {
+                    dir: state_dir.to_owned(),
+                    source,
+                }
+            })?;
+            doc
+        };
+        publish_config(client, &doc);
+        Ok(doc)
+    }
+}
+
+/// Publishes a device's config document, retained, QoS 1.
+pub fn publish_config(client: &AsyncClient, doc: &ConfigDocument) {
+    let topic = match Topic::new(&doc.device_id, TopicKind::Config) {
+        Ok(t) => t.to_string(),
+        Err(e) => {
+            warn!(error = %e, "config document not published");
+            return;
+        }
+    };
+    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, doc.to_json()) {
+        warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
+    }
+}
