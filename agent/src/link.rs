@@ -79,7 +79,7 @@ pub fn start(
     let r = replies.clone();
     routes.handler(
         TopicKind::EscalateReply,
-        Arc::new(move |p: Publish| r.deliver(&p)),
+        Arc::new(move |_topic, p: Publish| r.deliver(&p)),
     );
     // Documents are rare (retained, one per change) and acks are cumulative, so a full channel
     // only ever drops something a later message supersedes.
@@ -91,11 +91,9 @@ pub fn start(
         retain: true,
         payload: Bytes::from(status_payload(online, boot_id, reason)),
     };
-    let link = Link::spawn(LinkOptions {
-        mqtt: options,
-        // The request queue only buffers our own publishes; in-flight escalations are bounded
-        // by the escalator's semaphore and spooled records by the forwarder's window.
-        queue: max_in_flight.clamp(16, 4096) + 64,
+    // The request queue only buffers our own publishes; in-flight escalations are bounded by the
+    // escalator's semaphore and spooled records by the forwarder's window.
+    let link = Link::open(options, max_in_flight.clamp(16, 4096) + 64).start(LinkOptions {
         subscriptions: vec![
             Filter::new(topic(TopicKind::EscalateReply)?, QoS::AtMostOnce),
             Filter::new(topic(TopicKind::Config)?, QoS::AtLeastOnce),

@@ -21,8 +21,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use rumqttc::v5::AsyncClient;
 use serde_json::json;
+use tierd_runtime::link::Publisher;
 use tierd_runtime::metrics::{family, Labels};
 
 use crate::report::{DeviceUsage, Prices};
@@ -37,7 +37,7 @@ pub struct ApiState {
     pub relay: RelayState,
     pub fleet: SharedFleet,
     pub control: SharedControl,
-    pub client: AsyncClient,
+    pub client: Publisher,
     pub prices: Prices,
     /// Where operator overrides are saved.
     pub state_dir: std::path::PathBuf,
@@ -47,7 +47,7 @@ pub struct ApiState {
 
 /// What the HTTP API needs besides the shared state.
 pub struct ApiDeps {
-    pub client: AsyncClient,
+    pub client: Publisher,
     pub prices: Prices,
     pub state_dir: std::path::PathBuf,
     /// Error rate of the agreement bounds in the report (`tuning.delta`).

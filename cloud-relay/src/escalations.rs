@@ -13,23 +13,21 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::Filter;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use thiserror::Error;
 use tierd_protocol::{
     decode, encode, EscalationReply, EscalationRequest, ReplyErrorCode, ReplyOutcome, Topic,
     TopicError, TopicKind,
 };
 
-use crate::intake::{self, Intake};
 use crate::state::RelayState;
 /// Re-exported from their home, [`crate::state`], for callers of the old paths.
 pub use crate::state::{publish_config, RelayStats};
-use tierd_runtime::mqtt::Backoff;
+use tierd_runtime::link::{Publisher, Routes};
 use tierd_runtime::{InputError, Model};
-use tokio::sync::{mpsc, watch, Mutex};
-use tracing::{debug, info, warn};
+use tokio::sync::{mpsc, Mutex};
+use tracing::{debug, warn};
 
 /// Decides the reply to one decoded request. Pure apart from running the model.
 pub fn answer(model: &Model, serves: &[String], req: &EscalationRequest) -> ReplyOutcome {
@@ -72,8 +70,6 @@ struct Job {
 /// Why an inbound message is ignored without a reply.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RouteError {
-    #[error("topic is not UTF-8")]
-    NotUtf8,
     #[error(transparent)]
     Topic(#[from] TopicError),
     #[error("unexpected topic {0}")]
@@ -109,14 +105,8 @@ fn route(parsed: &Topic, publish: &Publish) -> Result<Job, RouteError> {
     })
 }
 
-/// The tierd topic a publish arrived on; parsed once, then dispatched on its kind.
-fn publish_topic(publish: &Publish) -> Result<Topic, RouteError> {
-    let topic = std::str::from_utf8(&publish.topic).map_err(|_| RouteError::NotUtf8)?;
-    Ok(Topic::parse(topic)?)
-}
-
 /// Hands a job to the workers, or answers `Overloaded` at once when the queue is full.
-fn enqueue(job: Job, tx: &mpsc::Sender<Job>, stats: &RelayStats, client: &AsyncClient) {
+fn enqueue(job: Job, tx: &mpsc::Sender<Job>, stats: &RelayStats, client: &Publisher) {
     if let Err(mpsc::error::TrySendError::Full(job)) = tx.try_send(job) {
         stats.overloaded.fetch_add(1, Ordering::Relaxed);
         let reply = EscalationReply {
@@ -150,7 +140,7 @@ fn enqueue(job: Job, tx: &mpsc::Sender<Job>, stats: &RelayStats, client: &AsyncC
 async fn work(
     model: Model,
     serves: Arc<Vec<String>>,
-    client: AsyncClient,
+    client: Publisher,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
     stats: Arc<RelayStats>,
 ) {
@@ -207,7 +197,7 @@ async fn work(
     }
 }
 
-async fn publish_reply(client: &AsyncClient, job: &Job, request_id: u64, outcome: ReplyOutcome) {
+async fn publish_reply(client: &Publisher, job: &Job, request_id: u64, outcome: ReplyOutcome) {
     let reply = EscalationReply {
         request_id,
         outcome,
@@ -241,91 +231,74 @@ pub struct Service {
     pub state: RelayState,
 }
 
-/// Runs the escalation service until `shutdown` flips: event loop plus `workers` workers.
-pub async fn run(
-    service: Service,
-    client: AsyncClient,
-    mut eventloop: EventLoop,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Service {
-        model,
-        serves,
-        workers,
-        queue,
-        state,
-    } = service;
-    let stats = state.stats.clone();
-    let intake = Intake::new(state, client.clone());
-    let (tx, rx) = mpsc::channel::<Job>(queue);
-    let rx = Arc::new(Mutex::new(rx));
-    let serves = Arc::new(serves);
-    let mut pool = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        pool.push(tokio::spawn(work(
-            model.clone(),
-            serves.clone(),
-            client.clone(),
-            rx.clone(),
-            stats.clone(),
-        )));
-    }
-    let filter = Topic::relay_escalation_filter();
-    // Not shared: see `intake` for why every replica takes all of these.
-    let own_filters = intake::TOPICS.map(|k| Filter::new(Topic::all_devices(k), QoS::AtLeastOnce));
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut connected = false;
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.changed() => break,
-            ev = eventloop.poll() => ev,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                connected = true;
-                if let Err(e) = client.try_subscribe(&filter, QoS::AtMostOnce) {
-                    warn!(error = %e, "cannot queue subscription");
-                }
-                if let Err(e) = client.try_subscribe_many(own_filters.clone()) {
-                    warn!(error = %e, "cannot queue the telemetry/status/config subscriptions");
-                }
-            }
-            // Logged on the broker's confirmation so the line is a true readiness signal.
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                info!(%filter, "connected; taking escalations");
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => match publish_topic(&p) {
-                Ok(t) if intake::takes(t.kind) => intake.handle(t, &p),
-                other => match other.and_then(|t| route(&t, &p)) {
-                    Ok(job) => enqueue(job, &tx, &stats, &client),
-                    Err(why) => {
+/// The escalation service on a link: a route that hands each escalation to the worker pool
+/// (or answers `Overloaded` at once), and the pool that answers and publishes the replies.
+pub struct Escalations {
+    queue: Arc<std::sync::Mutex<Option<mpsc::Sender<Job>>>>,
+    pool: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The shared-subscription filter escalations arrive on (QoS 0: see the topic table in
+/// tierd-protocol).
+pub fn subscription() -> Filter {
+    Filter::new(Topic::relay_escalation_filter(), QoS::AtMostOnce)
+}
+
+impl Escalations {
+    /// Starts `workers` workers and routes [`TopicKind::Escalate`] to them.
+    pub fn start(service: Service, publisher: Publisher, routes: &mut Routes) -> Self {
+        let Service {
+            model,
+            serves,
+            workers,
+            queue,
+            state,
+        } = service;
+        let stats = state.stats.clone();
+        let (tx, rx) = mpsc::channel::<Job>(queue);
+        let rx = Arc::new(Mutex::new(rx));
+        let serves = Arc::new(serves);
+        let pool = (0..workers)
+            .map(|_| {
+                tokio::spawn(work(
+                    model.clone(),
+                    serves.clone(),
+                    publisher.clone(),
+                    rx.clone(),
+                    stats.clone(),
+                ))
+            })
+            .collect();
+        let queue = Arc::new(std::sync::Mutex::new(Some(tx)));
+        let q = queue.clone();
+        routes.handler(
+            TopicKind::Escalate,
+            Arc::new(move |topic: Topic, p: Publish| {
+                let tx = q.lock().ok().and_then(|g| g.clone());
+                match (route(&topic, &p), tx) {
+                    (Ok(job), Some(tx)) => enqueue(job, &tx, &stats, &publisher),
+                    // Draining for a stop: the agent's deadline answers its caller.
+                    (Ok(_), None) => {}
+                    (Err(why), _) => {
                         stats.rejected.fetch_add(1, Ordering::Relaxed);
                         warn!(%why, "ignored message");
                     }
-                },
-            },
-            Ok(_) => {}
-            Err(e) => {
-                if connected {
-                    warn!(error = %e, "MQTT connection lost; reconnecting");
-                } else {
-                    debug!(error = %e, "MQTT connect failed");
                 }
-                connected = false;
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    _ = shutdown.changed() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
+            }),
+        );
+        Escalations { queue, pool }
+    }
+
+    /// Stops taking escalations and lets the workers answer what is queued (bounded), while
+    /// the link is still up to carry the replies.
+    pub async fn drain(self) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.take();
+        }
+        for w in self.pool {
+            let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
         }
     }
-    drop(tx);
-    for w in pool {
-        let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
-    }
-    tierd_runtime::mqtt::disconnect(&client, &mut eventloop).await;
 }
 
 #[cfg(test)]
@@ -340,6 +313,12 @@ mod tests {
             ..Default::default()
         });
         p
+    }
+
+    /// The tierd topic a publish arrived on; parsed once, then dispatched on its kind.
+    fn publish_topic(publish: &Publish) -> Result<Topic, RouteError> {
+        let topic = std::str::from_utf8(&publish.topic).expect("test topics are UTF-8");
+        Ok(Topic::parse(topic)?)
     }
 
     fn routed(p: &Publish) -> Result<Job, RouteError> {

@@ -11,15 +11,16 @@
 //! retained documents so versions keep increasing whoever pushes.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::v5::{Filter, Publish};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::AsyncClient;
 use thiserror::Error;
 use tierd_protocol::{
     decode, encode, CalibrationReport, ConfigAck, ConfigDocument, DeviceStatus, RecordKind,
     SpoolAck, Spooled, TelemetryReport, Topic, TopicKind, WireError,
 };
+use tierd_runtime::link::{Publisher, Routes};
 use tracing::{debug, info, warn};
 
 use crate::fleet::{Delivery, FleetError, Ingest};
@@ -33,9 +34,12 @@ pub const TOPICS: [TopicKind; 4] = [
     TopicKind::Config,
 ];
 
-/// Whether a message on a topic of this kind is intake's (and not an escalation).
-pub fn takes(kind: TopicKind) -> bool {
-    TOPICS.contains(&kind)
+/// What intake subscribes to: every device's [`TOPICS`], QoS 1.
+pub fn subscriptions() -> Vec<Filter> {
+    TOPICS
+        .iter()
+        .map(|&k| Filter::new(Topic::all_devices(k), QoS::AtLeastOnce))
+        .collect()
 }
 
 /// Why an inbound record was not filed.
@@ -55,12 +59,25 @@ pub enum IntakeError {
 /// documents the tuner's proposals call for.
 pub struct Intake {
     state: RelayState,
-    client: AsyncClient,
+    client: Publisher,
 }
 
 impl Intake {
-    pub fn new(state: RelayState, client: AsyncClient) -> Self {
+    pub fn new(state: RelayState, client: Publisher) -> Self {
         Intake { state, client }
+    }
+
+    /// Routes every one of [`TOPICS`] to [`Intake::handle`], on the link's task (in arrival
+    /// order, as exactly-once delivery wants).
+    pub fn route(self, routes: &mut Routes) {
+        let intake = Arc::new(self);
+        for kind in TOPICS {
+            let intake = intake.clone();
+            routes.handler(
+                kind,
+                Arc::new(move |t: Topic, p: Publish| intake.handle(t, &p)),
+            );
+        }
     }
 
     /// Takes one message on one of [`TOPICS`].
@@ -159,7 +176,7 @@ impl Intake {
         if let Ok(payload) = encode(&ack) {
             if let Err(e) = self
                 .client
-                .try_publish(ack_topic, QoS::AtLeastOnce, false, payload)
+                .try_publish(&ack_topic, QoS::AtLeastOnce, false, payload)
             {
                 warn!(error = %e, "cannot queue a spool ack; the agent will send again");
             }

@@ -39,15 +39,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::AsyncClient;
 use thiserror::Error;
+use tierd_runtime::link::{Link, LinkOptions, Publisher, Routes, Unstarted};
 use tierd_runtime::systemd::AliveGuard;
 use tierd_runtime::{Model, ModelError};
 use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::{ConfigError, RelayConfig};
-use crate::escalations::Service;
+use crate::escalations::{Escalations, Service};
+use crate::intake::Intake;
 use crate::state::{RelayState, RelayStats, SharedFleet};
 
 #[derive(Debug, Error)]
@@ -76,11 +77,16 @@ pub struct Relay {
     state: RelayState,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    mqtt: Mqtt,
     http_task: tokio::task::JoinHandle<()>,
     model: Model,
-    loop_alive: Arc<AtomicBool>,
     http_alive: Arc<AtomicBool>,
+}
+
+/// The MQTT side: one link, the escalation workers and intake routed on it.
+struct Mqtt {
+    link: Link,
+    escalations: Escalations,
 }
 
 impl Relay {
@@ -98,14 +104,14 @@ impl Relay {
         let options = config
             .client_mqtt()
             .options(&format!("cloud-relay-{}", config.relay_id))?;
-        let (client, eventloop) = AsyncClient::new(options, 1024);
+        let link = Link::open(options, 1024);
         let state = shared_state(&config)?;
         let (stop, stop_rx) = watch::channel(false);
 
         let app = api::router(
             state.clone(),
             api::ApiDeps {
-                client: client.clone(),
+                client: link.publisher(),
                 prices: config.prices.clone(),
                 state_dir: config.state_dir(),
                 delta: config.tuning.delta,
@@ -122,15 +128,14 @@ impl Relay {
             queue: config.queue,
             state: state.clone(),
         };
-        let (task, loop_alive) = spawn_mqtt(service, client, eventloop, stop_rx);
+        let mqtt = start_mqtt(link, service, state.clone());
         Ok(Relay {
             state,
             http_addr,
             stop,
-            task,
+            mqtt,
             http_task,
             model,
-            loop_alive,
             http_alive,
         })
     }
@@ -151,18 +156,21 @@ impl Relay {
     /// Runs until `shutdown` resolves, then stops taking escalations and disconnects.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         let (model, addr) = (self.model.clone(), self.http_addr);
-        let alive = [self.loop_alive.clone(), self.http_alive.clone()];
+        let (link, http) = (self.mqtt.link.publisher(), self.http_alive.clone());
         let watchdog = tokio::spawn(tierd_runtime::systemd::run_watchdog(
             move || {
-                let (model, alive) = (model.clone(), alive.clone());
-                async move { self_check(&model, &alive, addr).await }
+                let (model, link, http) = (model.clone(), link.clone(), http.clone());
+                async move { self_check(&model, &link, &http, addr).await }
             },
             self.stop.subscribe(),
         ));
         shutdown.await;
         let _ = self.stop.send(true);
         let _ = watchdog.await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        // Stop taking escalations, answer the queued ones while the link still carries the
+        // replies, then disconnect.
+        self.mqtt.escalations.drain().await;
+        self.mqtt.link.shutdown(Duration::from_secs(2)).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.http_task).await;
         info!("relay stopped");
     }
@@ -226,20 +234,25 @@ fn spawn_http(
     (task, alive)
 }
 
-/// Runs the MQTT side (escalations and intake) until `stop` flips; the flag as above.
-fn spawn_mqtt(
-    service: Service,
-    client: AsyncClient,
-    eventloop: rumqttc::v5::EventLoop,
-    stop: watch::Receiver<bool>,
-) -> (tokio::task::JoinHandle<()>, Arc<AtomicBool>) {
-    let alive = Arc::new(AtomicBool::new(true));
-    let down = AliveGuard(alive.clone());
-    let task = tokio::spawn(async move {
-        let _down = down;
-        escalations::run(service, client, eventloop, stop).await;
+/// Routes escalations to the worker pool and everything else devices send to intake, then
+/// starts the link: one SUBSCRIBE for the shared escalation filter and intake's topics.
+fn start_mqtt(link: Unstarted, service: Service, state: RelayState) -> Mqtt {
+    let publisher: Publisher = link.publisher();
+    let mut routes = Routes::new();
+    let escalations = Escalations::start(service, publisher.clone(), &mut routes);
+    Intake::new(state, publisher).route(&mut routes);
+    let mut subscriptions = vec![escalations::subscription()];
+    // Not shared: see `intake` for why every replica takes all of these.
+    subscriptions.extend(intake::subscriptions());
+    let link = link.start(LinkOptions {
+        subscriptions,
+        routes,
+        on_connect: Vec::new(),
+        on_stop: Vec::new(),
+        ready_line: "connected; taking escalations",
+        lost_line: "MQTT connection lost; reconnecting",
     });
-    (task, alive)
+    Mqtt { link, escalations }
 }
 
 /// Why the watchdog's self-check failed.
@@ -259,13 +272,14 @@ enum Unhealthy {
 /// vectors, and the HTTP API answers.
 async fn self_check(
     model: &Model,
-    alive: &[Arc<AtomicBool>; 2],
+    link: &Publisher,
+    http: &AtomicBool,
     addr: SocketAddr,
 ) -> Result<(), Unhealthy> {
-    if !alive[0].load(Ordering::Relaxed) {
+    if !link.link_running() {
         return Err(Unhealthy::LoopStopped);
     }
-    if !alive[1].load(Ordering::Relaxed) {
+    if !http.load(Ordering::Relaxed) {
         return Err(Unhealthy::HttpStopped);
     }
     model.verify_golden().map_err(Unhealthy::Model)?;

@@ -9,9 +9,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::AsyncClient;
 use thiserror::Error;
 use tierd_protocol::{ConfigDocument, Topic, TopicKind};
+use tierd_runtime::link::Publisher;
 use tracing::warn;
 
 use crate::control::{self, Control, SetError};
@@ -87,7 +87,7 @@ impl RelayState {
     /// persisted in `state_dir`, and the device's new document published.
     pub fn operator_set(
         &self,
-        client: &AsyncClient,
+        client: &Publisher,
         state_dir: &Path,
         device: &str,
         pairs: &[(String, String)],
@@ -110,7 +110,7 @@ impl RelayState {
 }
 
 /// Publishes a device's config document, retained, QoS 1.
-pub fn publish_config(client: &AsyncClient, doc: &ConfigDocument) {
+pub fn publish_config(client: &Publisher, doc: &ConfigDocument) {
     let topic = match Topic::new(&doc.device_id, TopicKind::Config) {
         Ok(t) => t.to_string(),
         Err(e) => {
@@ -118,7 +118,7 @@ pub fn publish_config(client: &AsyncClient, doc: &ConfigDocument) {
             return;
         }
     };
-    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, doc.to_json()) {
+    if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, true, doc.to_json()) {
         warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
     }
 }

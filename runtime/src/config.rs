@@ -67,7 +67,10 @@ mod tests {
 
     #[test]
     fn errors_name_the_file_when_there_is_one() {
-        assert_eq!(ConfigError::invalid("x = 3 is bad").to_string(), "config: x = 3 is bad");
+        assert_eq!(
+            ConfigError::invalid("x = 3 is bad").to_string(),
+            "config: x = 3 is bad"
+        );
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a.toml");
         std::fs::write(&f, "x = ").unwrap();

@@ -45,8 +45,9 @@ pub struct Message {
     pub payload: Bytes,
 }
 
-/// Called on the event loop's task for every publish of its kind: must not block.
-pub type Handler = Arc<dyn Fn(Publish) + Send + Sync>;
+/// Called on the event loop's task for every publish of its kind, with the topic already
+/// parsed: must not block.
+pub type Handler = Arc<dyn Fn(Topic, Publish) + Send + Sync>;
 
 enum Route {
     Channel(mpsc::Sender<Publish>),
@@ -79,9 +80,6 @@ impl Routes {
 
 /// What the link is asked to do; built by each daemon's composition root.
 pub struct LinkOptions {
-    pub mqtt: MqttOptions,
-    /// Capacity of rumqttc's request queue (our own publishes waiting for the socket).
-    pub queue: usize,
     /// Subscribed, in one SUBSCRIBE, after every connect.
     pub subscriptions: Vec<Filter>,
     pub routes: Routes,
@@ -132,6 +130,20 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         self.client
             .try_publish(topic, qos, retain, payload)
+            .map_err(|_: ClientError| PublishError::Queue)
+    }
+
+    /// Queues a publish with MQTT v5 properties without waiting.
+    pub fn try_publish_with_properties(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: impl Into<Bytes>,
+        properties: PublishProperties,
+    ) -> Result<(), PublishError> {
+        self.client
+            .try_publish_with_properties(topic, qos, retain, payload, properties)
             .map_err(|_: ClientError| PublishError::Queue)
     }
 
@@ -245,12 +257,23 @@ pub struct Link {
     task: JoinHandle<()>,
 }
 
-impl Link {
-    /// Creates the client and spawns the event loop (it connects in the background).
-    pub fn spawn(options: LinkOptions) -> Link {
+/// A link whose client exists (so its [`Publisher`] can be handed to the handlers that will be
+/// routed to) but whose event loop is not running yet.
+pub struct Unstarted {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    connection: watch::Sender<bool>,
+    publisher: Publisher,
+}
+
+impl Unstarted {
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// Spawns the event loop (it connects in the background).
+    pub fn start(self, options: LinkOptions) -> Link {
         let LinkOptions {
-            mqtt,
-            queue,
             subscriptions,
             routes,
             on_connect,
@@ -258,32 +281,44 @@ impl Link {
             ready_line,
             lost_line,
         } = options;
-        let (client, eventloop) = AsyncClient::new(mqtt, queue.max(1));
-        let (connection_tx, connection_rx) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
-        let stats = Arc::new(LinkStats::default());
-        let publisher = Publisher {
-            client: client.clone(),
-            connection: connection_rx,
-            stats: stats.clone(),
-        };
         let io = EventLoopIo {
-            client,
-            eventloop,
+            client: self.client,
+            eventloop: self.eventloop,
             subscriptions,
             routes,
             on_connect,
             on_stop,
             ready_line,
             lost_line,
-            connection: connection_tx,
-            stats,
+            connection: self.connection,
+            stats: self.publisher.stats.clone(),
         };
         let task = tokio::spawn(io.run(stop_rx));
         Link {
-            publisher,
+            publisher: self.publisher,
             stop,
             task,
+        }
+    }
+}
+
+impl Link {
+    /// Creates the client; `queue` is the capacity of rumqttc's request queue (our own
+    /// publishes waiting for the socket). Nothing connects until [`Unstarted::start`].
+    pub fn open(mqtt: MqttOptions, queue: usize) -> Unstarted {
+        let (client, eventloop) = AsyncClient::new(mqtt, queue.max(1));
+        let (connection, connection_rx) = watch::channel(false);
+        let publisher = Publisher {
+            client: client.clone(),
+            connection: connection_rx,
+            stats: Arc::new(LinkStats::default()),
+        };
+        Unstarted {
+            client,
+            eventloop,
+            connection,
+            publisher,
         }
     }
 
@@ -396,10 +431,13 @@ impl EventLoopIo {
     fn route(&self, publish: Publish) {
         let kind = std::str::from_utf8(&publish.topic)
             .ok()
-            .and_then(|t| Topic::parse(t).ok())
-            .map(|t| t.kind);
-        match kind.and_then(|k| self.routes.routes.get(&k)) {
-            Some(Route::Handler(h)) => h(publish),
+            .and_then(|t| Topic::parse(t).ok());
+        match kind.as_ref().and_then(|t| self.routes.routes.get(&t.kind)) {
+            Some(Route::Handler(h)) => {
+                if let Some(topic) = kind {
+                    h(topic, publish)
+                }
+            }
             Some(Route::Channel(tx)) => {
                 if tx.try_send(publish).is_err() {
                     self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
@@ -483,7 +521,7 @@ mod tests {
         let s = seen.clone();
         routes.handler(
             TopicKind::EscalateReply,
-            Arc::new(move |_p| {
+            Arc::new(move |_t, _p| {
                 s.fetch_add(1, Ordering::Relaxed);
             }),
         );
