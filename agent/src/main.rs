@@ -69,13 +69,7 @@ fn main() -> ExitCode {
         )
         .context("energy probe"),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edge-agent: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tierd_runtime::cli::exit_code("edge-agent", result)
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
@@ -83,11 +77,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         Some(p) => AgentConfig::load(&p)?,
         None => AgentConfig::default(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    tierd_runtime::cli::block_on(async {
         let agent = Agent::start(config).await?;
         // Start has verified the model (sha256 + golden vectors) and bound the port.
         let addr = agent.local_addr()?;

@@ -15,19 +15,7 @@ use tierd_runtime::mqtt::{MqttConfig, MqttSetupError};
 use crate::report::{Prices, PricesError};
 use crate::tuner::{Costs, Limits, Policy, PushRules, Setup, ALWAYS_ESCALATE};
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config {path}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        reason: InvalidConfig,
-    },
-}
+pub use tierd_runtime::config::ConfigError;
 
 /// Why a `relay.toml` is refused; the message names the key at fault.
 #[derive(Debug, Error)]
@@ -50,13 +38,22 @@ pub enum InvalidConfig {
     #[error(transparent)]
     Mqtt(#[from] MqttSetupError),
     #[error("defaults.{0}")]
-    Defaults(String),
+    Defaults(tierd_protocol::config::SettingsError),
     #[error("[devices.{device}]: {source}")]
     DeviceId { device: String, source: TopicError },
     #[error("devices.{device}.{reason}")]
-    Device { device: String, reason: String },
+    Device {
+        device: String,
+        reason: tierd_protocol::config::SettingsError,
+    },
     #[error(transparent)]
     Prices(#[from] PricesError),
+}
+
+impl From<InvalidConfig> for ConfigError {
+    fn from(e: InvalidConfig) -> Self {
+        ConfigError::invalid(e.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,15 +214,8 @@ impl Default for EmbeddedBrokerConfig {
 
 impl RelayConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.to_owned(),
-            source: e,
-        })?;
-        let mut cfg = Self::parse(&text).map_err(|reason| ConfigError::Invalid {
-            path: path.to_owned(),
-            reason,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let (mut cfg, base) = tierd_runtime::config::read(path, |text| Ok(Self::parse(text)?))?;
+        let base = base.as_path();
         if cfg.model.manifest.is_relative() {
             cfg.model.manifest = base.join(&cfg.model.manifest);
         }

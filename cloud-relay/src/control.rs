@@ -29,7 +29,7 @@ pub enum SetError {
     Nothing,
     /// A key or value the settings refuse (the message names the key).
     #[error("{0}")]
-    Setting(String),
+    Setting(tierd_protocol::config::SettingsError),
     #[error("the relay tracks at most {0} devices")]
     TooManyDevices(usize),
     #[error("device limit reached")]
@@ -53,7 +53,7 @@ pub enum OverridesError {
     Invalid {
         path: PathBuf,
         device: String,
-        reason: String,
+        reason: tierd_protocol::config::SettingsError,
     },
 }
 

@@ -99,13 +99,7 @@ fn main() -> ExitCode {
             call(&api, reqwest::Method::GET, path, None).map(|out| println!("{out}"))
         }
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cloud-relay: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tierd_runtime::cli::exit_code("cloud-relay", result)
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
@@ -113,11 +107,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         Some(p) => RelayConfig::load(&p)?,
         None => RelayConfig::default(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    tierd_runtime::cli::block_on(async {
         let relay = Relay::start(config).await?;
         // Start has verified the model, started the embedded broker if any, bound the API.
         tierd_runtime::systemd::ready(&format!(

@@ -27,6 +27,23 @@ pub mod limits {
     pub const TELEMETRY_INTERVAL_S: RangeInclusive<f64> = 0.1..=86_400.0;
 }
 
+/// Why a setting is refused; the message names the key and the allowed range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingsError(pub String);
+
+impl From<String> for SettingsError {
+    fn from(m: String) -> Self {
+        SettingsError(m)
+    }
+}
+
+impl From<&str> for SettingsError {
+    fn from(m: &str) -> Self {
+        SettingsError(m.to_owned())
+    }
+}
+
 /// The settings a document can carry. `None` leaves the agent's file value in force.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,29 +71,33 @@ pub const SETTING_KEYS: [&str; 5] = [
 
 impl Settings {
     /// Range checks; the message names the key and the allowed range.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingsError> {
         if let Some(t) = self.threshold {
             if !(t.is_finite() && limits::THRESHOLD.contains(&t)) {
-                return Err(format!("threshold = {t} is outside [0, 1.01]"));
+                return Err(SettingsError::from(format!(
+                    "threshold = {t} is outside [0, 1.01]"
+                )));
             }
         }
         if let Some(a) = self.audit_rate {
             if !(a.is_finite() && limits::AUDIT_RATE.contains(&a)) {
-                return Err(format!("audit_rate = {a} is outside [0, 1]"));
+                return Err(SettingsError::from(format!(
+                    "audit_rate = {a} is outside [0, 1]"
+                )));
             }
         }
         if let Some(ms) = self.escalation_timeout_ms {
             if !limits::ESCALATION_TIMEOUT_MS.contains(&ms) {
-                return Err(format!(
+                return Err(SettingsError::from(format!(
                     "escalation_timeout_ms = {ms} is outside [1, 60000]"
-                ));
+                )));
             }
         }
         if let Some(s) = self.telemetry_interval_s {
             if !(s.is_finite() && limits::TELEMETRY_INTERVAL_S.contains(&s)) {
-                return Err(format!(
+                return Err(SettingsError::from(format!(
                     "telemetry_interval_s = {s} is outside [0.1, 86400]"
-                ));
+                )));
             }
         }
         Ok(())
@@ -95,7 +116,7 @@ impl Settings {
 
     /// Sets one key from text (`threshold=0.93`); `key=` (empty) unsets it. Validated; on
     /// error nothing changes.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), SettingsError> {
         let mut next = self.clone();
         next.set_unchecked(key, value)?;
         next.validate()?;
@@ -103,18 +124,22 @@ impl Settings {
         Ok(())
     }
 
-    fn set_unchecked(&mut self, key: &str, value: &str) -> Result<(), String> {
+    fn set_unchecked(&mut self, key: &str, value: &str) -> Result<(), SettingsError> {
         let value = value.trim();
         let unset = value.is_empty();
-        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, SettingsError> {
             v.parse()
-                .map_err(|_| format!("{key}: {v:?} is not a valid number"))
+                .map_err(|_| SettingsError(format!("{key}: {v:?} is not a valid number")))
         }
         match key {
             "threshold" => self.threshold = (!unset).then(|| num(key, value)).transpose()?,
             "signal" => {
                 self.signal = (!unset)
-                    .then(|| value.parse::<Signal>().map_err(|e| e.to_string()))
+                    .then(|| {
+                        value
+                            .parse::<Signal>()
+                            .map_err(|e| SettingsError(e.to_string()))
+                    })
                     .transpose()?
             }
             "audit_rate" => self.audit_rate = (!unset).then(|| num(key, value)).transpose()?,
@@ -125,9 +150,9 @@ impl Settings {
                 self.telemetry_interval_s = (!unset).then(|| num(key, value)).transpose()?
             }
             other => {
-                return Err(format!(
+                return Err(SettingsError::from(format!(
                     "unknown key {other:?}; settable keys are {SETTING_KEYS:?}"
-                ))
+                )))
             }
         }
         Ok(())
@@ -185,7 +210,9 @@ impl ConfigDocument {
         if doc.version == 0 {
             return Err(ConfigDocError::Invalid("version must be at least 1".into()));
         }
-        doc.settings.validate().map_err(ConfigDocError::Invalid)?;
+        doc.settings
+            .validate()
+            .map_err(|e| ConfigDocError::Invalid(e.0))?;
         Ok(doc)
     }
 
@@ -277,10 +304,12 @@ mod tests {
         assert!(s
             .set("treshold", "0.5")
             .unwrap_err()
+            .0
             .contains("unknown key"));
         assert!(s
             .set("audit_rate", "lots")
             .unwrap_err()
+            .0
             .contains("not a valid number"));
         let defaults = Settings {
             threshold: Some(0.5),

@@ -6,6 +6,7 @@
 //! any output differs. That last check exists because a QDQ model quantized with onnxruntime's
 //! defaults loads fine in tract yet answers 1.0 for every class; only running it shows that.
 
+pub mod cli;
 pub mod config;
 pub mod link;
 mod manifest;

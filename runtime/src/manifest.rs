@@ -96,72 +96,83 @@ impl Manifest {
         })?;
         let mut m = Self::parse(&text).map_err(|reason| ModelError::Manifest {
             path: path.to_owned(),
-            reason,
+            reason: reason.0,
         })?;
         m.dir = path.parent().map(Path::to_owned).unwrap_or_default();
         Ok(m)
     }
 
     /// Parses and checks manifest text; the error is a human-readable reason.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let m: Manifest = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, ManifestInvalid> {
+        let m: Manifest = toml::from_str(text).map_err(|e| ManifestInvalid(e.to_string()))?;
         m.check()?;
         Ok(m)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ManifestInvalid> {
         if self.name.is_empty()
             || !self
                 .name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
-            return Err(format!(
+            return Err(ManifestInvalid::from(format!(
                 "name {:?} must be non-empty and use only letters, digits, '-', '_', '.'",
                 self.name
-            ));
+            )));
         }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("sha256 {:?} is not 64 hex digits", self.sha256));
+            return Err(ManifestInvalid::from(format!(
+                "sha256 {:?} is not 64 hex digits",
+                self.sha256
+            )));
         }
         if self.input.shape.is_empty() || self.input.shape.contains(&0) {
-            return Err(format!(
+            return Err(ManifestInvalid::from(format!(
                 "input.shape {:?} must be non-empty with positive dimensions",
                 self.input.shape
-            ));
+            )));
         }
         if self.input.shape[0] != 1 {
-            return Err(format!(
+            return Err(ManifestInvalid::from(format!(
                 "input.shape {:?}: the first (batch) dimension must be 1",
                 self.input.shape
-            ));
+            )));
         }
         if self.input.dtype != Dtype::Fp32 {
-            return Err("input.dtype: only FP32 model inputs are supported".into());
+            return Err(ManifestInvalid::from(
+                "input.dtype: only FP32 model inputs are supported",
+            ));
         }
         if !self.preprocess.scale.is_finite() || !self.preprocess.offset.is_finite() {
-            return Err("preprocess.scale and preprocess.offset must be finite".into());
+            return Err(ManifestInvalid::from(
+                "preprocess.scale and preprocess.offset must be finite",
+            ));
         }
         if self.output.labels.len() < 2 {
-            return Err("output.labels needs at least two classes".into());
+            return Err(ManifestInvalid::from(
+                "output.labels needs at least two classes",
+            ));
         }
         let n_in = self.input_elements();
         for (i, g) in self.golden.iter().enumerate() {
             if g.pixels.len() != n_in {
-                return Err(format!(
+                return Err(ManifestInvalid::from(format!(
                     "golden[{i}] has {} pixels, the input holds {n_in}",
                     g.pixels.len()
-                ));
+                )));
             }
             if g.probabilities.len() != self.output.labels.len() {
-                return Err(format!(
+                return Err(ManifestInvalid::from(format!(
                     "golden[{i}] has {} probabilities for {} labels",
                     g.probabilities.len(),
                     self.output.labels.len()
-                ));
+                )));
             }
             if !(g.tolerance.is_finite() && g.tolerance > 0.0 && g.tolerance < 0.5) {
-                return Err(format!("golden[{i}].tolerance must be in (0, 0.5)"));
+                return Err(ManifestInvalid::from(format!(
+                    "golden[{i}].tolerance must be in (0, 0.5)"
+                )));
             }
         }
         Ok(())
@@ -198,6 +209,23 @@ impl Manifest {
 
     pub fn model_path(&self) -> PathBuf {
         self.dir.join(&self.file)
+    }
+}
+
+/// Why a manifest's text is refused: a human-readable reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ManifestInvalid(pub String);
+
+impl From<String> for ManifestInvalid {
+    fn from(m: String) -> Self {
+        ManifestInvalid(m)
+    }
+}
+
+impl From<&str> for ManifestInvalid {
+    fn from(m: &str) -> Self {
+        ManifestInvalid(m.to_owned())
     }
 }
 
@@ -252,7 +280,7 @@ tolerance = 0.001
         ];
         for (text, needle) in cases {
             let err = Manifest::parse(&text).unwrap_err();
-            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+            assert!(err.0.contains(needle), "{needle:?} not in {err:?}");
         }
     }
 }

@@ -37,24 +37,24 @@ pub fn read(path: &Path) -> Result<Vec<Record>, StreamError> {
     })?;
     parse(&bytes).map_err(|reason| StreamError::Format {
         path: path.to_owned(),
-        reason,
+        reason: reason.0,
     })
 }
 
-pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
+pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, StreamFormat> {
     let (head, body) = bytes
         .split_at_checked(12)
-        .ok_or("shorter than the 12-byte header")?;
+        .ok_or(StreamFormat::from("shorter than the 12-byte header"))?;
     if &head[..8] != MAGIC {
-        return Err("bad magic: not a TIERDEV1 stream".into());
+        return Err(StreamFormat::from("bad magic: not a TIERDEV1 stream"));
     }
     let n = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
     if body.len() != n.saturating_mul(RECORD) {
-        return Err(format!(
+        return Err(StreamFormat::from(format!(
             "header says {n} records ({} bytes) but {} bytes follow",
             n.saturating_mul(RECORD),
             body.len()
-        ));
+        )));
     }
     Ok(body
         .chunks_exact(RECORD)
@@ -64,6 +64,23 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
             pixels: r[2..].to_vec(),
         })
         .collect())
+}
+
+/// Why bytes are not an evaluation stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamFormat(pub String);
+
+impl From<String> for StreamFormat {
+    fn from(m: String) -> Self {
+        StreamFormat(m)
+    }
+}
+
+impl From<&str> for StreamFormat {
+    fn from(m: &str) -> Self {
+        StreamFormat(m.to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -79,8 +96,8 @@ mod tests {
         b.extend_from_slice(&[3; 64]);
         let r = parse(&b).unwrap();
         assert_eq!((r[0].label, r[0].severity, r[0].pixels.len()), (7, 1, 64));
-        assert!(parse(&b[..b.len() - 1]).unwrap_err().contains("records"));
-        assert!(parse(b"TIERDEV2\0\0\0\0").unwrap_err().contains("magic"));
+        assert!(parse(&b[..b.len() - 1]).unwrap_err().0.contains("records"));
+        assert!(parse(b"TIERDEV2\0\0\0\0").unwrap_err().0.contains("magic"));
         assert!(parse(b"x").is_err());
     }
 
