@@ -25,13 +25,8 @@ use serde_json::json;
 use tierd_runtime::link::Publisher;
 use tierd_runtime::metrics::{family, Labels};
 
-use crate::report::{DeviceUsage, Prices};
-use crate::state::{RelayState, RelayStats};
-
-/// Re-exported from their homes, [`crate::report`] and [`crate::state`], for callers of the
-/// old paths.
-pub use crate::report::usage;
-pub use crate::state::{SharedControl, SharedFleet};
+use crate::report::{usage, DeviceUsage, Prices};
+use crate::state::{RelayState, RelayStats, SharedControl, SharedFleet};
 
 pub struct ApiState {
     pub relay: RelayState,
@@ -134,12 +129,8 @@ impl Collector for FleetCollector {
         for d in fleet.devices() {
             let r = &d.latest;
             let id = d.device_id.as_str();
-            for (tier, n) in [
-                ("edge", r.totals.edge),
-                ("cloud", r.totals.cloud),
-                ("edge_fallback", r.totals.edge_fallback),
-            ] {
-                requests.push((dev(id, &[("tier", tier)]), ConstCounter::new(n)));
+            for (tier, n) in r.totals.by_tier() {
+                requests.push((dev(id, &[("tier", tier.as_str())]), ConstCounter::new(n)));
             }
             missing.push((dev(id, &[]), ConstCounter::new(d.missing_reports)));
             let e = &r.energy;
@@ -295,14 +286,10 @@ impl Collector for FleetCollector {
             "tierd_fleet_requests",
             "Requests answered by all devices, by tier (sum of their latest reports).",
             MetricType::Counter,
-            [
-                ("edge", t.edge),
-                ("cloud", t.cloud),
-                ("edge_fallback", t.edge_fallback),
-            ]
-            .into_iter()
-            .map(|(tier, n)| (vec![("tier", tier.to_string())], ConstCounter::new(n)))
-            .collect(),
+            t.by_tier()
+                .into_iter()
+                .map(|(tier, n)| (vec![("tier", tier.to_string())], ConstCounter::new(n)))
+                .collect(),
         )?;
         family(
             &mut enc,

@@ -21,9 +21,7 @@ use tierd_protocol::{
     TopicError, TopicKind,
 };
 
-use crate::state::RelayState;
-/// Re-exported from their home, [`crate::state`], for callers of the old paths.
-pub use crate::state::{publish_config, RelayStats};
+use crate::state::{RelayState, RelayStats};
 use tierd_runtime::link::{Publisher, Routes};
 use tierd_runtime::{InputError, Model};
 use tokio::sync::{mpsc, Mutex};

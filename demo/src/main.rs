@@ -94,6 +94,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     relay_cfg.prices.per_disagreement = 0.002;
     let prices = relay_cfg.prices.clone();
     let delta = relay_cfg.tuning.delta;
+    let target = relay_cfg.tuning.target;
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;
@@ -303,8 +304,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     if let Some(d) = &record {
         if let Some(c) = d.calibration.as_ref().map(|c| &c.certificate) {
             println!(
-                "tuner proposal      threshold {} for 99 % agreement with the cloud: lower bound {:.4} (estimate {:.4}), escalation rate {:.1} %, from {} requests ({} audited){}",
+                "tuner proposal      threshold {} for {} % agreement with the cloud: lower bound {:.4} (estimate {:.4}), escalation rate {:.1} %, from {} requests ({} audited){}",
                 c.threshold,
+                100.0 * target,
                 c.agreement_lower_bound,
                 c.agreement,
                 100.0 * c.escalation_rate,
@@ -313,7 +315,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
                 if c.insufficient_evidence { " [insufficient evidence]" } else { "" }
             );
         }
-        let report = cloud_relay::report::build(&[cloud_relay::api::usage(d, delta)], &prices);
+        let report = cloud_relay::report::build(&[cloud_relay::report::usage(d, delta)], &prices);
         println!(
             "\ncost report (cloud-relay report):\n{}",
             cloud_relay::report::render_text(&report)

@@ -209,6 +209,24 @@ impl FromStr for FallbackReason {
 
 labelled!(FallbackReason);
 
+/// Index of the largest probability (first on ties).
+pub fn top1(probs: &[f32]) -> usize {
+    probs
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::MIN),
+            |(bi, bp), (i, &p)| {
+                if p > bp {
+                    (i, p)
+                } else {
+                    (bi, bp)
+                }
+            },
+        )
+        .0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ pub mod message;
 pub mod telemetry;
 pub mod topic;
 
-pub use cascade::{FallbackReason, Signal, Tier, UnknownLabel};
+pub use cascade::{top1, FallbackReason, Signal, Tier, UnknownLabel};
 pub use codec::{decode, encode, WireError, WireMessage, WIRE_VERSION};
 pub use config::{ConfigDocError, ConfigDocument, Settings};
 pub use message::*;

@@ -2,6 +2,7 @@
 //! the committed models.
 
 use std::path::{Path, PathBuf};
+use tierd_protocol::top1;
 
 use serde::Deserialize;
 use tierd_protocol::{Tensor, TensorData, TensorError};
@@ -70,16 +71,6 @@ fn assert_close(got: &[f32], expected: &[f32], tol: f32, what: &str) {
             "{what}: class {i} is {g}, expected {e}\n got      {got:?}\n expected {expected:?}"
         );
     }
-}
-
-fn top1(p: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in p.iter().enumerate() {
-        if x > p[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! words themselves ([`Signal`], [`Tier`], [`FallbackReason`]) are the protocol's.
 
 use tierd_protocol::ReplyErrorCode;
-pub use tierd_protocol::{FallbackReason, Signal, Tier};
+pub use tierd_protocol::{top1, FallbackReason, Signal, Tier};
 
 /// Confidence of a probability vector under `signal`, in `[0, 1]`.
 /// Degenerate input (empty, non-finite) yields 0, which escalates: when unsure, ask.
@@ -42,24 +42,6 @@ pub fn confidence(probs: &[f32], signal: Signal) -> f32 {
         }
     };
     c.clamp(0.0, 1.0)
-}
-
-/// Index of the largest probability (first on ties).
-pub fn top1(probs: &[f32]) -> usize {
-    probs
-        .iter()
-        .enumerate()
-        .fold(
-            (0, f32::MIN),
-            |(bi, bp), (i, &p)| {
-                if p > bp {
-                    (i, p)
-                } else {
-                    (bi, bp)
-                }
-            },
-        )
-        .0
 }
 
 /// The escalate-or-not rule: answer locally iff `confidence >= threshold`.
