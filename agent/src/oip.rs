@@ -10,23 +10,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tierd_protocol::{Tensor, TensorData, MAX_TENSOR_ELEMENTS};
 
-/// Why a request body is not a valid OIP v2 inference request; the message is for the client
-/// that sent it (HTTP 400).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct OipError(pub String);
-
-impl From<String> for OipError {
-    fn from(m: String) -> Self {
-        OipError(m)
-    }
-}
-
-impl From<&str> for OipError {
-    fn from(m: &str) -> Self {
-        OipError(m.to_owned())
-    }
-}
+tierd_protocol::reason_error!(
+    /// Why a request body is not a valid OIP v2 inference request; the message is for the client
+    /// that sent it (HTTP 400).
+    OipError
+);
 
 #[derive(Debug, Deserialize)]
 pub struct InferRequest {

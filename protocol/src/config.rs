@@ -27,22 +27,10 @@ pub mod limits {
     pub const TELEMETRY_INTERVAL_S: RangeInclusive<f64> = 0.1..=86_400.0;
 }
 
-/// Why a setting is refused; the message names the key and the allowed range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SettingsError(pub String);
-
-impl From<String> for SettingsError {
-    fn from(m: String) -> Self {
-        SettingsError(m)
-    }
-}
-
-impl From<&str> for SettingsError {
-    fn from(m: &str) -> Self {
-        SettingsError(m.to_owned())
-    }
-}
+crate::reason_error!(
+    /// Why a setting is refused; the message names the key and the allowed range.
+    SettingsError
+);
 
 /// The settings a document can carry. `None` leaves the agent's file value in force.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -25,3 +25,28 @@ pub use config::{ConfigDocError, ConfigDocument, Settings};
 pub use message::*;
 pub use telemetry::*;
 pub use topic::{Topic, TopicError, TopicKind};
+
+/// Declares a typed error that is one human-readable reason (for the client or operator who
+/// sent the bad input), with `From<String>` and `From<&str>`. The crate using it needs
+/// `thiserror`.
+#[macro_export]
+macro_rules! reason_error {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error("{0}")]
+        pub struct $name(pub String);
+
+        impl From<String> for $name {
+            fn from(m: String) -> Self {
+                $name(m)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(m: &str) -> Self {
+                $name(m.to_owned())
+            }
+        }
+    };
+}

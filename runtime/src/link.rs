@@ -128,9 +128,7 @@ impl Publisher {
         retain: bool,
         payload: impl Into<Bytes>,
     ) -> Result<(), PublishError> {
-        self.client
-            .try_publish(topic, qos, retain, payload)
-            .map_err(|_: ClientError| PublishError::Queue)
+        self.try_publish_with_properties(topic, qos, retain, payload, PublishProperties::default())
     }
 
     /// Queues a publish with MQTT v5 properties without waiting.

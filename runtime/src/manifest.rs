@@ -212,22 +212,10 @@ impl Manifest {
     }
 }
 
-/// Why a manifest's text is refused: a human-readable reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ManifestInvalid(pub String);
-
-impl From<String> for ManifestInvalid {
-    fn from(m: String) -> Self {
-        ManifestInvalid(m)
-    }
-}
-
-impl From<&str> for ManifestInvalid {
-    fn from(m: &str) -> Self {
-        ManifestInvalid(m.to_owned())
-    }
-}
+tierd_protocol::reason_error!(
+    /// Why a manifest's text is refused: a human-readable reason.
+    ManifestInvalid
+);
 
 #[cfg(test)]
 mod tests {

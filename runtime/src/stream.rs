@@ -66,22 +66,10 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, StreamFormat> {
         .collect())
 }
 
-/// Why bytes are not an evaluation stream.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct StreamFormat(pub String);
-
-impl From<String> for StreamFormat {
-    fn from(m: String) -> Self {
-        StreamFormat(m)
-    }
-}
-
-impl From<&str> for StreamFormat {
-    fn from(m: &str) -> Self {
-        StreamFormat(m.to_owned())
-    }
-}
+tierd_protocol::reason_error!(
+    /// Why bytes are not an evaluation stream.
+    StreamFormat
+);
 
 #[cfg(test)]
 mod tests {

@@ -160,39 +160,13 @@ impl Spool {
             Some(file) => recovery::examine(dir, &path, file, &mut recovery)?,
             None => None,
         };
-        let mut spool = match found {
+        // What the spool starts from: the file found (with its frames), or a new one.
+        let (file, header, file_len, index, scan) = match found {
             Some((file, header, scan)) => {
-                let mut spool = Spool {
-                    dir: dir.to_path_buf(),
-                    path,
-                    file,
-                    _lock: lock,
-                    max_bytes,
-                    header,
-                    acked: header.base_seq - 1,
-                    file_len: scan.valid_len,
-                    index: scan.frames.into(),
-                };
                 recovery.corrupt_frames = scan.corrupt_frames;
                 recovery.corrupt_bytes = scan.corrupt_bytes;
-                // A file above the cap (the cap was lowered): cut down as an append would.
-                let (keep_from, dropped) = if spool.file_len > max_bytes {
-                    spool.plan_room(0)
-                } else {
-                    (0, 0)
-                };
-                if dropped > 0 {
-                    recovery.note = Some(format!(
-                        "{FILE_NAME} exceeded max_bytes = {max_bytes}; dropped the {dropped} oldest records"
-                    ));
-                }
-                if keep_from > 0 || scan.corrupt_bytes > 0 {
-                    let mut h = spool.header;
-                    h.dropped = h.dropped.saturating_add(dropped);
-                    h.corrupt = h.corrupt.saturating_add(scan.corrupt_frames);
-                    spool.rewrite(keep_from, h)?;
-                }
-                spool
+                let (len, frames) = (scan.valid_len, scan.frames.into());
+                (file, header, len, frames, Some(scan.corrupt_bytes))
             }
             None => {
                 let header = Header {
@@ -204,19 +178,39 @@ impl Spool {
                 let file = write_new_file(dir, &path, &header, None)?;
                 sync_dir(dir).map_err(io_err(dir))?;
                 recovery.created = true;
-                Spool {
-                    dir: dir.to_path_buf(),
-                    path,
-                    file,
-                    _lock: lock,
-                    max_bytes,
-                    header,
-                    index: VecDeque::new(),
-                    acked: 0,
-                    file_len: HEADER_LEN,
-                }
+                (file, header, HEADER_LEN, VecDeque::new(), None)
             }
         };
+        let mut spool = Spool {
+            dir: dir.to_path_buf(),
+            path,
+            file,
+            _lock: lock,
+            max_bytes,
+            header,
+            acked: header.base_seq - 1,
+            file_len,
+            index,
+        };
+        if let Some(corrupt_bytes) = scan {
+            // A file above the cap (the cap was lowered): cut down as an append would.
+            let (keep_from, dropped) = if spool.file_len > max_bytes {
+                spool.plan_room(0)
+            } else {
+                (0, 0)
+            };
+            if dropped > 0 {
+                recovery.note = Some(format!(
+                    "{FILE_NAME} exceeded max_bytes = {max_bytes}; dropped the {dropped} oldest records"
+                ));
+            }
+            if keep_from > 0 || corrupt_bytes > 0 {
+                let mut h = spool.header;
+                h.dropped = h.dropped.saturating_add(dropped);
+                h.corrupt = h.corrupt.saturating_add(recovery.corrupt_frames);
+                spool.rewrite(keep_from, h)?;
+            }
+        }
         spool.acked = spool.header.base_seq - 1;
         recovery.stream_id = spool.header.stream_id;
         recovery.records = spool.index.len() as u64;
