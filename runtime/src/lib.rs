@@ -18,10 +18,7 @@ pub mod stream;
 pub mod systemd;
 
 pub use manifest::{Dtype, Golden, InputSpec, Manifest, OutputSpec, Preprocess};
-pub use model::{InputError, Model, Prediction};
-
-use std::path::PathBuf;
-use thiserror::Error;
+pub use model::{InputError, Model, ModelError, Prediction};
 
 /// Wall-clock time as Unix milliseconds (0 if the clock is before 1970): the timestamps and
 /// boot ids both daemons put on the wire.
@@ -29,42 +26,6 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Why a model could not be loaded.
-#[derive(Debug, Error)]
-pub enum ModelError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid manifest {path}: {reason}")]
-    Manifest { path: PathBuf, reason: String },
-    #[error("{path}: sha256 is {actual} but the manifest says {expected}; the file is corrupt or was replaced")]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-    #[error("{path}: tract cannot load this model: {reason}")]
-    Compile { path: PathBuf, reason: String },
-    #[error("{model}: golden vector {index} differs at class {class}: expected {expected:.6}, got {actual:.6} (|diff| {diff:.2e} > tolerance {tolerance:.1e}); the model computes wrong results in this runtime")]
-    GoldenMismatch {
-        model: String,
-        index: usize,
-        class: usize,
-        expected: f32,
-        actual: f32,
-        diff: f32,
-        tolerance: f32,
-    },
-    #[error("{model}: golden vector {index} failed to run: {reason}")]
-    GoldenRun {
-        model: String,
-        index: usize,
-        reason: String,
-    },
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` or else `default` (e.g. `"info,rumqttd=off"`: the

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::ModelError;
+use crate::model::ModelError;
 
 /// Element types a manifest may name (Open Inference Protocol spelling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1,6 +1,6 @@
 //! A verified, optimized tract plan and the checks that guard its input.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,43 @@ use thiserror::Error;
 use tierd_protocol::{Tensor, TensorData, TensorError};
 use tract_onnx::prelude::*;
 
-use crate::{Manifest, ModelError};
+use crate::manifest::Manifest;
+
+/// Why a model could not be loaded.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{path}: sha256 is {actual} but the manifest says {expected}; the file is corrupt or was replaced")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: tract cannot load this model: {reason}")]
+    Compile { path: PathBuf, reason: String },
+    #[error("{model}: golden vector {index} differs at class {class}: expected {expected:.6}, got {actual:.6} (|diff| {diff:.2e} > tolerance {tolerance:.1e}); the model computes wrong results in this runtime")]
+    GoldenMismatch {
+        model: String,
+        index: usize,
+        class: usize,
+        expected: f32,
+        actual: f32,
+        diff: f32,
+        tolerance: f32,
+    },
+    #[error("{model}: golden vector {index} failed to run: {reason}")]
+    GoldenRun {
+        model: String,
+        index: usize,
+        reason: String,
+    },
+}
 
 /// Why an input cannot be fed to a model. Messages are meant for the client that sent it.
 #[derive(Debug, Error, PartialEq)]
