@@ -8,11 +8,12 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::clients::read_response;
-use crate::fixtures::toml_path;
-use crate::{
-    assert_probs_close, daemon_command, edge_manifest, free_port, http_client, infer_body,
-    unsure_examples, InferResult, Proc, AGENT_MQTT_READY, EDGE_MODEL, READY_TIMEOUT,
+use crate::clients::{http_client, infer_body, InferResult};
+use crate::fixtures::{
+    assert_probs_close, edge_manifest, toml_path, unsure_examples, AGENT_MQTT_READY, EDGE_MODEL,
+    READY_TIMEOUT,
 };
+use crate::processes::{daemon_command, free_port, Proc};
 
 /// What to put in an agent's config.
 #[derive(Debug, Clone)]

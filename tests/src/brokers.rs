@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::{port_accepts, Proc, READY_TIMEOUT, SKIP_MOSQUITTO_ENV};
+use crate::fixtures::{READY_TIMEOUT, SKIP_MOSQUITTO_ENV};
+use crate::processes::Proc;
+use tierd_devkit::port_accepts;
 
 /// Where a relay gets its broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{HTTP_TIMEOUT, READY_TIMEOUT};
+use crate::fixtures::{HTTP_TIMEOUT, READY_TIMEOUT};
 
 /// A client with bounded timeouts for talking to an agent.
 pub fn http_client() -> reqwest::Client {

@@ -2,6 +2,7 @@
 //! examples, and TOML paths for the config files they write.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -100,3 +101,18 @@ pub fn assert_probs_close(got: &[f32], expected: &[f32], tol: f32, what: &str) {
         );
     }
 }
+
+/// How long a process may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upper bound for any single HTTP exchange with the agent.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The log filter every spawned daemon runs with.
+pub const RUST_LOG: &str = "info,rumqttd=warn";
+/// Log line of the agent once its MQTT session is up.
+pub const AGENT_MQTT_READY: &str = "connected to MQTT broker";
+/// Log line of the relay once it is connected and has asked for escalations.
+pub const RELAY_READY: &str = "connected; taking escalations";
+/// Name of the edge model as served over HTTP.
+pub const EDGE_MODEL: &str = "digits-edge";
+/// Set to `1` to skip (instead of fail) the Mosquitto tests where Mosquitto is not installed.
+pub const SKIP_MOSQUITTO_ENV: &str = "TIERD_SKIP_MOSQUITTO";

@@ -11,8 +11,6 @@
 //! logs), [`brokers`] (embedded broker or Mosquitto), [`relay`] and [`agent`] (the two daemons),
 //! [`clients`] (HTTP and MQTT clients). Everything the suites use is re-exported here.
 
-use std::time::Duration;
-
 pub mod agent;
 pub mod brokers;
 pub mod clients;
@@ -27,23 +25,9 @@ pub use clients::{http_client, infer_body, InferResult, TestClient};
 pub use edge_agent::cascade::top1;
 pub use fixtures::{
     assert_probs_close, cloud_manifest, confident_examples, edge_manifest, example, examples,
-    repo_root, unsure_examples, Example,
+    repo_root, unsure_examples, Example, AGENT_MQTT_READY, EDGE_MODEL, HTTP_TIMEOUT, READY_TIMEOUT,
+    RELAY_READY, RUST_LOG, SKIP_MOSQUITTO_ENV,
 };
 pub use processes::{bin_path, daemon_command, free_port, rss_bytes, Proc};
 pub use relay::RelayProc;
 pub use tierd_devkit::port_accepts;
-
-/// How long a process may take to become ready.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// Upper bound for any single HTTP exchange with the agent.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// The log filter every spawned daemon runs with.
-pub const RUST_LOG: &str = "info,rumqttd=warn";
-/// Log line of the agent once its MQTT session is up.
-pub const AGENT_MQTT_READY: &str = "connected to MQTT broker";
-/// Log line of the relay once it is connected and has asked for escalations.
-pub const RELAY_READY: &str = "connected; taking escalations";
-/// Name of the edge model as served over HTTP.
-pub const EDGE_MODEL: &str = "digits-edge";
-/// Set to `1` to skip (instead of fail) the Mosquitto tests where Mosquitto is not installed.
-pub const SKIP_MOSQUITTO_ENV: &str = "TIERD_SKIP_MOSQUITTO";

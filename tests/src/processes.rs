@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::RUST_LOG;
+use crate::fixtures::RUST_LOG;
 
 /// A workspace binary built next to the running test executable
 /// (`target/debug/deps/e2e-…` → `target/debug/edge-agent`).

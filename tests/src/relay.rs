@@ -6,11 +6,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::fixtures::toml_path;
-use crate::{
-    cloud_manifest, daemon_command, free_port, http_client, Proc, RelayBroker, READY_TIMEOUT,
-    RELAY_READY,
-};
+use crate::brokers::RelayBroker;
+use crate::clients::http_client;
+use crate::fixtures::{cloud_manifest, toml_path, READY_TIMEOUT, RELAY_READY};
+use crate::processes::{daemon_command, free_port, Proc};
 
 /// A running `cloud-relay`.
 pub struct RelayProc {
