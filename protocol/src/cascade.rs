@@ -23,11 +23,27 @@ pub struct UnknownLabel {
     pub allowed: Vec<&'static str>,
 }
 
-/// Serde through the text label, for enums with `as_str`, `FromStr` and `LABELS`. A label that
+/// `FromStr`, `Display` and serde through the text label, for enums with `ALL`, `as_str` and
+/// `LABELS`; `$what` names the value in errors. A label that
 /// names no variant reads like serde's "unknown variant" error for a derived enum, and also
 /// names the key (a config document's ack must say which value was wrong).
 macro_rules! labelled {
-    ($t:ty) => {
+    ($t:ty, $what:literal) => {
+        impl FromStr for $t {
+            type Err = UnknownLabel;
+
+            fn from_str(s: &str) -> Result<Self, UnknownLabel> {
+                <$t>::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| UnknownLabel {
+                        what: $what,
+                        got: s.to_owned(),
+                        allowed: <$t>::LABELS.to_vec(),
+                    })
+            }
+        }
+
         impl Serialize for $t {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(self.as_str())
@@ -82,22 +98,7 @@ impl Signal {
     }
 }
 
-impl FromStr for Signal {
-    type Err = UnknownLabel;
-
-    fn from_str(s: &str) -> Result<Self, UnknownLabel> {
-        Signal::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownLabel {
-                what: "signal",
-                got: s.to_owned(),
-                allowed: Signal::LABELS.to_vec(),
-            })
-    }
-}
-
-labelled!(Signal);
+labelled!(Signal, "signal");
 
 /// Which tier produced the answer the caller received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,22 +122,7 @@ impl Tier {
     }
 }
 
-impl FromStr for Tier {
-    type Err = UnknownLabel;
-
-    fn from_str(s: &str) -> Result<Self, UnknownLabel> {
-        Tier::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownLabel {
-                what: "tier",
-                got: s.to_owned(),
-                allowed: Tier::LABELS.to_vec(),
-            })
-    }
-}
-
-labelled!(Tier);
+labelled!(Tier, "tier");
 
 /// Why an escalated request was answered by the edge after all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,22 +178,7 @@ impl FallbackReason {
     }
 }
 
-impl FromStr for FallbackReason {
-    type Err = UnknownLabel;
-
-    fn from_str(s: &str) -> Result<Self, UnknownLabel> {
-        FallbackReason::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownLabel {
-                what: "fallback_reason",
-                got: s.to_owned(),
-                allowed: FallbackReason::LABELS.to_vec(),
-            })
-    }
-}
-
-labelled!(FallbackReason);
+labelled!(FallbackReason, "fallback_reason");
 
 /// Index of the largest probability (first on ties).
 pub fn top1(probs: &[f32]) -> usize {
