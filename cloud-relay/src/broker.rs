@@ -19,6 +19,8 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("embedded_broker.listen = {addr} is not a loopback address: the embedded broker has no TLS, no authentication and no ACL, so it only listens on 127.0.0.1 or ::1; for a broker other hosts reach, run Mosquitto (cross/mosquitto/) and configure [mqtt]")]
+    NotLoopback { addr: SocketAddr },
     #[error("embedded broker failed to start: {0}")]
     Start(String),
 }
@@ -26,8 +28,18 @@ pub enum BrokerError {
 /// Largest publish the embedded broker accepts; matches the clients' packet cap.
 const MAX_PAYLOAD: usize = tierd_runtime::mqtt::MAX_PACKET_BYTES as usize;
 
+/// Refuses a listen address other hosts could reach: the embedded broker has no auth at all.
+pub fn check_listen(listen: SocketAddr) -> Result<(), BrokerError> {
+    if listen.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(BrokerError::NotLoopback { addr: listen })
+    }
+}
+
 /// Starts rumqttd listening on `listen` (MQTT v5). Returns once its threads are running.
 pub fn start(listen: SocketAddr) -> Result<(), BrokerError> {
+    check_listen(listen)?;
     // rumqttd reports a bind failure only in its own log from its own thread; probe first so the
     // operator gets an error that says what is wrong.
     std::net::TcpListener::bind(listen)
@@ -76,4 +88,22 @@ pub fn start(listen: SocketAddr) -> Result<(), BrokerError> {
         .map_err(|e| BrokerError::Start(e.to_string()))?;
     info!(%listen, "embedded MQTT broker (rumqttd; in-memory, no auth: for development)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_broker_listens_on_loopback_only() {
+        for ok in ["127.0.0.1:1883", "[::1]:1883", "127.0.0.1:0"] {
+            assert!(check_listen(ok.parse().unwrap()).is_ok(), "{ok}");
+        }
+        for bad in ["0.0.0.0:1883", "[::]:1883", "192.168.1.10:1883"] {
+            let addr: SocketAddr = bad.parse().unwrap();
+            let err = start(addr).unwrap_err().to_string();
+            assert!(err.contains("embedded_broker.listen"), "{err}");
+            assert!(err.contains("[mqtt]"), "{err}");
+        }
+    }
 }

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties};
@@ -32,7 +32,7 @@ use rumqttc::v5::{AsyncClient, ClientError, Event, EventLoop, MqttOptions};
 use tierd_protocol::{Topic, TopicKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::mqtt::Backoff;
 
@@ -332,6 +332,54 @@ impl Link {
     }
 }
 
+/// How often a failing connect is reported: the first failure at once, then at most one line
+/// per this interval, with the number of attempts in between.
+pub const CONNECT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Rate limit for "MQTT connect failed" lines. Pure: the caller passes the clock.
+#[derive(Debug, Default)]
+pub struct ConnectFailureLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ConnectFailureLog {
+    /// A failed attempt at `now`: `Some(n)` to log it (with `n` attempts not logged since the
+    /// last line), `None` to stay quiet.
+    pub fn on_failure(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < CONNECT_FAILURE_LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+
+    /// Connected: the next failure is reported at once.
+    pub fn reset(&mut self) {
+        *self = ConnectFailureLog::default();
+    }
+}
+
+/// An error and its causes on one line, each cause only if its text is not already shown.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line.replace(['\n', '\r'], " ")
+}
+
 struct EventLoopIo {
     client: AsyncClient,
     eventloop: EventLoop,
@@ -351,6 +399,7 @@ impl EventLoopIo {
             Duration::from_millis(100),
             Duration::from_secs(5),
         ));
+        let mut connect_log = ConnectFailureLog::default();
         loop {
             let event = tokio::select! {
                 _ = shutdown.changed() => break,
@@ -369,8 +418,16 @@ impl EventLoopIo {
                     if let Step::Backoff { lost, .. } = step {
                         if lost {
                             warn!(error = %e, "{}", self.lost_line);
-                        } else {
-                            debug!(error = %e, "MQTT connect failed");
+                        } else if let Some(suppressed) = connect_log.on_failure(Instant::now()) {
+                            let reason = one_line(&e);
+                            if suppressed == 0 {
+                                warn!("MQTT connect failed: {reason}");
+                            } else {
+                                warn!(
+                                    "MQTT connect failed: {reason} ({suppressed} more failed \
+                                     attempts since the last report)"
+                                );
+                            }
                         }
                     }
                     step
@@ -383,6 +440,7 @@ impl EventLoopIo {
                     }
                 }
                 Step::Ready { reconnect } => {
+                    connect_log.reset();
                     if reconnect {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
@@ -465,6 +523,29 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_secs(5),
         ))
+    }
+
+    #[test]
+    fn connect_failures_are_reported_first_then_every_30_s_with_a_count() {
+        let mut log = ConnectFailureLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.on_failure(t0), Some(0), "the first failure is reported");
+        for i in 1..=5 {
+            assert_eq!(log.on_failure(t0 + Duration::from_secs(i)), None);
+        }
+        assert_eq!(log.on_failure(t0 + Duration::from_secs(30)), Some(5));
+        assert_eq!(log.on_failure(t0 + Duration::from_secs(31)), None);
+        log.reset();
+        assert_eq!(log.on_failure(t0 + Duration::from_secs(32)), Some(0));
+    }
+
+    #[test]
+    fn one_line_skips_causes_already_in_the_message() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("TLS: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("bad\ncert"));
+        assert_eq!(one_line(&e), "TLS: bad cert");
     }
 
     #[test]

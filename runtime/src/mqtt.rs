@@ -5,7 +5,7 @@
 //! delayed-ACK time instead of ~0.1 ms), and the incoming packet size is capped so a rogue
 //! publisher cannot make us buffer megabytes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,12 @@ pub struct MqttConfig {
     pub keep_alive_s: u64,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// File holding the password (read at start, surrounding whitespace trimmed). A relative path
+    /// is relative to the config file's folder; a bare name with `$CREDENTIALS_DIRECTORY` set
+    /// (systemd `LoadCredential=`) is looked up there.
+    pub password_file: Option<PathBuf>,
+    /// Accept a non-loopback broker with neither TLS nor credentials (default false: refused).
+    pub allow_insecure: bool,
     /// PEM CA bundle; setting it turns TLS on (rustls with the ring provider).
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate chain and key for mutual TLS (both or neither).
@@ -45,6 +51,8 @@ impl Default for MqttConfig {
             keep_alive_s: 30,
             username: None,
             password: None,
+            password_file: None,
+            allow_insecure: false,
             ca_file: None,
             client_cert_file: None,
             client_key_file: None,
@@ -89,6 +97,25 @@ impl MqttConfig {
         if self.username.is_none() && self.password.is_some() {
             return bad("mqtt.password given without mqtt.username");
         }
+        if self.username.is_none() && self.password_file.is_some() {
+            return bad("mqtt.password_file given without mqtt.username");
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return bad("mqtt.password and mqtt.password_file are exclusive");
+        }
+        if !self.allow_insecure
+            && !is_loopback_host(&self.host)
+            && self.ca_file.is_none()
+            && self.username.is_none()
+        {
+            return Err(MqttSetupError::Invalid(format!(
+                "mqtt.host {:?} is not a loopback address and neither mqtt.ca_file (TLS) nor \
+                 mqtt.username with mqtt.password/mqtt.password_file is set: anyone on the path \
+                 could read and steer this daemon; configure them, or set \
+                 mqtt.allow_insecure = true",
+                self.host
+            )));
+        }
         if let Some(id) = &self.client_id {
             if id.is_empty() || id.len() > 128 {
                 return bad("mqtt.client_id must be 1-128 bytes");
@@ -97,8 +124,24 @@ impl MqttConfig {
         Ok(())
     }
 
-    /// Makes relative file paths relative to `base` (the config file's folder).
+    /// Makes relative file paths relative to `base` (the config file's folder); a bare
+    /// `password_file` name goes to `$CREDENTIALS_DIRECTORY` when that is set.
     pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        self.resolve_paths_with(base, credentials.as_deref());
+    }
+
+    /// [`MqttConfig::resolve_paths`] with the credentials directory given.
+    pub fn resolve_paths_with(&mut self, base: &Path, credentials_dir: Option<&Path>) {
+        if let Some(p) = &mut self.password_file {
+            let bare = p.components().count() == 1
+                && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
+            match credentials_dir {
+                Some(dir) if bare && !dir.as_os_str().is_empty() => *p = dir.join(&*p),
+                _ if p.is_relative() => *p = base.join(&*p),
+                _ => {}
+            }
+        }
         for p in [
             &mut self.ca_file,
             &mut self.client_cert_file,
@@ -125,7 +168,7 @@ impl MqttConfig {
         net.set_tcp_nodelay(true);
         o.set_network_options(net);
         if let Some(user) = &self.username {
-            o.set_credentials(user, self.password.clone().unwrap_or_default());
+            o.set_credentials(user, self.read_password()?);
         }
         if let Some(ca) = &self.ca_file {
             o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -133,6 +176,25 @@ impl MqttConfig {
             )));
         }
         Ok(o)
+    }
+
+    /// The password: `password`, else the content of `password_file` (trimmed), else empty.
+    fn read_password(&self) -> Result<String, MqttSetupError> {
+        let Some(path) = &self.password_file else {
+            return Ok(self.password.clone().unwrap_or_default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| MqttSetupError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let pw = text.trim();
+        if pw.is_empty() {
+            return Err(MqttSetupError::Invalid(format!(
+                "mqtt.password_file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(pw.to_owned())
     }
 
     fn tls_config(&self, ca: &PathBuf) -> Result<rustls::ClientConfig, MqttSetupError> {
@@ -176,6 +238,14 @@ impl MqttConfig {
             _ => Ok(builder.with_no_client_auth()),
         }
     }
+}
+
+/// True for `localhost` and loopback IP literals (127.0.0.0/8, ::1).
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Sends DISCONNECT and drives the event loop until the broker closes the connection (at most
@@ -282,6 +352,100 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("client_key_file"));
+    }
+
+    #[test]
+    fn a_remote_broker_without_tls_or_credentials_is_refused() {
+        let remote = MqttConfig {
+            host: "broker.example.net".into(),
+            ..Default::default()
+        };
+        let err = remote.validate().unwrap_err().to_string();
+        for key in ["mqtt.ca_file", "mqtt.username", "mqtt.allow_insecure"] {
+            assert!(err.contains(key), "{err}");
+        }
+        assert!(!err.contains('\n'), "one line: {err}");
+        for ok in [
+            MqttConfig {
+                allow_insecure: true,
+                ..remote.clone()
+            },
+            MqttConfig {
+                ca_file: Some("ca.pem".into()),
+                ..remote.clone()
+            },
+            MqttConfig {
+                username: Some("u".into()),
+                password: Some("p".into()),
+                ..remote.clone()
+            },
+        ] {
+            assert!(ok.validate().is_ok(), "{ok:?}");
+        }
+        for host in ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"] {
+            let c = MqttConfig {
+                host: host.into(),
+                ..Default::default()
+            };
+            assert!(c.validate().is_ok(), "{host}");
+        }
+        for host in ["10.0.0.5", "0.0.0.0", "::"] {
+            let c = MqttConfig {
+                host: host.into(),
+                ..Default::default()
+            };
+            assert!(c.validate().is_err(), "{host}");
+        }
+    }
+
+    #[test]
+    fn password_file_is_read_and_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(dir.path().join("pw"), "from-config-dir\n").unwrap();
+        std::fs::write(creds.join("pw"), "from-credentials\n").unwrap();
+        let with = |file: &str| MqttConfig {
+            username: Some("u".into()),
+            password_file: Some(file.into()),
+            ..Default::default()
+        };
+        let mut c = with("pw");
+        c.resolve_paths_with(dir.path(), None);
+        assert_eq!(
+            c.password_file.as_deref(),
+            Some(dir.path().join("pw").as_path())
+        );
+        assert_eq!(c.read_password().unwrap(), "from-config-dir");
+        let mut c = with("pw");
+        c.resolve_paths_with(dir.path(), Some(&creds));
+        assert_eq!(c.read_password().unwrap(), "from-credentials");
+        assert!(c.options("x").is_ok());
+        // Not a bare name: relative to the config folder even with a credentials directory.
+        let mut c = with("./pw");
+        c.resolve_paths_with(dir.path(), Some(&creds));
+        assert_eq!(c.read_password().unwrap(), "from-config-dir");
+        let mut c = with("missing");
+        c.resolve_paths_with(dir.path(), None);
+        assert!(c.options("x").unwrap_err().to_string().contains("missing"));
+        let both = MqttConfig {
+            password: Some("p".into()),
+            ..with("pw")
+        };
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("exclusive"));
+        let no_user = MqttConfig {
+            username: None,
+            ..with("pw")
+        };
+        assert!(no_user
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mqtt.password_file"));
     }
 
     #[test]

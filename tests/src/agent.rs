@@ -35,6 +35,8 @@ pub struct AgentOptions {
     pub state_dir: Option<PathBuf>,
     /// Appended to agent.toml (whole sections, e.g. `[spool]`).
     pub extra: String,
+    /// Extra keys inside `[mqtt]` (e.g. TLS files).
+    pub mqtt_extra: String,
 }
 
 impl AgentOptions {
@@ -51,7 +53,15 @@ impl AgentOptions {
             audit_rate: 0.02,
             state_dir: None,
             extra: String::new(),
+            mqtt_extra: String::new(),
         }
+    }
+
+    /// Adds keys to the `[mqtt]` section (e.g. `ca_file = "..."`).
+    pub fn mqtt(mut self, keys: &str) -> Self {
+        self.mqtt_extra.push_str(keys);
+        self.mqtt_extra.push('\n');
+        self
     }
 
     pub fn state_dir(mut self, dir: &Path) -> Self {
@@ -109,7 +119,7 @@ impl AgentOptions {
              [model]\nmanifest = {}\n\n\
              [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\
              audit_rate = {:?}\nmax_audits_per_second = 10000\n\n\
-             [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n\n\
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n{}\n\
              [telemetry]\ninterval_s = {:?}\n\n{}",
             self.device_id,
             toml_path(&edge_manifest()),
@@ -117,6 +127,7 @@ impl AgentOptions {
             self.escalation_timeout_ms,
             self.audit_rate,
             self.mqtt_port,
+            self.mqtt_extra,
             self.telemetry_interval_s,
             self.extra,
         )

@@ -1,13 +1,13 @@
 //! The brokers under test: the relay's embedded one (chosen with [`RelayBroker`]) or a real
 //! Mosquitto started for the test.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::fixtures::{READY_TIMEOUT, SKIP_MOSQUITTO_ENV};
+use crate::fixtures::{repo_root, READY_TIMEOUT, SKIP_MOSQUITTO_ENV};
 use crate::processes::Proc;
 use tierd_devkit::port_accepts;
 
@@ -55,6 +55,74 @@ pub struct Mosquitto {
 /// Returns `None` (after printing a note) only when Mosquitto is not installed and
 /// `TIERD_SKIP_MOSQUITTO=1`; without that variable a missing Mosquitto fails the test.
 pub async fn start_mosquitto(port: u16) -> Option<Mosquitto> {
+    let binary = mosquitto_or_skip()?;
+    let dir = mosquitto_dir();
+    let conf = format!(
+        "listener {port} 127.0.0.1\n\
+         allow_anonymous true\n\
+         set_tcp_nodelay true\n\
+         persistence false\n\
+         {LOG_ALL}"
+    );
+    Some(spawn_mosquitto(binary, dir, &conf, port).await)
+}
+
+/// Logging appended to every test broker's config.
+const LOG_ALL: &str = "log_dest stderr\nlog_type all\nconnection_messages true\n";
+
+/// Where the shipped config expects its files (`cross/mosquitto/mosquitto.conf`).
+const SHIPPED_DIR: &str = "/etc/mosquitto/tierd/";
+
+/// The shipped production config (`cross/mosquitto/mosquitto.conf` and `acl`), rewritten only
+/// where it must be: the files' folder becomes `files`, and `listener 8883` becomes
+/// `listener {port} 127.0.0.1`; logging is appended. Panics if the shipped text changed so
+/// that the rewrite no longer applies.
+pub fn shipped_mosquitto_conf(files: &Path, port: u16) -> String {
+    let shipped = std::fs::read_to_string(repo_root().join("cross/mosquitto/mosquitto.conf"))
+        .expect("cannot read cross/mosquitto/mosquitto.conf");
+    assert!(
+        shipped.contains(SHIPPED_DIR) && shipped.lines().any(|l| l == "listener 8883"),
+        "cross/mosquitto/mosquitto.conf no longer has {SHIPPED_DIR} paths and `listener 8883`"
+    );
+    let dir = format!("{}/", files.display());
+    let conf: String = shipped
+        .lines()
+        .map(|l| {
+            if l == "listener 8883" {
+                format!("listener {port} 127.0.0.1\n")
+            } else {
+                format!("{}\n", l.replace(SHIPPED_DIR, &dir))
+            }
+        })
+        .collect();
+    format!("{conf}\n{LOG_ALL}")
+}
+
+/// Starts Mosquitto with the shipped TLS config and ACL on 127.0.0.1:`port`. `files` must hold
+/// `ca.crt`, `broker.crt` and `broker.key` (see [`Pki`]); the ACL is copied beside them.
+pub async fn start_mosquitto_shipped(port: u16, files: &Path) -> Option<Mosquitto> {
+    let binary = mosquitto_or_skip()?;
+    let acl = std::fs::read_to_string(repo_root().join("cross/mosquitto/acl"))
+        .expect("cannot read cross/mosquitto/acl");
+    std::fs::write(files.join("acl"), acl).expect("cannot write the acl");
+    // Run as root, Mosquitto drops to the `mosquitto` user before it reads the key, as in
+    // production: the throwaway test files must be readable by it.
+    for f in ["acl", "ca.crt", "broker.crt", "broker.key"] {
+        chmod(&files.join(f), 0o644);
+    }
+    chmod(files, 0o755);
+    let dir = mosquitto_dir();
+    let conf = shipped_mosquitto_conf(files, port);
+    Some(spawn_mosquitto(binary, dir, &conf, port).await)
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+fn mosquitto_or_skip() -> Option<PathBuf> {
     let Some(binary) = mosquitto_binary() else {
         if std::env::var(SKIP_MOSQUITTO_ENV).as_deref() == Ok("1") {
             eprintln!(
@@ -69,19 +137,17 @@ pub async fn start_mosquitto(port: u16) -> Option<Mosquitto> {
              or set {SKIP_MOSQUITTO_ENV}=1 to skip these tests"
         );
     };
-    let dir = tempfile::Builder::new()
+    Some(binary)
+}
+
+fn mosquitto_dir() -> TempDir {
+    tempfile::Builder::new()
         .prefix("tierd-mosquitto-")
         .tempdir()
-        .expect("cannot create a temp dir");
-    let conf = format!(
-        "listener {port} 127.0.0.1\n\
-         allow_anonymous true\n\
-         set_tcp_nodelay true\n\
-         persistence false\n\
-         log_dest stderr\n\
-         log_type all\n\
-         connection_messages true\n"
-    );
+        .expect("cannot create a temp dir")
+}
+
+async fn spawn_mosquitto(binary: PathBuf, dir: TempDir, conf: &str, port: u16) -> Mosquitto {
     let conf_path = dir.path().join("mosquitto.conf");
     std::fs::write(&conf_path, conf).expect("cannot write mosquitto.conf");
     let mut cmd = Command::new(binary);
@@ -98,11 +164,146 @@ pub async fn start_mosquitto(port: u16) -> Option<Mosquitto> {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    Some(Mosquitto {
+    Mosquitto {
         proc,
         port,
         _dir: dir,
-    })
+    }
+}
+
+/// A throwaway PKI made with the `openssl` CLI (P-256 keys), as `cross/mosquitto/README.md`
+/// tells an operator to make one: a CA, then leaf certificates it signs.
+pub struct Pki {
+    pub dir: PathBuf,
+    /// File stem of the CA (`{stem}.crt`, `{stem}.key`).
+    ca: String,
+}
+
+impl Pki {
+    /// A new CA `{name}.crt`/`{name}.key` in `dir` (created if missing).
+    pub fn new_ca(dir: &Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).expect("cannot create the PKI folder");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.crt"),
+                "-subj",
+                &format!("/CN={name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        Pki {
+            dir: dir.to_path_buf(),
+            ca: name.to_owned(),
+        }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join(format!("{}.crt", self.ca))
+    }
+
+    /// A broker certificate `{stem}.crt`/`{stem}.key` for the given subjectAltName value
+    /// (e.g. `IP:127.0.0.1,DNS:localhost`).
+    pub fn broker(&self, stem: &str, san: &str) -> (PathBuf, PathBuf) {
+        self.leaf(
+            stem,
+            "tierd-broker",
+            &format!("extendedKeyUsage=serverAuth\nsubjectAltName={san}"),
+        )
+    }
+
+    /// A client certificate `{stem}.crt`/`{stem}.key` with CN `cn` (a device id, or
+    /// `tierd-relay`).
+    pub fn client(&self, stem: &str, cn: &str) -> (PathBuf, PathBuf) {
+        self.leaf(stem, cn, "extendedKeyUsage=clientAuth")
+    }
+
+    fn leaf(&self, stem: &str, cn: &str, ext: &str) -> (PathBuf, PathBuf) {
+        let (key, csr, crt, extfile) = (
+            format!("{stem}.key"),
+            format!("{stem}.csr"),
+            format!("{stem}.crt"),
+            format!("{stem}.ext"),
+        );
+        std::fs::write(
+            self.dir.join(&extfile),
+            format!(
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{ext}\n"
+            ),
+        )
+        .expect("cannot write the extension file");
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        let (ca_crt, ca_key) = (format!("{}.crt", self.ca), format!("{}.key", self.ca));
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_crt,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &crt,
+                "-extfile",
+                &extfile,
+            ],
+        );
+        (self.dir.join(crt), self.dir.join(key))
+    }
+}
+
+/// Runs `openssl args…` in `dir`; panics with its stderr if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("cannot run openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Mosquitto {

@@ -19,7 +19,10 @@ pub mod processes;
 pub mod relay;
 
 pub use agent::{assert_concurrent_cloud_answers, AgentOptions, AgentProc};
-pub use brokers::{mosquitto_binary, start_mosquitto, Mosquitto, RelayBroker, MOSQUITTO_BIN_ENV};
+pub use brokers::{
+    mosquitto_binary, shipped_mosquitto_conf, start_mosquitto, start_mosquitto_shipped, Mosquitto,
+    Pki, RelayBroker, MOSQUITTO_BIN_ENV,
+};
 pub use clients::{http_client, infer_body, InferResult, TestClient};
 /// Index of the largest value (first on ties): the agent's own function.
 pub use edge_agent::cascade::top1;

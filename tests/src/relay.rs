@@ -31,6 +31,26 @@ impl RelayProc {
     /// Like [`RelayProc::start`], with `extra` appended to relay.toml (whole sections, e.g.
     /// `[tuning]`), and `http_port` chosen by the caller if given.
     pub async fn start_with(relay_id: &str, broker: RelayBroker, extra: &str) -> RelayProc {
+        Self::start_inner(relay_id, broker, "", extra).await
+    }
+
+    /// Joins the broker at 127.0.0.1:`port` with `mqtt_keys` added to its `[mqtt]` section
+    /// (e.g. TLS files).
+    pub async fn start_with_mqtt(
+        relay_id: &str,
+        port: u16,
+        mqtt_keys: &str,
+        extra: &str,
+    ) -> RelayProc {
+        Self::start_inner(relay_id, RelayBroker::External(port), mqtt_keys, extra).await
+    }
+
+    async fn start_inner(
+        relay_id: &str,
+        broker: RelayBroker,
+        mqtt_keys: &str,
+        extra: &str,
+    ) -> RelayProc {
         // A port found free may be taken by the time the relay binds it; try a few.
         for attempt in 1..=3 {
             let dir = tempfile::Builder::new()
@@ -47,7 +67,7 @@ impl RelayProc {
                 }
                 RelayBroker::External(port) => (
                     port,
-                    format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n"),
+                    format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n{mqtt_keys}\n"),
                 ),
             };
             let http_port = free_port();
