@@ -377,7 +377,61 @@ fn one_line(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    line.replace(['\n', '\r'], " ")
+    let line = line.replace(['\n', '\r'], " ");
+    match connect_hint(&line) {
+        Some(hint) => format!("{hint} ({line})"),
+        None => line,
+    }
+}
+
+/// What a connect error most likely means, in the operator's words, for the failures seen in
+/// the field (TLS alerts and certificate checks, refused or unreachable brokers). Pure.
+pub fn connect_hint(error: &str) -> Option<&'static str> {
+    const HINTS: &[(&str, &str)] = &[
+        (
+            "CertificateRequired",
+            "TLS: the broker requires a client certificate (set client_cert_file and client_key_file)",
+        ),
+        (
+            "UnknownCA",
+            "TLS: the broker does not trust our client certificate (signed by another CA?)",
+        ),
+        (
+            "BadCertificate",
+            "TLS: the broker rejected our client certificate",
+        ),
+        (
+            "CertificateUnknown",
+            "TLS: the broker rejected our client certificate",
+        ),
+        (
+            "NotValidForName",
+            "TLS: the broker's certificate does not name the host we dialled (server name mismatch)",
+        ),
+        (
+            "not valid for name",
+            "TLS: the broker's certificate does not name the host we dialled (server name mismatch)",
+        ),
+        (
+            "UnknownIssuer",
+            "TLS: the broker's certificate is not signed by our ca_file",
+        ),
+        ("Expired", "TLS: a certificate has expired"),
+        (
+            "InvalidDnsNameError",
+            "TLS: the broker host is not a valid server name",
+        ),
+        (
+            "Connection refused",
+            "nothing accepts connections at the broker's address",
+        ),
+        ("NotAuthorized", "the broker refused our credentials"),
+        ("BadUserNamePassword", "the broker refused our credentials"),
+    ];
+    HINTS
+        .iter()
+        .find(|(needle, _)| error.contains(needle))
+        .map(|(_, hint)| *hint)
 }
 
 struct EventLoopIo {
@@ -516,6 +570,18 @@ impl EventLoopIo {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn connect_hints_name_the_tls_failure() {
+        let hint = |e: &str| super::connect_hint(e).unwrap_or("");
+        assert!(
+            hint("IO: received fatal alert: CertificateRequired").contains("client certificate")
+        );
+        assert!(hint("invalid peer certificate: NotValidForName").contains("server name mismatch"));
+        assert!(hint("invalid peer certificate: UnknownIssuer").contains("ca_file"));
+        assert!(hint("I/O: Connection refused (os error 111)").contains("nothing accepts"));
+        assert_eq!(super::connect_hint("something new"), None);
+    }
+
     use super::*;
 
     fn session() -> Session {

@@ -3,7 +3,6 @@
 //! `cloud-relay` and `edge-agent` binaries, and a foreign rumqttc client as the attacker.
 //!
 //! Needs Mosquitto and openssl; fails without Mosquitto unless `TIERD_SKIP_MOSQUITTO=1`.
-//! Ignored until a first green run: `cargo test -p tierd-e2e --test mtls -- --ignored`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -236,7 +235,6 @@ async fn connect_failure_line(agent: &AgentProc, why: &[&str], what: &str) -> St
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet run to green against Mosquitto 2.0.11; run with --ignored"]
 async fn ca_signed_agents_escalate_and_bad_certificates_fall_back_with_one_warning() {
     let fleet = Fleet::new(&["mtls-ok", "mtls-cn"]);
     let Some(mut mosquitto) = fleet.mosquitto().await else {
@@ -262,7 +260,7 @@ async fn ca_signed_agents_escalate_and_bad_certificates_fall_back_with_one_warni
     .await;
     connect_failure_line(
         &nocert,
-        &["tls", "i/o", "connection"],
+        &["requires a client certificate"],
         "no client certificate",
     )
     .await;
@@ -278,7 +276,10 @@ async fn ca_signed_agents_escalate_and_bad_certificates_fall_back_with_one_warni
     .await;
     connect_failure_line(
         &other,
-        &["tls", "i/o", "connection"],
+        &[
+            "does not trust our client certificate",
+            "rejected our client certificate",
+        ],
         "certificate from another CA",
     )
     .await;
@@ -301,12 +302,7 @@ async fn ca_signed_agents_escalate_and_bad_certificates_fall_back_with_one_warni
             .without_broker(),
     )
     .await;
-    connect_failure_line(
-        &mismatch,
-        &["NotValidForName", "name"],
-        "server name mismatch",
-    )
-    .await;
+    connect_failure_line(&mismatch, &["server name mismatch"], "server name mismatch").await;
     assert_fallback_answers(&mismatch, "server name mismatch").await;
 
     // device_id differs from the certificate's CN: the ACL gives it nothing under that id.
@@ -347,7 +343,6 @@ async fn ca_signed_agents_escalate_and_bad_certificates_fall_back_with_one_warni
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet run to green against Mosquitto 2.0.11; run with --ignored"]
 async fn the_acl_refuses_what_a_stolen_device_certificate_tries() {
     let fleet = Fleet::new(&["acl-a", "acl-b"]);
     let Some(mut mosquitto) = fleet.mosquitto().await else {
@@ -376,18 +371,12 @@ async fn the_acl_refuses_what_a_stolen_device_certificate_tries() {
     eprintln!("retained config on its own config topic: PUBACK {puback}");
     assert!(!puback.contains("Success"), "the broker took it: {puback}");
 
-    // 2. Read everything, read b's escalations, join the relays' shared group.
-    let mut codes = Vec::new();
-    for filter in [
-        "#",
-        "tierd/v1/+/escalate",
-        "tierd/v1/acl-b/escalate",
-        "$share/tierd-relay/tierd/v1/+/escalate",
-        "$share/tierd-relay/#",
-    ] {
+    // 2. Read everything and read b's escalations. Mosquitto 2.0's acl_file does not check
+    //    SUBSCRIBE (every SUBACK says granted, `deny` included); it checks `read` at delivery, so
+    //    nothing may arrive.
+    for filter in ["#", "tierd/v1/+/escalate", "tierd/v1/acl-b/escalate"] {
         let code = thief.subscribe(filter).await;
         eprintln!("SUBSCRIBE {filter}: {code:?}");
-        codes.push((filter, code));
     }
     // 3. A forged reply to b.
     let forged = thief
@@ -396,12 +385,49 @@ async fn the_acl_refuses_what_a_stolen_device_certificate_tries() {
     eprintln!("forged reply to another device: PUBACK {forged}");
     assert!(!forged.contains("Success"), "the broker took it: {forged}");
 
-    // Every escalation is still answered by the real relay with the cloud model (a thief in the
-    // shared group would take about half of them); the thief read none of them.
+    // Every escalation is still answered by the real relay with the cloud model; the thief
+    // read none of them.
     for round in 0..3 {
         assert_cloud_answers(&b, &format!("device b under attack, round {round}")).await;
         assert_cloud_answers(&a, &format!("device a (stolen certificate), round {round}")).await;
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It may read what device a itself may read (its certificate is stolen), nothing else.
+    let leaked: Vec<String> = thief
+        .received_topics()
+        .into_iter()
+        .filter(|t| t.ends_with("/escalate") || t.contains("acl-b"))
+        .collect();
+    assert!(leaked.is_empty(), "the thief read: {leaked:?}");
+
+    // 4. Join the relays' shared group. The broker admits it (see above) and then drops the
+    //    share of escalations it assigns to the thief, because the thief may not read them: a
+    //    stolen device certificate can delay escalations (they fall back to the edge's answer
+    //    after the timeout, SECURITY.md) but never read or answer one.
+    for filter in [
+        "$share/tierd-relay/tierd/v1/+/escalate",
+        "$share/tierd-relay/#",
+    ] {
+        let code = thief.subscribe(filter).await;
+        eprintln!("SUBSCRIBE {filter}: {code:?}");
+    }
+    let (mut cloud, mut fallback) = (0, 0);
+    for ex in unsure_examples() {
+        let r = b.infer(&ex.pixels).await;
+        match r.tier() {
+            "cloud" => {
+                cloud += 1;
+                assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, TOL, &ex.name);
+            }
+            "edge_fallback" => {
+                fallback += 1;
+                assert_probs_close(&r.probabilities(), &ex.edge_probabilities, TOL, &ex.name);
+            }
+            other => panic!("{}: tier {other} while the thief is in the group", ex.name),
+        }
+    }
+    eprintln!("thief in the shared group: {cloud} cloud answers, {fallback} edge fallbacks");
+    assert!(cloud > 0, "the real relay answered none");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let leaked: Vec<String> = thief
         .received_topics()
@@ -410,20 +436,13 @@ async fn the_acl_refuses_what_a_stolen_device_certificate_tries() {
         .collect();
     assert!(
         leaked.is_empty(),
-        "the thief read: {leaked:?}; SUBACKs {codes:?}"
+        "the thief read through the group: {leaked:?}"
     );
-    for (filter, code) in &codes {
-        assert!(
-            !matches!(code, SubscribeReasonCode::Success(_)),
-            "SUBSCRIBE {filter} was granted: {code:?}"
-        );
-    }
     assert!(!a.proc.log().contains("remote config applied"));
     assert_eq!(a.metric("tierd_config_version", "").await, version_before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet run to green against Mosquitto 2.0.11; run with --ignored"]
 async fn an_anonymous_client_cannot_connect_to_the_tls_listener() {
     let fleet = Fleet::new(&["anon-dev"]);
     let Some(mosquitto) = fleet.mosquitto().await else {
@@ -458,7 +477,6 @@ async fn an_anonymous_client_cannot_connect_to_the_tls_listener() {
 /// Escalation latency through Mosquitto with mutual TLS and with plain TCP, side by side,
 /// requests alternating between the two so both see the same machine load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet run to green against Mosquitto 2.0.11; run with --ignored"]
 async fn escalation_latency_with_and_without_tls() {
     let fleet = Fleet::new(&["lat-tls"]);
     let Some(mut tls_broker) = fleet.mosquitto().await else {
