@@ -128,6 +128,28 @@ pub struct HttpConfig {
     pub max_concurrent: usize,
     /// Requests allowed to wait for a slot; beyond that the agent answers 503 with Retry-After.
     pub max_queued: usize,
+    /// File holding a bearer token the OIP routes then require (`/v2/health/live` and
+    /// `/v2/health/ready` stay open). A bare file name is looked up in
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when that is set; other relative
+    /// paths start at the config file's folder. Absent: no token (fine on loopback; the agent
+    /// warns when it listens beyond loopback without one).
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where a credential file named in a config is: a bare file name is taken from
+/// `credentials_dir` (systemd's `$CREDENTIALS_DIRECTORY`) when there is one; other relative
+/// paths start at `base`, the config file's folder.
+pub fn resolve_credential(path: &Path, base: &Path, credentials_dir: Option<&Path>) -> PathBuf {
+    let mut parts = path.components();
+    let bare = matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    );
+    match credentials_dir {
+        Some(dir) if bare => dir.join(path),
+        _ if path.is_relative() => base.join(path),
+        _ => path.to_path_buf(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +200,7 @@ impl Default for HttpConfig {
             max_body_bytes: 256 * 1024,
             max_concurrent: 64,
             max_queued: 256,
+            token_file: None,
         }
     }
 }
@@ -224,6 +247,10 @@ impl AgentConfig {
             }
         };
         fix(&mut self.model.manifest);
+        if let Some(t) = self.http.token_file.as_mut() {
+            let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            *t = resolve_credential(t, base, creds.as_deref());
+        }
         if let Some(d) = self.state_dir.as_mut() {
             fix(d);
         }

@@ -28,6 +28,100 @@ pub struct AppState {
     pub recorder: Arc<Recorder>,
     pub metrics: prometheus_client::registry::Registry,
     pub max_body_bytes: usize,
+    /// Bearer token the routes require (`http.token_file`); health routes stay open.
+    pub token: Option<Arc<str>>,
+}
+
+/// Routes open without the token: liveness and readiness probes (the watchdog's self-check).
+const OPEN_PATHS: &[&str] = &["/v2/health/live", "/v2/health/ready"];
+
+/// Why `http.token_file` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read the API token file {path} (http.token_file): {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the API token file {0} (http.token_file) is empty")]
+    Empty(std::path::PathBuf),
+}
+
+/// The token in force, read from `http.token_file` (surrounding whitespace is not part of it).
+/// Warns when the API listens beyond loopback without one.
+pub fn load_token(http: &crate::config::HttpConfig) -> Result<Option<Arc<str>>, TokenError> {
+    let Some(path) = &http.token_file else {
+        if !http.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %http.listen,
+                "the OIP API listens beyond loopback without a token: anyone who can reach \
+                 {} can run inferences and read /metrics; set http.token_file",
+                http.listen
+            );
+        }
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenError::Empty(path.clone()));
+    }
+    tracing::info!(token_file = %path.display(), "OIP API requires a bearer token");
+    Ok(Some(token.into()))
+}
+
+/// Refuses requests without the configured bearer token (401 + `WWW-Authenticate: Bearer`),
+/// comparing in constant time; no token configured: everything passes.
+async fn require_token(
+    State(token): State<Option<Arc<str>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(expected) = token.as_deref() else {
+        return next.run(req).await;
+    };
+    if OPEN_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        })
+        .map(|(_, t)| t.trim());
+    let ok = presented.is_some_and(|t| {
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            t.as_bytes(),
+            expected.as_bytes(),
+        ))
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    let why = if presented.is_some() {
+        "the bearer token is not this agent's"
+    } else {
+        "no bearer token"
+    };
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        format!(
+            "{why}: this agent requires `Authorization: Bearer <token>` (http.token_file) on \
+             every route but /v2/health/live and /v2/health/ready"
+        ),
+    )
+    .into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"tierd-agent\""),
+    );
+    resp
 }
 
 /// Bounded admission: `workers` requests run, up to `queue` more wait; the rest get 503.
@@ -92,6 +186,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         // Bodies are read under our own limit so the client gets a JSON 400 naming the limit.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.token.clone(),
+            require_token,
+        ))
         .with_state(state)
         .layer(axum::middleware::from_fn(move |req, next| {
             body_limit(req, next, limit)
@@ -395,5 +493,76 @@ fn response(
             shape: vec![1, answer.probabilities.len() as u64],
             data: answer.probabilities,
         }],
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Status of one HTTP/1.1 request to `app` served on an ephemeral port.
+    async fn status(app: Router, path: &str, auth: Option<&str>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = auth.map_or_else(String::new, |a| format!("Authorization: {a}\r\n"));
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).await.unwrap();
+        server.abort();
+        out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap()
+    }
+
+    fn app(token: Option<&str>) -> Router {
+        Router::new()
+            .route("/v2/health/live", get(live))
+            .route("/v2", get(server_metadata))
+            .layer(axum::middleware::from_fn_with_state(
+                token.map(Arc::from),
+                require_token,
+            ))
+    }
+
+    #[tokio::test]
+    async fn a_configured_token_is_enforced_and_liveness_stays_open() {
+        assert_eq!(status(app(Some("s3cret")), "/v2", None).await, 401);
+        assert_eq!(
+            status(app(Some("s3cret")), "/v2", Some("Bearer nope")).await,
+            401
+        );
+        assert_eq!(
+            status(app(Some("s3cret")), "/v2", Some("Basic s3cret")).await,
+            401
+        );
+        assert_eq!(
+            status(app(Some("s3cret")), "/v2", Some("Bearer s3cret")).await,
+            200
+        );
+        assert_eq!(
+            status(app(Some("s3cret")), "/v2/health/live", None).await,
+            200
+        );
+        // Without a token configured, nothing changes.
+        assert_eq!(status(app(None), "/v2", None).await, 200);
+    }
+
+    #[test]
+    fn the_token_file_is_read_trimmed_and_must_not_be_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tok");
+        std::fs::write(&file, "abc\n").unwrap();
+        let http = crate::config::HttpConfig {
+            token_file: Some(file.clone()),
+            ..Default::default()
+        };
+        assert_eq!(load_token(&http).unwrap().as_deref(), Some("abc"));
+        std::fs::write(&file, " \n").unwrap();
+        assert!(matches!(load_token(&http), Err(TokenError::Empty(_))));
+        let none = crate::config::HttpConfig::default();
+        assert!(load_token(&none).unwrap().is_none());
     }
 }

@@ -71,6 +71,8 @@ pub enum AgentError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Mqtt(#[from] tierd_runtime::mqtt::MqttSetupError),
+    #[error(transparent)]
+    Token(#[from] http::TokenError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -320,6 +322,7 @@ impl Agent {
             recorder,
             metrics,
             max_body_bytes: config.http.max_body_bytes,
+            token: http::load_token(&config.http)?,
         });
         Ok(Agent {
             state,

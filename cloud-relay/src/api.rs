@@ -49,6 +49,8 @@ pub struct ApiDeps {
     pub delta: f64,
     /// Agreement with the cloud the tuner certifies (`tuning.target`), for the metrics' help.
     pub target: f64,
+    /// Who may call the API ([`crate::http_auth`]): applied as a layer over every route.
+    pub access: crate::http_auth::Access,
 }
 
 #[derive(Debug)]
@@ -312,6 +314,7 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
             percent(1.0 - deps.delta)
         ),
     }));
+    let access = deps.access;
     let state = Arc::new(ApiState {
         fleet: relay.fleet.clone(),
         control: relay.control.clone(),
@@ -330,6 +333,10 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
         .route("/api/report", get(report))
         .route("/health", get(|| async { Json(json!({ "ok": true })) }))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(access),
+            crate::http_auth::guard,
+        ))
 }
 
 fn error(status: StatusCode, message: String) -> Response {

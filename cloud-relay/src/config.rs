@@ -48,6 +48,8 @@ pub enum InvalidConfig {
     },
     #[error(transparent)]
     Prices(#[from] PricesError),
+    #[error("http.allowed_hosts has an empty entry")]
+    EmptyHost,
 }
 
 impl From<InvalidConfig> for ConfigError {
@@ -160,11 +162,24 @@ pub struct EmbeddedBrokerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// `/metrics`, `/api/devices`, `/health`. Loopback by default; put a proxy with auth in
-    /// front before exposing it.
+    /// `/metrics`, `/api/devices`, `/health`. Loopback by default.
     pub listen: SocketAddr,
     /// Devices tracked at most; reports from further devices are dropped and counted.
     pub max_devices: usize,
+    /// File holding the bearer token every API route but `/health` requires. A bare file
+    /// name is looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when that is
+    /// set; other relative paths start at the config file's folder. Absent: the relay
+    /// generates one on first start in its state directory (`http-token`, mode 0600) and
+    /// logs where it is.
+    pub token_file: Option<PathBuf>,
+    /// Reads (`GET /metrics`, `/api/...`) need the token too. Default true: the fleet view
+    /// names every device, its thresholds and traffic; Prometheus sends a token with
+    /// `authorization: {credentials_file: ...}`.
+    pub auth_reads: bool,
+    /// `Host` names (without port) accepted besides `localhost`, `127.0.0.1`, `::1` and the
+    /// listen address; any other `Host` gets 421 (a DNS-rebinding guard). `"*"` accepts any
+    /// (behind a proxy that checks it).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -172,7 +187,26 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
             max_devices: 100_000,
+            token_file: None,
+            auth_reads: true,
+            allowed_hosts: Vec::new(),
         }
+    }
+}
+
+/// Where a credential file named in a config is: a bare file name is taken from
+/// `credentials_dir` (systemd's `$CREDENTIALS_DIRECTORY`) when there is one; other relative
+/// paths start at `base`, the config file's folder.
+pub fn resolve_credential(path: &Path, base: &Path, credentials_dir: Option<&Path>) -> PathBuf {
+    let bare = path.components().count() == 1
+        && matches!(
+            path.components().next(),
+            Some(std::path::Component::Normal(_))
+        );
+    match credentials_dir {
+        Some(dir) if bare => dir.join(path),
+        _ if path.is_relative() => base.join(path),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -222,6 +256,10 @@ impl RelayConfig {
         if let Some(m) = &mut cfg.mqtt {
             m.resolve_paths(base);
         }
+        if let Some(t) = cfg.http.token_file.as_mut() {
+            let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            *t = resolve_credential(t, base, creds.as_deref());
+        }
         if let Some(d) = cfg.state_dir.as_mut() {
             if d.is_relative() {
                 *d = base.join(&*d);
@@ -256,6 +294,9 @@ impl RelayConfig {
         }
         if !(1..=10_000_000).contains(&self.http.max_devices) {
             return range("http.max_devices", "[1, 10000000]");
+        }
+        if self.http.allowed_hosts.iter().any(|h| h.trim().is_empty()) {
+            return Err(InvalidConfig::EmptyHost);
         }
         if let Some(m) = &self.mqtt {
             m.validate()?;
@@ -383,6 +424,18 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_looked_up_where_systemd_puts_them() {
+        let (base, creds) = (Path::new("/etc/tierd"), Path::new("/run/credentials/x"));
+        let r = |p: &str, c| resolve_credential(Path::new(p), base, c);
+        assert_eq!(r("relay-token", Some(creds)), creds.join("relay-token"));
+        assert_eq!(r("relay-token", None), base.join("relay-token"));
+        assert_eq!(r("keys/token", Some(creds)), base.join("keys/token"));
+        assert_eq!(r("/srv/token", Some(creds)), PathBuf::from("/srv/token"));
+        let c = RelayConfig::parse("").unwrap();
+        assert!(c.http.auth_reads && c.http.token_file.is_none());
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for (text, needle) in [
             ("workers = 0", "workers"),
@@ -398,6 +451,7 @@ mod tests {
             ),
             ("[devices.\"a b\"]\nthreshold = 0.5", "devices.a b"),
             ("[prices]\nenergy_per_kwh = -1.0", "prices.energy_per_kwh"),
+            ("[http]\nallowed_hosts = [\"\"]", "http.allowed_hosts"),
         ] {
             let err = RelayConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{needle:?} not in {err:?}");

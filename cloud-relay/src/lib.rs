@@ -29,6 +29,7 @@ pub mod config;
 pub mod control;
 pub mod escalations;
 pub mod fleet;
+pub mod http_auth;
 pub mod intake;
 pub mod report;
 pub mod state;
@@ -65,6 +66,8 @@ pub enum RelayError {
     Mqtt(#[from] tierd_runtime::mqtt::MqttSetupError),
     #[error("state directory: {0}")]
     State(#[from] control::OverridesError),
+    #[error(transparent)]
+    Token(#[from] http_auth::TokenError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -107,6 +110,7 @@ impl Relay {
         let link = Link::open(options, 1024);
         let state = shared_state(&config)?;
         let (stop, stop_rx) = watch::channel(false);
+        let access = http_access(&config, http_addr)?;
 
         let app = api::router(
             state.clone(),
@@ -116,6 +120,7 @@ impl Relay {
                 state_dir: config.state_dir(),
                 delta: config.tuning.delta,
                 target: config.tuning.target,
+                access,
             },
         );
         let (http_task, http_alive) = spawn_http(listener, app, stop_rx.clone());
@@ -187,6 +192,27 @@ async fn bind_http(
         .map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
+}
+
+/// The HTTP API's guard: the token in force (generated in the state directory when none is
+/// configured) and the accepted `Host` names.
+fn http_access(
+    config: &RelayConfig,
+    http_addr: SocketAddr,
+) -> Result<http_auth::Access, RelayError> {
+    let (token, source) = http_auth::load_or_create_token(&config.http, &config.state_dir())?;
+    let reads = if config.http.auth_reads {
+        "every route but /health"
+    } else {
+        "mutating routes"
+    };
+    match &source {
+        http_auth::TokenSource::Generated(p) => {
+            info!(token_file = %p.display(), "generated the HTTP API token (set http.token_file to use your own); {reads} need it")
+        }
+        s => info!(token_file = %s.path().display(), "HTTP API token loaded; {reads} need it"),
+    }
+    Ok(http_auth::Access::new(token, &config.http, http_addr))
 }
 
 /// The fleet view and the config controller, with the operators' overrides restored from the

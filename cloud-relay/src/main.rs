@@ -49,6 +49,51 @@ struct Api {
     /// Base URL of the relay's HTTP API (its `http.listen`).
     #[arg(long, default_value = "http://127.0.0.1:9100", env = "TIERD_RELAY_API")]
     api: String,
+    /// File holding the API's bearer token (the relay's `http.token_file`). Otherwise
+    /// `$TIERD_RELAY_TOKEN`, else the token the relay generated in its state directory.
+    #[arg(long, env = "TIERD_RELAY_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The relay's state directory, where it generated its token (`http-token`) when no
+    /// `http.token_file` is configured. Default: `$STATE_DIRECTORY`, else
+    /// `tierd-relay-state`, else /var/lib/tierd-relay (the systemd unit's).
+    #[arg(long, env = "TIERD_RELAY_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl Api {
+    /// The token to send: `--token-file`, `$TIERD_RELAY_TOKEN`, then the generated one in the
+    /// state directory. None when nothing is found (the relay will answer 401 and say why).
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        use cloud_relay::http_auth::{read_token, TOKEN_FILE_NAME};
+        if let Some(f) = &self.token_file {
+            return Ok(Some(read_token(f)?));
+        }
+        if let Ok(t) = std::env::var("TIERD_RELAY_TOKEN") {
+            let t = t.trim();
+            if !t.is_empty() {
+                return Ok(Some(t.to_owned()));
+            }
+        }
+        if let Some(d) = &self.state_dir {
+            let f = d.join(TOKEN_FILE_NAME);
+            anyhow::ensure!(
+                f.exists(),
+                "no {TOKEN_FILE_NAME} in --state-dir {}",
+                d.display()
+            );
+            return Ok(Some(read_token(&f)?));
+        }
+        for d in [
+            tierd_runtime::state::state_directory(None, "tierd-relay-state"),
+            PathBuf::from("/var/lib/tierd-relay"),
+        ] {
+            let f = d.join(TOKEN_FILE_NAME);
+            if f.exists() {
+                return Ok(Some(read_token(&f)?));
+            }
+        }
+        Ok(None)
+    }
 }
 
 #[derive(Subcommand)]
@@ -154,6 +199,7 @@ fn call(
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<String> {
     let url = format!("{}{path}", api.api.trim_end_matches('/'));
+    let token = api.token()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -164,6 +210,9 @@ fn call(
             .build()
             .context("HTTP client")?;
         let mut req = client.request(method, &url);
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -181,6 +230,11 @@ fn call(
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_owned))
                 .unwrap_or(text);
+            if status == reqwest::StatusCode::UNAUTHORIZED && token.is_none() {
+                anyhow::bail!(
+                    "{url}: {status}: {msg}\n(no token found: pass --token-file or --state-dir)"
+                );
+            }
             anyhow::bail!("{url}: {status}: {msg}");
         }
         Ok(pretty.unwrap_or(text))

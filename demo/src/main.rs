@@ -95,6 +95,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let prices = relay_cfg.prices.clone();
     let delta = relay_cfg.tuning.delta;
     let target = relay_cfg.tuning.target;
+    let token_file = relay_cfg
+        .state_dir()
+        .join(cloud_relay::http_auth::TOKEN_FILE_NAME);
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;
@@ -130,6 +133,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "            agent metrics http://{addr}/metrics, fleet view http://{relay_http}/api/devices"
+    );
+    println!(
+        "            (the relay's API wants `Authorization: Bearer $(cat {})`)",
+        token_file.display()
     );
     println!(
         "replaying {} images from {} (threshold {}, timeout {} ms, {} in flight)",

@@ -134,6 +134,8 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
     let out = std::process::Command::new(bin_path("cloud-relay"))
         .args(["config", "set", "--device", device, "threshold=0.95"])
         .args(["--api", &relay.url("")])
+        .arg("--token-file")
+        .arg(&relay.token_file)
         .output()
         .expect("cloud-relay config set");
     assert!(
@@ -204,6 +206,7 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
             "--api",
             &relay.url(""),
         ])
+        .env("TIERD_RELAY_TOKEN", &relay.token)
         .output()
         .expect("cloud-relay config show");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -222,6 +225,7 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
             "--api",
             &relay.url(""),
         ])
+        .env("TIERD_RELAY_TOKEN", &relay.token)
         .output()
         .expect("cloud-relay config set");
     assert!(!out.status.success());
@@ -245,12 +249,9 @@ async fn a_device_that_was_offline_gets_the_config_set_meanwhile() {
     assert!(status.success(), "agent exit {status:?}");
 
     // While the device is away, an operator changes its config over the HTTP API.
-    let resp = tierd_e2e::http_client()
-        .put(relay.url(&format!("/api/devices/{device}/config")))
-        .body(r#"{"threshold": 0.42, "audit_rate": 0.1}"#)
-        .send()
-        .await
-        .expect("PUT config");
+    let resp = relay
+        .put_config(device, r#"{"threshold": 0.42, "audit_rate": 0.1}"#)
+        .await;
     assert_eq!(resp.status().as_u16(), 200);
     let published: Value = resp.json().await.expect("json");
     let version = published["published"]["version"].as_u64().expect("version");
@@ -278,12 +279,9 @@ async fn a_device_that_was_offline_gets_the_config_set_meanwhile() {
         version
     );
     // A bad request body is refused with a message, and nothing is published.
-    let resp = tierd_e2e::http_client()
-        .put(relay.url(&format!("/api/devices/{device}/config")))
-        .body(r#"{"threshold": "very high"}"#)
-        .send()
-        .await
-        .expect("PUT config");
+    let resp = relay
+        .put_config(device, r#"{"threshold": "very high"}"#)
+        .await;
     assert_eq!(resp.status().as_u16(), 400);
     let body: Value = resp.json().await.expect("json");
     assert!(
