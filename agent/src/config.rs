@@ -32,6 +32,17 @@ pub struct AgentConfig {
     /// paths start at the config file's folder.
     pub state_dir: Option<PathBuf>,
     pub spool: SpoolConfig,
+    pub remote_config: RemoteConfigSection,
+}
+
+/// `[remote_config]`: which relays may set this device's config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfigSection {
+    /// Public keys of the relays whose signed config documents are applied
+    /// (`tierd-ed25519:<64 hex>`, as `cloud-relay keygen --print-public` prints them). A list,
+    /// so keys can be rotated. Empty: every remote document is refused.
+    pub trusted_keys: Vec<tierd_protocol::PublicKey>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +200,7 @@ impl Default for AgentConfig {
             energy: EnergyConfig::default(),
             state_dir: None,
             spool: SpoolConfig::default(),
+            remote_config: RemoteConfigSection::default(),
         }
     }
 }
@@ -402,6 +414,13 @@ mod tests {
         let text = include_str!("../../cross/agent.example.toml");
         let c = AgentConfig::parse(text).unwrap();
         assert_eq!(c.cascade.signal, Signal::MaxProb);
+        // The example pins no relay key (there is no key to ship): remote config is refused
+        // until the operator pastes the relay's. The format it documents parses.
+        assert!(c.remote_config.trusted_keys.is_empty());
+        let key = format!("tierd-ed25519:{}", "ab".repeat(32));
+        let c =
+            AgentConfig::parse(&format!("[remote_config]\ntrusted_keys = [\"{key}\"]")).unwrap();
+        assert_eq!(c.remote_config.trusted_keys[0].to_string(), key);
     }
 
     #[test]
@@ -422,6 +441,10 @@ mod tests {
             ("[energy]\nlink = \"carrier_pigeon\"", "unknown variant"),
             ("[energy]\njoules_per_byte = -1.0", "energy.joules_per_byte"),
             ("[spool]\nmax_bytes = 10", "spool.max_bytes"),
+            (
+                "[remote_config]\ntrusted_keys = [\"ssh-ed25519 AAAA\"]",
+                "is not `tierd-ed25519:` followed by 64 hex digits",
+            ),
             ("[spool]\nresend_after_s = 0", "spool.resend_after_s"),
             (
                 "[energy.ina219]\nbus = \"/dev/i2c-1\"\naddress = 0x20\nshunt_ohms = 0.1\nmax_current_a = 3.2",

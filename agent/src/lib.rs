@@ -207,7 +207,12 @@ fn restore_policy(config: &AgentConfig, state_dir: &Path) -> RemoteConfig {
         telemetry_interval: config.telemetry_interval(),
         config_version: 0,
     };
-    let (remote, warning) = RemoteConfig::load(state_dir, &config.device_id, base);
+    let (remote, warning) = RemoteConfig::load(
+        state_dir,
+        &config.device_id,
+        base,
+        config.remote_config.trusted_keys.clone(),
+    );
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }

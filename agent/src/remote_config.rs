@@ -1,10 +1,13 @@
 //! Remote config: the relay's retained document on `tierd/v1/{device}/config`, checked,
 //! persisted, applied live, and acknowledged.
 //!
-//! A document is taken only if it parses, every value is in range, it names this device, and
-//! its version is above the one in force. It is then written to `applied-config.json` in the
-//! state directory (temp file, fsync, rename, fsync of the directory), and only then put in
-//! force: what runs is always what a reboot would restore. Anything else changes nothing and
+//! A document is taken only if it is signed by one of the relay keys `agent.toml` pins
+//! (`[remote_config] trusted_keys`, see [`tierd_protocol::signed`]) over its exact bytes, it
+//! parses, every value is in range, it names this device, and its `(epoch, version)` is above
+//! the one in force. With no trusted key configured every document is refused. The signed
+//! payload is then written to `applied-config.json` in the state directory (temp file, fsync,
+//! rename, fsync of the directory), and only then put in force: what runs is always what a
+//! reboot would restore, and a restart verifies the file's signature again. Anything else changes nothing and
 //! is acknowledged as rejected with the reason. A document with the version already in force
 //! is the retained copy the broker hands out at every subscribe: ignored without an ack.
 //!
@@ -15,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Publish;
-use tierd_protocol::{ConfigAck, ConfigDocError, ConfigDocument, Settings};
+use tierd_protocol::signed::{self, SignedError};
+use tierd_protocol::{ConfigAck, ConfigDocError, ConfigDocument, PublicKey, Settings};
 use tierd_runtime::state::write_atomic;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -60,17 +64,26 @@ pub struct RemoteConfig {
     device_id: String,
     base: Policy,
     dir: PathBuf,
+    trusted: Vec<PublicKey>,
     doc: Option<ConfigDocument>,
 }
 
 impl RemoteConfig {
     /// Loads the persisted document, if any. A file that no longer validates (edited by hand,
     /// written by another version) is moved aside and reported, never half-applied.
-    pub fn load(dir: &Path, device_id: &str, base: Policy) -> (Self, Option<String>) {
+    /// The file is verified with `trusted` like a document from the broker: one a key no
+    /// longer trusted signed is set aside too.
+    pub fn load(
+        dir: &Path,
+        device_id: &str,
+        base: Policy,
+        trusted: Vec<PublicKey>,
+    ) -> (Self, Option<String>) {
         let mut rc = RemoteConfig {
             device_id: device_id.to_string(),
             base,
             dir: dir.to_path_buf(),
+            trusted,
             doc: None,
         };
         let path = dir.join(APPLIED_FILE);
@@ -87,7 +100,12 @@ impl RemoteConfig {
                 )
             }
         };
-        match ConfigDocument::from_json(&bytes).and_then(|d| d.check(device_id, 0).map(|_| d)) {
+        let checked = signed::verify(&bytes, &rc.trusted).and_then(|d| {
+            d.check(device_id, 0, 0)
+                .map(|_| d)
+                .map_err(SignedError::from)
+        });
+        match checked {
             Ok(doc) => {
                 rc.doc = Some(doc);
                 (rc, None)
@@ -118,6 +136,15 @@ impl RemoteConfig {
         self.doc.as_ref().map_or(0, |d| d.version)
     }
 
+    pub fn epoch(&self) -> u64 {
+        self.doc.as_ref().map_or(0, |d| d.epoch)
+    }
+
+    /// Whether any relay key is pinned (without one every document is refused).
+    pub fn has_trusted_keys(&self) -> bool {
+        !self.trusted.is_empty()
+    }
+
     pub fn document(&self) -> Option<&ConfigDocument> {
         self.doc.as_ref()
     }
@@ -132,7 +159,8 @@ impl RemoteConfig {
 
     pub fn handle(&mut self, payload: &[u8]) -> Outcome {
         let in_force = self.version();
-        // `version` is 0 when the payload does not even parse.
+        let in_force_epoch = self.epoch();
+        // `version` is 0 when the payload does not even verify.
         let rejected = |version: u64, reason: String| {
             Outcome::Rejected(ConfigAck {
                 version,
@@ -141,24 +169,25 @@ impl RemoteConfig {
                 in_force,
             })
         };
-        let doc = match ConfigDocument::from_json(payload) {
+        let doc = match signed::verify(payload, &self.trusted) {
             Ok(d) => d,
             Err(e) => return rejected(0, e.to_string()),
         };
         let version = doc.version;
-        if version == in_force && self.doc.as_ref() == Some(&doc) {
+        if self.doc.as_ref() == Some(&doc) {
             return Outcome::Unchanged;
         }
-        if let Err(e) = doc.check(&self.device_id, in_force) {
+        if let Err(e) = doc.check(&self.device_id, in_force_epoch, in_force) {
             // The same version with different content is as stale as an older one.
             return rejected(version, match e {
-                ConfigDocError::Stale { .. } if version == in_force => format!(
+                ConfigDocError::Stale { .. } if version == in_force && doc.epoch == in_force_epoch => format!(
                     "config version {version} is already in force with different content; versions must increase"
                 ),
                 other => other.to_string(),
             });
         }
-        if let Err(e) = write_atomic(&self.dir, APPLIED_FILE, &doc.to_json()) {
+        // The signed payload, so a restart can verify it again.
+        if let Err(e) = write_atomic(&self.dir, APPLIED_FILE, payload) {
             warn!(error = %e, dir = %self.dir.display(), "cannot persist the config document");
             return rejected(
                 version,
@@ -191,6 +220,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    if !remote.has_trusted_keys() {
+        warn!(
+            "{}; remote config documents will be refused",
+            SignedError::NoTrustedKeys
+        );
+    }
     loop {
         let publish = tokio::select! {
             p = documents.recv() => match p { Some(p) => p, None => return },
@@ -230,7 +265,7 @@ fn apply(
             ack
         }
         Outcome::Rejected(ack) => {
-            warn!(version = ack.version, reason = %ack.reason, "remote config rejected; settings unchanged");
+            warn!(version = ack.version, in_force = ack.in_force, reason = %ack.reason, "remote config rejected; settings unchanged");
             ack
         }
     };
@@ -248,6 +283,7 @@ fn apply(
 mod tests {
     use super::*;
     use crate::cascade::Signal;
+    use tierd_protocol::Signer;
 
     fn base() -> Policy {
         Policy {
@@ -260,17 +296,36 @@ mod tests {
         }
     }
 
-    fn doc(version: u64, settings: &str) -> Vec<u8> {
+    fn relay_key() -> Signer {
+        // One key for the whole test binary (generation is cheap, but a stable key keeps the
+        // persisted files of one test verifiable by another RemoteConfig).
+        static KEY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let pkcs8 = KEY.get_or_init(|| Signer::generate_pkcs8().expect("generate"));
+        Signer::from_pkcs8(pkcs8).expect("pkcs8")
+    }
+
+    fn trusted() -> Vec<PublicKey> {
+        vec![relay_key().public().clone()]
+    }
+
+    fn unsigned(version: u64, settings: &str) -> String {
         format!(
             r#"{{"version":{version},"device_id":"d1","source":"operator","settings":{settings}}}"#
         )
-        .into_bytes()
+    }
+
+    fn doc(version: u64, settings: &str) -> Vec<u8> {
+        relay_key().sign_bytes(&unsigned(version, settings))
+    }
+
+    fn load(dir: &Path) -> (RemoteConfig, Option<String>) {
+        RemoteConfig::load(dir, "d1", base(), trusted())
     }
 
     #[test]
     fn applies_persists_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut rc, warning) = RemoteConfig::load(dir.path(), "d1", base());
+        let (mut rc, warning) = load(dir.path());
         assert_eq!(warning, None);
         let Outcome::Applied(p, ack) = rc.handle(&doc(5, r#"{"threshold":0.7,"signal":"margin"}"#))
         else {
@@ -286,14 +341,14 @@ mod tests {
             rc.handle(&doc(5, r#"{"threshold":0.7,"signal":"margin"}"#)),
             Outcome::Unchanged
         );
-        let (again, _) = RemoteConfig::load(dir.path(), "d1", base());
+        let (again, _) = load(dir.path());
         assert_eq!(again.policy(), p);
     }
 
     #[test]
     fn invalid_or_stale_documents_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut rc, _) = RemoteConfig::load(dir.path(), "d1", base());
+        let (mut rc, _) = load(dir.path());
         assert!(matches!(
             rc.handle(&doc(3, r#"{"threshold":0.8}"#)),
             Outcome::Applied(..)
@@ -307,7 +362,7 @@ mod tests {
             (doc(3, r#"{"threshold":0.5}"#), "already in force"),
             (b"{".to_vec(), "not valid"),
             (
-                br#"{"version":9,"device_id":"other","settings":{}}"#.to_vec(),
+                relay_key().sign_bytes(r#"{"version":9,"device_id":"other","settings":{}}"#),
                 "not \"d1\"",
             ),
         ] {
@@ -325,15 +380,89 @@ mod tests {
             }
             assert_eq!(rc.policy(), before);
         }
-        let (again, _) = RemoteConfig::load(dir.path(), "d1", base());
+        let (again, _) = load(dir.path());
         assert_eq!(again.policy(), before);
+    }
+
+    #[test]
+    fn only_documents_signed_by_a_trusted_key_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rc, _) = load(dir.path());
+        assert!(matches!(
+            rc.handle(&doc(3, r#"{"threshold":0.8}"#)),
+            Outcome::Applied(..)
+        ));
+        let before = rc.policy();
+        let stranger = Signer::from_pkcs8(&Signer::generate_pkcs8().unwrap()).unwrap();
+        let forged_sig = String::from_utf8(doc(4, r#"{"threshold":0.5}"#))
+            .unwrap()
+            .replace("0.5", "0.0");
+        for (payload, needle) in [
+            (
+                unsigned(4, r#"{"threshold":0}"#).into_bytes(),
+                "unsigned config document refused",
+            ),
+            (
+                stranger.sign_bytes(&unsigned(4, r#"{"threshold":0}"#)),
+                "signed by unknown key",
+            ),
+            (forged_sig.into_bytes(), "bad signature"),
+        ] {
+            match rc.handle(&payload) {
+                Outcome::Rejected(ack) => {
+                    assert!(ack.reason.contains(needle), "{needle:?} not in {ack:?}");
+                    assert_eq!(ack.in_force, 3);
+                }
+                other => panic!("{needle}: {other:?}"),
+            }
+            assert_eq!(rc.policy(), before);
+        }
+        // No key pinned: everything refused, and a persisted file is not trusted either.
+        let (mut none, warning) = RemoteConfig::load(dir.path(), "d1", base(), Vec::new());
+        assert!(warning.expect("warning").contains("no trusted relay keys"));
+        assert_eq!(none.policy(), base());
+        match none.handle(&doc(5, r#"{"threshold":0.5}"#)) {
+            Outcome::Rejected(ack) => assert_eq!(
+                ack.reason,
+                "no trusted relay keys configured; set remote_config.trusted_keys"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_higher_epoch_recovers_a_broken_version_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rc, _) = load(dir.path());
+        let max = relay_key().sign_bytes(&unsigned(u64::MAX, r#"{"threshold":0.1}"#));
+        assert!(matches!(rc.handle(&max), Outcome::Applied(..)));
+        let next = doc(1000, r#"{"threshold":0.6}"#);
+        assert!(matches!(rc.handle(&next), Outcome::Rejected(_)));
+        let reset = relay_key().sign_bytes(
+            r#"{"version":1000,"epoch":1,"device_id":"d1","settings":{"threshold":0.6}}"#,
+        );
+        let Outcome::Applied(p, _) = rc.handle(&reset) else {
+            panic!("epoch 1 not applied");
+        };
+        assert_eq!((p.threshold, p.config_version), (0.6, 1000));
+        // Epoch 0 documents are now stale, whatever their version; epoch 1 goes on.
+        match rc.handle(&doc(2000, r#"{"threshold":0.2}"#)) {
+            Outcome::Rejected(ack) => assert!(ack.reason.contains("not newer"), "{ack:?}"),
+            other => panic!("{other:?}"),
+        }
+        let on = relay_key().sign_bytes(
+            r#"{"version":1001,"epoch":1,"device_id":"d1","settings":{"threshold":0.7}}"#,
+        );
+        assert!(matches!(rc.handle(&on), Outcome::Applied(..)));
+        let (again, _) = load(dir.path());
+        assert_eq!((again.epoch(), again.version()), (1, 1001));
     }
 
     #[test]
     fn a_corrupt_persisted_file_is_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(APPLIED_FILE), b"{\"version\":").unwrap();
-        let (rc, warning) = RemoteConfig::load(dir.path(), "d1", base());
+        let (rc, warning) = load(dir.path());
         assert_eq!(rc.policy(), base());
         assert!(warning.expect("warning").contains("moved to"));
         assert!(!dir.path().join(APPLIED_FILE).exists());
@@ -344,7 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
-        let (mut rc, _) = RemoteConfig::load(&file, "d1", base());
+        let (mut rc, _) = load(&file);
         match rc.handle(&doc(1, r#"{"threshold":0.5}"#)) {
             Outcome::Rejected(ack) => assert!(ack.reason.contains("cannot persist"), "{ack:?}"),
             other => panic!("{other:?}"),

@@ -61,10 +61,12 @@ fn scratch(name: &str) -> std::path::PathBuf {
 
 async fn start_agent(
     device_id: &str,
+    relay_cfg: &cloud_relay::config::RelayConfig,
     broker_port: u16,
     telemetry: bool,
 ) -> anyhow::Result<Started> {
     let mut cfg = inproc::agent_config(device_id, broker_port, scratch(device_id));
+    inproc::trust_relay(&mut cfg, relay_cfg).context("loading the relay's signing key")?;
     cfg.cascade.escalation_timeout_ms = ESCALATION_TIMEOUT_MS;
     cfg.telemetry.enabled = telemetry;
     let agent = Agent::start(cfg)
@@ -90,13 +92,14 @@ async fn start_agent(
 /// Must run on the server runtime: the relay and agent spawn their tasks onto the current one.
 pub async fn start_servers() -> anyhow::Result<Servers> {
     let broker_port = free_port()?;
-    let relay = Relay::start(inproc::relay_config(broker_port, scratch("relay")))
+    let relay_cfg = inproc::relay_config(broker_port, scratch("relay"));
+    let relay = Relay::start(relay_cfg.clone())
         .await
         .context("starting the relay")?;
     let relay = inproc::serve_relay(relay);
 
-    let on = start_agent("bench-edge", broker_port, true).await?;
-    let off = start_agent("bench-edge-notel", broker_port, false).await?;
+    let on = start_agent("bench-edge", &relay_cfg, broker_port, true).await?;
+    let off = start_agent("bench-edge-notel", &relay_cfg, broker_port, false).await?;
     Ok(Servers {
         broker_port,
         agent_addr: on.addr,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -106,6 +106,18 @@ impl Collector for FleetCollector {
                     ConstCounter::new(c.load(Ordering::Relaxed)),
                 )
             })
+            .collect(),
+        )?;
+        family(
+            &mut enc,
+            "tierd_relay_config_documents_ignored",
+            "Config documents seen on the broker that this relay's key did not sign (ignored).",
+            MetricType::Counter,
+            [(
+                Vec::<(&'static str, String)>::new(),
+                ConstCounter::new(s.config_unverified.load(Ordering::Relaxed)),
+            )]
+            .into_iter()
             .collect(),
         )?;
 
@@ -330,6 +342,7 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/config", get(config_show).put(config_set))
+        .route("/api/devices/{id}/config/reset", post(config_reset))
         .route("/api/report", get(report))
         .route("/health", get(|| async { Json(json!({ "ok": true })) }))
         .with_state(state)
@@ -457,6 +470,25 @@ async fn config_set(
     match result {
         Ok(doc) => {
             tracing::info!(device = %id, version = doc.version, "operator config published");
+            Json(json!({ "published": doc })).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// `POST /api/devices/{id}/config/reset`: a new config epoch for the device, its versions
+/// started over, and the document published at once (recovers a device whose version line
+/// reached its end).
+async fn config_reset(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let result = state.relay.operator_reset(
+        &state.client,
+        &state.state_dir,
+        &id,
+        tierd_runtime::unix_ms(),
+    );
+    match result {
+        Ok(doc) => {
+            tracing::info!(device = %id, epoch = doc.epoch, version = doc.version, "config reset published");
             Json(json!({ "published": doc })).into_response()
         }
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),

@@ -76,6 +76,10 @@ pub struct RelayConfig {
     /// `$STATE_DIRECTORY` (systemd `StateDirectory=`), else `tierd-relay-state` in the working
     /// directory.
     pub state_dir: Option<PathBuf>,
+    /// The Ed25519 key (PKCS#8, mode 0600) that signs every config document. Default:
+    /// `config-signing-key.pk8` in the state directory, created at the first start. Replicas
+    /// that push config share one key; agents pin its public key.
+    pub signing_key: Option<PathBuf>,
     pub tuning: TuningConfig,
     /// Fleet defaults sent in every device's config document (any of `threshold`, `signal`,
     /// `audit_rate`, `escalation_timeout_ms`, `telemetry_interval_s`; unset = the agent's own).
@@ -221,6 +225,7 @@ impl Default for RelayConfig {
             workers: 4,
             queue: 1024,
             state_dir: None,
+            signing_key: None,
             tuning: TuningConfig::default(),
             defaults: Settings::default(),
             devices: BTreeMap::new(),
@@ -260,7 +265,10 @@ impl RelayConfig {
             let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             *t = resolve_credential(t, base, creds.as_deref());
         }
-        if let Some(d) = cfg.state_dir.as_mut() {
+        for d in [cfg.state_dir.as_mut(), cfg.signing_key.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             if d.is_relative() {
                 *d = base.join(&*d);
             }
@@ -390,6 +398,11 @@ impl RelayConfig {
             hysteresis: self.tuning.hysteresis,
             min_interval_ms: (self.tuning.min_interval_s * 1000.0) as u64,
         }
+    }
+
+    /// The config-signing key's file (see [`RelayConfig::signing_key`]).
+    pub fn signing_key_path(&self) -> PathBuf {
+        crate::signing::key_path(self.signing_key.as_deref(), &self.state_dir())
     }
 
     /// The state directory in force (see [`RelayConfig::state_dir`]).

@@ -19,6 +19,26 @@ use tierd_protocol::{ConfigAck, ConfigDocument, Settings, TopicError};
 use crate::tuner::{should_push, Certificate, PushRules};
 
 pub const OVERRIDES_FILE: &str = "operator-overrides.json";
+/// Each device's config epoch (raised by `cloud-relay config reset`), in the state directory.
+pub const EPOCHS_FILE: &str = "config-epochs.json";
+
+/// Why no document could be composed for a device.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ComposeError {
+    #[error("device limit reached")]
+    DeviceLimit,
+    #[error(
+        "device {device:?}: config version {version} (epoch {epoch}) is the last one; \
+         run `cloud-relay config reset --device {device}` to start a new epoch"
+    )]
+    VersionExhausted {
+        device: String,
+        epoch: u64,
+        version: u64,
+    },
+    #[error("device {device:?}: config epoch {epoch} cannot be raised further")]
+    EpochExhausted { device: String, epoch: u64 },
+}
 
 /// Why an operator's change (see [`Control::set`]) was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -32,8 +52,8 @@ pub enum SetError {
     Setting(tierd_protocol::config::SettingsError),
     #[error("the relay tracks at most {0} devices")]
     TooManyDevices(usize),
-    #[error("device limit reached")]
-    DeviceLimit,
+    #[error(transparent)]
+    Compose(#[from] ComposeError),
 }
 
 /// Why the saved operator overrides could not be loaded.
@@ -100,6 +120,8 @@ pub struct Control {
     operator: BTreeMap<String, Settings>,
     devices: BTreeMap<String, DeviceControl>,
     max_devices: usize,
+    /// Each device's current epoch (absent: 0), persisted in [`EPOCHS_FILE`].
+    epochs: BTreeMap<String, u64>,
 }
 
 impl Control {
@@ -119,7 +141,22 @@ impl Control {
             operator,
             devices: BTreeMap::new(),
             max_devices,
+            epochs: BTreeMap::new(),
         }
+    }
+
+    /// The devices' epochs, as [`load_epochs`] restored them.
+    pub fn with_epochs(mut self, epochs: BTreeMap<String, u64>) -> Self {
+        self.epochs = epochs;
+        self
+    }
+
+    pub fn epochs(&self) -> &BTreeMap<String, u64> {
+        &self.epochs
+    }
+
+    pub fn epoch(&self, device: &str) -> u64 {
+        self.epochs.get(device).copied().unwrap_or(0)
     }
 
     fn overrides(&self, device: &str) -> Settings {
@@ -149,16 +186,30 @@ impl Control {
         source: &str,
         certificate: Option<&Certificate>,
         now_ms: u64,
-    ) -> Option<ConfigDocument> {
+    ) -> Result<ConfigDocument, ComposeError> {
         let overrides = self.overrides(device);
         let mut settings = self.defaults.overlay(&overrides);
-        let slot = self.slot(device)?;
+        let epoch = self.epoch(device);
+        let slot = self.slot(device).ok_or(ComposeError::DeviceLimit)?;
         if overrides.threshold.is_none() {
             settings.threshold = slot.tuned_threshold.or(settings.threshold);
         }
-        let last = slot.published.as_ref().map_or(0, |d| d.version);
+        // A new epoch starts its versions over.
+        let last = slot
+            .published
+            .as_ref()
+            .filter(|d| d.epoch == epoch)
+            .map_or(0, |d| d.version);
+        let next = last
+            .checked_add(1)
+            .ok_or_else(|| ComposeError::VersionExhausted {
+                device: device.to_string(),
+                epoch,
+                version: last,
+            })?;
         let doc = ConfigDocument {
-            version: (last + 1).max(now_ms),
+            version: next.max(now_ms),
+            epoch,
             device_id: device.to_string(),
             issued_ms: now_ms,
             source: source.to_string(),
@@ -167,7 +218,7 @@ impl Control {
         };
         slot.published = Some(doc.clone());
         slot.last_push_ms = Some(now_ms);
-        Some(doc)
+        Ok(doc)
     }
 
     /// After new evidence: the document to publish, if the tuner's proposal is worth a push.
@@ -194,7 +245,13 @@ impl Control {
             }
         }
         self.slot(device)?.tuned_threshold = Some(certificate.threshold);
-        self.compose(device, "tuner", Some(certificate), now_ms)
+        match self.compose(device, "tuner", Some(certificate), now_ms) {
+            Ok(doc) => Some(doc),
+            Err(e) => {
+                tracing::warn!(%device, error = %e, "tuned threshold not pushed");
+                None
+            }
+        }
     }
 
     /// An operator's `key=value` changes (`key=` unsets). All or nothing; the document to
@@ -216,13 +273,46 @@ impl Control {
         if !self.devices.contains_key(device) && self.devices.len() >= self.max_devices {
             return Err(SetError::TooManyDevices(self.max_devices));
         }
-        if next.is_empty() {
-            self.operator.remove(device);
+        let previous = if next.is_empty() {
+            self.operator.remove(device)
         } else {
-            self.operator.insert(device.to_string(), next);
+            self.operator.insert(device.to_string(), next)
+        };
+        match self.compose(device, "operator", None, now_ms) {
+            Ok(doc) => Ok(doc),
+            Err(e) => {
+                // All or nothing: the overrides stay as they were.
+                match previous {
+                    Some(p) => self.operator.insert(device.to_string(), p),
+                    None => self.operator.remove(device),
+                };
+                Err(e.into())
+            }
         }
-        self.compose(device, "operator", None, now_ms)
-            .ok_or(SetError::DeviceLimit)
+    }
+
+    /// An operator's reset: raises the device's epoch and issues its document with the
+    /// versions started over, so a device whose version line is at its end (or ahead of this
+    /// relay) takes documents again. The caller persists [`Control::epochs`].
+    pub fn reset(&mut self, device: &str, now_ms: u64) -> Result<ConfigDocument, SetError> {
+        tierd_protocol::topic::validate_device_id(device)?;
+        if !self.devices.contains_key(device) && self.devices.len() >= self.max_devices {
+            return Err(SetError::TooManyDevices(self.max_devices));
+        }
+        let seen = self
+            .devices
+            .get(device)
+            .and_then(|d| d.published.as_ref())
+            .map_or(0, |d| d.epoch);
+        let current = self.epoch(device).max(seen);
+        let epoch = current
+            .checked_add(1)
+            .ok_or_else(|| ComposeError::EpochExhausted {
+                device: device.to_string(),
+                epoch: current,
+            })?;
+        self.epochs.insert(device.to_string(), epoch);
+        Ok(self.compose(device, "operator", None, now_ms)?)
     }
 
     pub fn record_ack(&mut self, device: &str, ack: ConfigAck, now_ms: u64) {
@@ -241,18 +331,24 @@ impl Control {
     /// from it.
     pub fn learn_published(&mut self, doc: ConfigDocument) {
         let device = doc.device_id.clone();
-        if let Some(slot) = self.slot(&device) {
-            let newer = slot
-                .published
-                .as_ref()
-                .is_none_or(|p| doc.version > p.version);
-            if newer {
-                if doc.source == "tuner" {
-                    slot.tuned_threshold = doc.settings.threshold;
-                }
-                slot.published = Some(doc);
-            }
+        let epoch = doc.epoch;
+        let Some(slot) = self.slot(&device) else {
+            return;
+        };
+        let newer = slot
+            .published
+            .as_ref()
+            .is_none_or(|p| (doc.epoch, doc.version) > (p.epoch, p.version));
+        if !newer {
+            return;
         }
+        if doc.source == "tuner" {
+            slot.tuned_threshold = doc.settings.threshold;
+        }
+        slot.published = Some(doc);
+        // Another replica reset the device: continue in its epoch.
+        let known = self.epochs.entry(device).or_insert(0);
+        *known = (*known).max(epoch);
     }
 
     pub fn view(&self, device: &str) -> ConfigView {
@@ -290,6 +386,23 @@ pub fn load_overrides(dir: &Path) -> Result<BTreeMap<String, Settings>, Override
         }
     }
     Ok(map)
+}
+
+/// Loads the devices' epochs; a missing file is all zero.
+pub fn load_epochs(dir: &Path) -> Result<BTreeMap<String, u64>, OverridesError> {
+    let path = dir.join(EPOCHS_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => return Err(OverridesError::Read { path, source }),
+    };
+    serde_json::from_slice(&bytes).map_err(|source| OverridesError::Parse { path, source })
+}
+
+/// Saves them atomically (temp file, fsync, rename, fsync of the directory).
+pub fn save_epochs(dir: &Path, map: &BTreeMap<String, u64>) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(map).map_err(std::io::Error::other)?;
+    tierd_runtime::state::write_atomic(dir, EPOCHS_FILE, &json)
 }
 
 /// Saves them atomically (temp file, fsync, rename, fsync of the directory).
@@ -431,6 +544,7 @@ mod tests {
         let mut c = control();
         c.learn_published(ConfigDocument {
             version: 9_000_000_000_000,
+            epoch: 0,
             device_id: "d".into(),
             issued_ms: 0,
             source: "tuner".into(),
@@ -445,6 +559,39 @@ mod tests {
             .expect("set");
         assert_eq!(doc.version, 9_000_000_000_001);
         assert_eq!(doc.settings.threshold, Some(0.6));
+    }
+
+    #[test]
+    fn the_last_version_asks_for_a_reset_and_a_reset_recovers() {
+        let mut c = control();
+        c.learn_published(ConfigDocument {
+            version: u64::MAX,
+            epoch: 0,
+            device_id: "d".into(),
+            issued_ms: 0,
+            source: "operator".into(),
+            settings: Settings::default(),
+            certificate: None,
+        });
+        let e = c
+            .set("d", &[("audit_rate".into(), "0.1".into())], 5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cloud-relay config reset --device d"), "{e}");
+        let doc = c.reset("d", 5).expect("reset");
+        assert_eq!((doc.epoch, doc.version), (1, 5));
+        assert_eq!(
+            doc.settings.audit_rate, None,
+            "the refused set changed nothing"
+        );
+        let next = c
+            .set("d", &[("audit_rate".into(), "0.2".into())], 6)
+            .expect("set after reset");
+        assert_eq!((next.epoch, next.version), (1, 6));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_epochs(dir.path()).unwrap().is_empty());
+        save_epochs(dir.path(), c.epochs()).unwrap();
+        assert_eq!(load_epochs(dir.path()).unwrap().get("d"), Some(&1));
     }
 
     #[test]

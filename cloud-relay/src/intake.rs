@@ -17,14 +17,14 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use thiserror::Error;
 use tierd_protocol::{
-    decode, encode, CalibrationReport, ConfigAck, ConfigDocument, DeviceStatus, RecordKind,
-    SpoolAck, Spooled, TelemetryReport, Topic, TopicKind, WireError,
+    decode, encode, signed, CalibrationReport, ConfigAck, DeviceStatus, RecordKind, SpoolAck,
+    Spooled, TelemetryReport, Topic, TopicKind, WireError,
 };
 use tierd_runtime::link::{Publisher, Routes};
 use tracing::{debug, info, warn};
 
 use crate::fleet::{Delivery, FleetError, Ingest};
-use crate::state::{publish_config, Poisoned, RelayState};
+use crate::state::{Poisoned, RelayState};
 
 /// The topic kinds intake takes (each subscribed for all devices, not shared).
 pub const TOPICS: [TopicKind; 4] = [
@@ -224,7 +224,7 @@ impl Intake {
                 lower_bound = certificate.agreement_lower_bound,
                 "pushing a tuned threshold"
             );
-            publish_config(&self.client, &doc);
+            self.state.publish_config(&self.client, &doc);
         }
         Ok(())
     }
@@ -243,24 +243,37 @@ impl Intake {
     }
 
     /// A retained config document seen on the broker (ours, another replica's, or from before
-    /// a restart): versions continue from it.
+    /// a restart): versions continue from it. Only documents signed with this relay's own key
+    /// are learned; anything else (unsigned, another key, a bad signature: anyone on the
+    /// broker may publish there) is ignored, counted and logged, so a forged version cannot
+    /// move the relay's version line.
     fn learn_config(&self, topic: Topic, publish: &Publish) {
         if publish.payload.is_empty() {
             return;
         }
-        match ConfigDocument::from_json(&publish.payload) {
+        let own = std::slice::from_ref(self.state.signer.public());
+        match signed::verify(&publish.payload, own) {
             Ok(doc) if doc.device_id == topic.device_id => {
                 if let Ok(mut c) = self.state.control() {
                     c.learn_published(doc);
                 }
             }
-            Ok(_) => {
-                warn!(device = %topic.device_id, "config document for another device on this topic ignored")
+            Ok(doc) => {
+                self.unverified();
+                warn!(device = %topic.device_id, doc_device = %doc.device_id, "signed config document for another device on this topic ignored")
             }
             Err(e) => {
-                warn!(device = %topic.device_id, error = %e, "invalid config document on the broker ignored")
+                self.unverified();
+                warn!(device = %topic.device_id, error = %e, "config document on the broker not signed by this relay's key; ignored")
             }
         }
+    }
+
+    fn unverified(&self) {
+        self.state
+            .stats
+            .config_unverified
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Files a device's online/offline status (its own, or its last will published by the

@@ -32,6 +32,7 @@ pub mod fleet;
 pub mod http_auth;
 pub mod intake;
 pub mod report;
+pub mod signing;
 pub mod state;
 pub mod tuner;
 
@@ -68,6 +69,7 @@ pub enum RelayError {
     State(#[from] control::OverridesError),
     #[error(transparent)]
     Token(#[from] http_auth::TokenError),
+    SigningKey(#[from] signing::SigningKeyError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -223,6 +225,16 @@ fn shared_state(config: &RelayConfig) -> Result<RelayState, RelayError> {
     if !operator.is_empty() {
         info!(devices = operator.len(), dir = %state_dir.display(), "operator overrides restored");
     }
+    let epochs = control::load_epochs(&state_dir)?;
+    let key_path = config.signing_key_path();
+    let (signer, created) = signing::load_or_create(&key_path)?;
+    info!(
+        public_key = %signer.public(),
+        key_id = %signer.public().key_id(),
+        file = %key_path.display(),
+        created,
+        "config documents are signed with this key; pin it in every agent's [remote_config] trusted_keys"
+    );
     Ok(RelayState::new(
         fleet::Fleet::new(config.http.max_devices).with_tuner(config.tuner_setup()),
         control::Control::new(
@@ -232,7 +244,9 @@ fn shared_state(config: &RelayConfig) -> Result<RelayState, RelayError> {
             config.devices.clone(),
             operator,
             config.http.max_devices,
-        ),
+        )
+        .with_epochs(epochs),
+        signer,
     ))
 }
 

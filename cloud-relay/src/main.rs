@@ -1,5 +1,6 @@
 //! `cloud-relay`: answers escalations with the cloud model (`run`); operator commands over the
-//! running relay's HTTP API (`config show|set`, `report`).
+//! running relay's HTTP API (`config show|set|reset`, `report`); `keygen` for the
+//! config-signing key.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +33,19 @@ enum Command {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// Create the config-signing key if there is none (never overwrites one), and print its
+    /// public key: what agents pin in `[remote_config] trusted_keys`.
+    Keygen {
+        /// Put the key in this state directory (`config-signing-key.pk8`). Default: the one
+        /// `--config` names (or its `signing_key`), else the relay's default state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print only the public key (`tierd-ed25519:…`), for scripts.
+        #[arg(long)]
+        print_public: bool,
     },
     /// The cost report: per device and for the fleet, money, energy and CO2 against
     /// all-cloud and all-edge baselines from the same traffic.
@@ -116,6 +130,15 @@ enum ConfigCmd {
         #[command(flatten)]
         api: Api,
     },
+    /// Start a new config epoch for the device: versions start over and the device takes the
+    /// new document even if its version in force is ahead (recovers a device whose version
+    /// reached its end).
+    Reset {
+        #[arg(long)]
+        device: String,
+        #[command(flatten)]
+        api: Api,
+    },
 }
 
 fn main() -> ExitCode {
@@ -135,6 +158,20 @@ fn main() -> ExitCode {
         Command::Config {
             cmd: ConfigCmd::Set { device, pairs, api },
         } => config_set(&api, &device, &pairs),
+        Command::Config {
+            cmd: ConfigCmd::Reset { device, api },
+        } => call(
+            &api,
+            reqwest::Method::POST,
+            &format!("/api/devices/{device}/config/reset"),
+            None,
+        )
+        .map(|out| println!("{out}")),
+        Command::Keygen {
+            state_dir,
+            config,
+            print_public,
+        } => keygen(state_dir, config, print_public),
         Command::Report { api, json } => {
             let path = if json {
                 "/api/report"
@@ -167,6 +204,31 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             .await;
         anyhow::Ok(())
     })
+}
+
+fn keygen(
+    state_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+    print_public: bool,
+) -> anyhow::Result<()> {
+    let path = match (state_dir, config) {
+        (Some(dir), _) => dir.join(cloud_relay::signing::KEY_FILE),
+        (None, Some(c)) => RelayConfig::load(&c)?.signing_key_path(),
+        (None, None) => RelayConfig::default().signing_key_path(),
+    };
+    let (signer, created) = cloud_relay::signing::load_or_create(&path)?;
+    if print_public {
+        println!("{}", signer.public());
+    } else {
+        let what = if created { "created" } else { "exists" };
+        println!(
+            "config-signing key {what}: {}\npublic key (key id {}), for every agent's [remote_config] trusted_keys:\n{}",
+            path.display(),
+            signer.public().key_id(),
+            signer.public()
+        );
+    }
+    Ok(())
 }
 
 fn config_set(api: &Api, device: &str, pairs: &[String]) -> anyhow::Result<()> {

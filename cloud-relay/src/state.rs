@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rumqttc::v5::mqttbytes::QoS;
 use thiserror::Error;
-use tierd_protocol::{ConfigDocument, Topic, TopicKind};
+use tierd_protocol::{ConfigDocument, Signer, Topic, TopicKind};
 use tierd_runtime::link::Publisher;
 use tracing::warn;
 
@@ -31,6 +31,8 @@ pub struct RelayStats {
     pub telemetry_rejected: AtomicU64,
     /// Spooled records received again (resends after a lost ack); acknowledged, not re-filed.
     pub duplicates: AtomicU64,
+    /// Config documents seen on the broker that this relay's key did not sign: ignored.
+    pub config_unverified: AtomicU64,
 }
 
 /// A lock over shared state was poisoned (a thread panicked while holding it).
@@ -48,14 +50,17 @@ pub struct RelayState {
     pub fleet: SharedFleet,
     pub control: SharedControl,
     pub stats: Arc<RelayStats>,
+    /// Signs every config document the relay publishes.
+    pub signer: Arc<Signer>,
 }
 
 impl RelayState {
-    pub fn new(fleet: Fleet, control: Control) -> Self {
+    pub fn new(fleet: Fleet, control: Control, signer: Signer) -> Self {
         RelayState {
             fleet: Arc::new(Mutex::new(fleet)),
             control: Arc::new(Mutex::new(control)),
             stats: Arc::new(RelayStats::default()),
+            signer: Arc::new(signer),
         }
     }
 
@@ -77,6 +82,11 @@ pub enum OperatorError {
     Set(#[from] SetError),
     #[error("cannot save the overrides in {}: {source}", .dir.display())]
     Save {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot save the config epochs in {}: {source}", .dir.display())]
+    SaveEpochs {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -104,13 +114,42 @@ impl RelayState {
             })?;
             doc
         };
-        publish_config(client, &doc);
+        self.publish_config(client, &doc);
         Ok(doc)
+    }
+
+    /// An operator's reset of a device's config (`cloud-relay config reset`): a new epoch,
+    /// persisted in `state_dir` before the document is published.
+    pub fn operator_reset(
+        &self,
+        client: &Publisher,
+        state_dir: &Path,
+        device: &str,
+        now_ms: u64,
+    ) -> Result<ConfigDocument, OperatorError> {
+        let doc = {
+            let mut c = self.control()?;
+            let doc = c.reset(device, now_ms)?;
+            control::save_epochs(state_dir, c.epochs()).map_err(|source| {
+                OperatorError::SaveEpochs {
+                    dir: state_dir.to_owned(),
+                    source,
+                }
+            })?;
+            doc
+        };
+        self.publish_config(client, &doc);
+        Ok(doc)
+    }
+
+    /// Publishes a device's config document, signed with the relay's key.
+    pub fn publish_config(&self, client: &Publisher, doc: &ConfigDocument) {
+        publish_config(client, &self.signer, doc);
     }
 }
 
-/// Publishes a device's config document, retained, QoS 1.
-pub fn publish_config(client: &Publisher, doc: &ConfigDocument) {
+/// Publishes a device's config document, signed by `signer`, retained, QoS 1.
+pub fn publish_config(client: &Publisher, signer: &Signer, doc: &ConfigDocument) {
     let topic = match Topic::new(&doc.device_id, TopicKind::Config) {
         Ok(t) => t.to_string(),
         Err(e) => {
@@ -118,7 +157,7 @@ pub fn publish_config(client: &Publisher, doc: &ConfigDocument) {
             return;
         }
     };
-    if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, true, doc.to_json()) {
+    if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, true, signer.sign(doc)) {
         warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
     }
 }

@@ -98,6 +98,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let token_file = relay_cfg
         .state_dir()
         .join(cloud_relay::http_auth::TOKEN_FILE_NAME);
+    let relay_cfg_for_trust = relay_cfg.clone();
     let relay = Relay::start(relay_cfg)
         .await
         .context("starting the relay")?;
@@ -109,6 +110,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     // 2. The agent, speaking HTTP on a free port and MQTT to that broker; one report a second,
     //    so the relay's view is live while the replay runs.
     let mut agent_cfg = inproc::agent_config("demo-pi", broker_port, state.join("agent"));
+    // The agent applies only config documents signed by a relay key it pins.
+    inproc::trust_relay(&mut agent_cfg, &relay_cfg_for_trust)
+        .context("loading the relay's config-signing key")?;
     agent_cfg.cascade.threshold = args.threshold;
     agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
     let agent = Agent::start(agent_cfg)
@@ -128,6 +132,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     // The relay subscribes right after it connects; give its SUBSCRIBE a moment to land.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    push_signed_config(relay_http, args.threshold).await?;
     println!(
         "tierd demo: relay + embedded broker on 127.0.0.1:{broker_port}, agent on http://{addr}"
     );
@@ -338,4 +343,47 @@ async fn demo(args: Args) -> anyhow::Result<()> {
 
 fn argmax(p: &[f32]) -> usize {
     edge_agent::cascade::top1(p)
+}
+
+/// The relay pins the demo's threshold as an operator document (signed with its key) and the
+/// agent applies it: the demo runs on a config the agent verified.
+async fn push_signed_config(
+    relay_http: std::net::SocketAddr,
+    threshold: f32,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let url = format!("http://{relay_http}/api/devices/demo-pi/config");
+    let resp = client
+        .put(&url)
+        .json(&serde_json::json!({ "threshold": threshold }))
+        .send()
+        .await
+        .context("pushing the demo's config through the relay")?;
+    if !resp.status().is_success() {
+        bail!(
+            "the relay refused the demo's config: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let view: serde_json::Value = client.get(&url).send().await?.json().await?;
+        let published = &view["published"]["version"];
+        if view["last_ack"]["applied"] == true && &view["last_ack"]["version"] == published {
+            println!(
+                "remote config: the relay's signed document (version {published}, threshold {threshold}) applied by the agent"
+            );
+            return Ok(());
+        }
+        if view["last_ack"]["applied"] == false && &view["last_ack"]["version"] == published {
+            bail!(
+                "the agent rejected the relay's signed config: {}",
+                view["last_ack"]["reason"]
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the agent did not acknowledge the relay's signed config within 15 s: {view}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -9,9 +9,12 @@
 //!
 //! let broker_port = tierd_devkit::free_port()?;
 //! let state = std::env::temp_dir().join("my-tool");
-//! let relay = cloud_relay::Relay::start(inproc::relay_config(broker_port, state.join("relay"))).await?;
+//! let relay_cfg = inproc::relay_config(broker_port, state.join("relay"));
+//! let mut agent_cfg = inproc::agent_config("dev-1", broker_port, state.join("agent"));
+//! inproc::trust_relay(&mut agent_cfg, &relay_cfg)?; // apply the relay's signed config
+//! let relay = cloud_relay::Relay::start(relay_cfg).await?;
 //! let relay = inproc::serve_relay(relay);
-//! let agent = edge_agent::Agent::start(inproc::agent_config("dev-1", broker_port, state.join("agent"))).await?;
+//! let agent = edge_agent::Agent::start(agent_cfg).await?;
 //! let escalator = agent.escalator();
 //! let agent = inproc::serve_agent(agent);
 //! inproc::wait_connected(&escalator, Duration::from_secs(10)).await?;
@@ -47,6 +50,21 @@ pub fn relay_config(broker_port: u16, state_dir: PathBuf) -> RelayConfig {
     cfg.http.listen = ([127, 0, 0, 1], 0).into();
     cfg.state_dir = Some(state_dir);
     cfg
+}
+
+/// Makes `agent` trust `relay`'s config-signing key (loading it, or creating it in the relay's
+/// state directory as the relay would at start), so the agent applies the relay's signed
+/// documents.
+pub fn trust_relay(
+    agent: &mut AgentConfig,
+    relay: &RelayConfig,
+) -> Result<(), cloud_relay::signing::SigningKeyError> {
+    let (signer, _) = cloud_relay::signing::load_or_create(&relay.signing_key_path())?;
+    let key = signer.public().clone();
+    if !agent.remote_config.trusted_keys.contains(&key) {
+        agent.remote_config.trusted_keys.push(key);
+    }
+    Ok(())
 }
 
 /// An agent config for an in-process agent: `device_id`, MQTT to 127.0.0.1:`broker_port`, HTTP
@@ -147,17 +165,13 @@ mod tests {
     async fn relay_and_agent_start_connect_and_stop() {
         let state = tempfile::tempdir().unwrap();
         let port = crate::free_port().unwrap();
-        let relay = Relay::start(relay_config(port, state.path().join("relay")))
-            .await
-            .unwrap();
+        let relay_cfg = relay_config(port, state.path().join("relay"));
+        let mut agent_cfg = agent_config("devkit-test", port, state.path().join("agent"));
+        trust_relay(&mut agent_cfg, &relay_cfg).unwrap();
+        assert_eq!(agent_cfg.remote_config.trusted_keys.len(), 1);
+        let relay = Relay::start(relay_cfg).await.unwrap();
         let relay = serve_relay(relay);
-        let agent = Agent::start(agent_config(
-            "devkit-test",
-            port,
-            state.path().join("agent"),
-        ))
-        .await
-        .unwrap();
+        let agent = Agent::start(agent_cfg).await.unwrap();
         let escalator = agent.escalator();
         let agent = serve_agent(agent);
         wait_connected(&escalator, Duration::from_secs(10))

@@ -6,6 +6,16 @@
 //! bytes. Unknown keys are errors at every level (`deny_unknown_fields`), so a typo can never
 //! be silently ignored.
 //!
+//! On the wire the document travels inside a signed envelope ([`crate::signed`]): the relay
+//! signs the exact bytes of [`ConfigDocument::to_json`] and the agent applies only what a key it
+//! trusts signed.
+//!
+//! Ordering: a document is newer than the one in force when its `(epoch, version)` pair is
+//! greater. Versions increase with every document; an epoch increases only on an operator's
+//! reset (`cloud-relay config reset`), which lets a signed document recover a device whose
+//! version line is broken (a version at `u64::MAX`) with a lower version. Neither wraps: the
+//! relay refuses to issue past `u64::MAX`.
+//!
 //! Every setting is optional: an absent one keeps the agent's own `agent.toml` value. Ranges
 //! are defined here once ([`limits`]) and shared by the agent's file config and the relay.
 
@@ -157,6 +167,9 @@ impl Settings {
 pub struct ConfigDocument {
     /// Strictly increasing per device; an agent applies only versions above the one in force.
     pub version: u64,
+    /// Raised by an operator's reset; a higher epoch wins over any version of a lower one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     /// The device it is for (must match the topic and the agent's own id).
     pub device_id: String,
     /// Relay clock, Unix ms.
@@ -173,7 +186,11 @@ pub struct ConfigDocument {
     pub certificate: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ConfigDocError {
     #[error("config document of {0} bytes exceeds the limit of {MAX_CONFIG_BYTES} bytes")]
     TooLarge(usize),
@@ -183,8 +200,13 @@ pub enum ConfigDocError {
     Invalid(String),
     #[error("config document is for device {doc:?}, not {expected:?}")]
     WrongDevice { doc: String, expected: String },
-    #[error("config version {version} is not newer than the version in force ({in_force})")]
-    Stale { version: u64, in_force: u64 },
+    #[error("config version {version} (epoch {epoch}) is not newer than the version in force ({in_force}, epoch {in_force_epoch})")]
+    Stale {
+        version: u64,
+        epoch: u64,
+        in_force: u64,
+        in_force_epoch: u64,
+    },
 }
 
 impl ConfigDocument {
@@ -209,18 +231,26 @@ impl ConfigDocument {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Whether an agent with id `device_id` and `in_force` applied should take this document.
-    pub fn check(&self, device_id: &str, in_force: u64) -> Result<(), ConfigDocError> {
+    /// Whether an agent with id `device_id`, running `in_force_epoch`/`in_force`, should take
+    /// this document: it must be for this device and its `(epoch, version)` must be greater.
+    pub fn check(
+        &self,
+        device_id: &str,
+        in_force_epoch: u64,
+        in_force: u64,
+    ) -> Result<(), ConfigDocError> {
         if self.device_id != device_id {
             return Err(ConfigDocError::WrongDevice {
                 doc: self.device_id.chars().take(80).collect(),
                 expected: device_id.to_string(),
             });
         }
-        if self.version <= in_force {
+        if (self.epoch, self.version) <= (in_force_epoch, in_force) {
             return Err(ConfigDocError::Stale {
                 version: self.version,
+                epoch: self.epoch,
                 in_force,
+                in_force_epoch,
             });
         }
         Ok(())
@@ -241,7 +271,7 @@ mod tests {
         let doc = ConfigDocument::from_json(GOOD.as_bytes()).expect("good");
         assert_eq!(doc.settings.threshold, Some(0.93));
         assert_eq!(ConfigDocument::from_json(&doc.to_json()), Ok(doc.clone()));
-        assert!(doc.check("pi-1", 6).is_ok());
+        assert!(doc.check("pi-1", 0, 6).is_ok());
     }
 
     #[test]
@@ -274,13 +304,37 @@ mod tests {
         ));
         let doc = ConfigDocument::from_json(GOOD.as_bytes()).expect("good");
         assert!(matches!(
-            doc.check("pi-1", 7),
+            doc.check("pi-1", 0, 7),
             Err(ConfigDocError::Stale { .. })
         ));
         assert!(matches!(
-            doc.check("pi-2", 0),
+            doc.check("pi-2", 0, 0),
             Err(ConfigDocError::WrongDevice { .. })
         ));
+    }
+
+    #[test]
+    fn a_higher_epoch_wins_over_any_version() {
+        let mut doc = ConfigDocument::from_json(GOOD.as_bytes()).expect("good");
+        assert!(
+            doc.check("pi-1", 0, u64::MAX).is_err(),
+            "locked out at epoch 0"
+        );
+        doc.epoch = 1;
+        let again = ConfigDocument::from_json(&doc.to_json()).expect("round trip");
+        assert_eq!(again.epoch, 1);
+        assert!(again.check("pi-1", 0, u64::MAX).is_ok());
+        let err = again.check("pi-1", 2, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("not newer") && err.contains("epoch 2"),
+            "{err}"
+        );
+        assert!(!String::from_utf8_lossy(
+            &ConfigDocument::from_json(GOOD.as_bytes())
+                .expect("good")
+                .to_json()
+        )
+        .contains("epoch"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod cascade;
 pub mod codec;
 pub mod config;
 pub mod message;
+pub mod signed;
 pub mod telemetry;
 pub mod topic;
 
@@ -23,6 +24,7 @@ pub use cascade::{top1, FallbackReason, Signal, Tier, UnknownLabel};
 pub use codec::{decode, encode, WireError, WireMessage, WIRE_VERSION};
 pub use config::{ConfigDocError, ConfigDocument, Settings};
 pub use message::*;
+pub use signed::{PublicKey, SignedError, Signer};
 pub use telemetry::*;
 pub use topic::{Topic, TopicError, TopicKind};
 

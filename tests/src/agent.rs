@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub extra: String,
     /// Extra keys inside `[mqtt]` (e.g. TLS files).
     pub mqtt_extra: String,
+    /// `[remote_config] trusted_keys`: the test relays' key unless set.
+    pub trusted_keys: Vec<String>,
 }
 
 impl AgentOptions {
@@ -54,6 +56,7 @@ impl AgentOptions {
             state_dir: None,
             extra: String::new(),
             mqtt_extra: String::new(),
+            trusted_keys: vec![crate::signing::relay_public_key().to_string()],
         }
     }
 
@@ -61,6 +64,12 @@ impl AgentOptions {
     pub fn mqtt(mut self, keys: &str) -> Self {
         self.mqtt_extra.push_str(keys);
         self.mqtt_extra.push('\n');
+        self
+    }
+
+    /// Pins these relay keys instead of the test relays' one (empty: none).
+    pub fn trusted_keys(mut self, keys: Vec<String>) -> Self {
+        self.trusted_keys = keys;
         self
     }
 
@@ -120,7 +129,8 @@ impl AgentOptions {
              [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\
              audit_rate = {:?}\nmax_audits_per_second = 10000\n\n\
              [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n{}\n\
-             [telemetry]\ninterval_s = {:?}\n\n{}",
+             [telemetry]\ninterval_s = {:?}\n\n\
+             [remote_config]\ntrusted_keys = {:?}\n\n{}",
             self.device_id,
             toml_path(&edge_manifest()),
             self.threshold,
@@ -129,6 +139,7 @@ impl AgentOptions {
             self.mqtt_port,
             self.mqtt_extra,
             self.telemetry_interval_s,
+            self.trusted_keys,
             self.extra,
         )
     }

@@ -9,7 +9,7 @@
 //!
 //! Modules: [`fixtures`] (models, examples, config paths), [`processes`] (spawning the binaries,
 //! logs), [`brokers`] (embedded broker or Mosquitto), [`relay`] and [`agent`] (the two daemons),
-//! [`clients`] (HTTP and MQTT clients). Everything the suites use is re-exported here.
+//! [`clients`] (HTTP and MQTT clients), [`signing`] (the relays' config-signing key). Everything the suites use is re-exported here.
 
 pub mod agent;
 pub mod brokers;
@@ -17,6 +17,7 @@ pub mod clients;
 pub mod fixtures;
 pub mod processes;
 pub mod relay;
+pub mod signing;
 
 pub use agent::{assert_concurrent_cloud_answers, AgentOptions, AgentProc};
 pub use brokers::{

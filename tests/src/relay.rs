@@ -80,6 +80,7 @@ impl RelayProc {
                  [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{broker_section}\n{extra}\n",
                 toml_path(&cloud_manifest())
             );
+            crate::signing::install_relay_key(&dir.path().join("state"));
             let config_path = dir.path().join("relay.toml");
             std::fs::write(&config_path, &config).expect("cannot write relay.toml");
             let mut cmd = daemon_command("cloud-relay");

@@ -117,3 +117,56 @@ fn run_rejects_an_invalid_config_naming_the_key() {
     assert!(!out.status.success(), "missing config accepted:\n{stderr}");
     assert!(stderr.contains("nope.toml"), "{stderr}");
 }
+
+/// `cloud-relay keygen`: creates the key once (mode 0600), prints the same public key every
+/// time; a relay refuses to start on a key file others may read, and says how to fix it.
+#[test]
+fn relay_keygen_creates_one_private_key_and_the_relay_refuses_a_loose_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keygen = || {
+        let out = Command::new(bin_path("cloud-relay"))
+            .args(["keygen", "--print-public", "--state-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("cloud-relay keygen");
+        assert!(out.status.success(), "keygen: {}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let first = keygen();
+    assert!(
+        first.starts_with("tierd-ed25519:") && first.len() == 14 + 64,
+        "{first}"
+    );
+    assert_eq!(keygen(), first, "keygen must not replace an existing key");
+    let key = dir.path().join("config-signing-key.pk8");
+    let mode = std::fs::metadata(&key)
+        .expect("key file")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[embedded_broker]\nlisten = \"127.0.0.1:{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[model]\nmanifest = {:?}\n",
+            dir.path(),
+            tierd_e2e::free_port(),
+            tierd_e2e::free_port(),
+            cloud_manifest()
+        ),
+    )
+    .expect("relay.toml");
+    let out = Command::new(bin_path("cloud-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("cloud-relay run");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "the relay started on a 0644 key");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+}

@@ -302,17 +302,15 @@ async fn agent_killed_mid_spool_write_and_mid_config_apply_recovers() {
             r#"{{"version":{version},"device_id":"{device}","settings":{{"threshold":0.{}}}}}"#,
             90 + i
         );
-        client.publish(&topic, doc.into_bytes(), true).await;
+        client
+            .publish(&topic, tierd_e2e::signing::sign_json(&doc), true)
+            .await;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         agent.proc.kill();
         if applied.exists() {
             let text = std::fs::read(&applied).expect("read applied config");
-            let doc: Value = serde_json::from_slice(&text).unwrap_or_else(|e| {
-                panic!(
-                    "applied-config.json is corrupt after kill -9 ({e}): {}",
-                    String::from_utf8_lossy(&text)
-                )
-            });
+            // The signed envelope; `inner_document` panics on a torn or mixed file.
+            let doc: Value = tierd_e2e::signing::inner_document(&text);
             let v = doc["version"].as_u64().expect("version");
             assert!(
                 v == version || v == last || v + 1 == version,

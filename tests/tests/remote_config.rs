@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tierd_e2e::{
-    bin_path, confident_examples, free_port, unsure_examples, AgentOptions, AgentProc, RelayBroker,
-    RelayProc, TestClient,
+    bin_path, confident_examples, free_port, signing, unsure_examples, AgentOptions, AgentProc,
+    RelayBroker, RelayProc, TestClient,
 };
 
 fn edge_confidence(p: &[f32]) -> f32 {
@@ -155,8 +155,11 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
 
     let client = TestClient::connect(relay.broker_port, "rc-bad-intruder").await;
     let topic = format!("tierd/v1/{device}/config");
+    // Signed with the relays' key, so each is refused for its content, not its signature.
     let doc = |v: u64, settings: &str| {
-        format!(r#"{{"version":{v},"device_id":"{device}","settings":{settings}}}"#).into_bytes()
+        signing::sign_json(&format!(
+            r#"{{"version":{v},"device_id":"{device}","settings":{settings}}}"#
+        ))
     };
     for (payload, reason) in [
         (doc(version + 1, r#"{"threshold":7}"#), "threshold = 7"),
@@ -167,11 +170,10 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
         (doc(version + 3, r#"{"threshold":"high"}"#), "invalid type"),
         (doc(version - 1, r#"{"threshold":0.5}"#), "not newer"),
         (
-            format!(
+            signing::sign_json(&format!(
                 r#"{{"version":{},"device_id":"someone-else","settings":{{}}}}"#,
                 version + 4
-            )
-            .into_bytes(),
+            )),
             "for device \"someone-else\"",
         ),
     ] {
