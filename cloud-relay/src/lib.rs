@@ -69,6 +69,7 @@ pub enum RelayError {
     State(#[from] control::OverridesError),
     #[error(transparent)]
     Token(#[from] http_auth::TokenError),
+    #[error(transparent)]
     SigningKey(#[from] signing::SigningKeyError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {

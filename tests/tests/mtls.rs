@@ -314,13 +314,10 @@ async fn ca_signed_agents_escalate_and_bad_certificates_fall_back_with_one_warni
     )
     .await;
     assert_fallback_answers(&cn, "device_id is not the certificate's CN").await;
-    let resp = tierd_e2e::http_client()
-        .put(relay.url("/api/devices/mtls-cn-x/config"))
-        .body(r#"{"threshold": 0.42}"#)
-        .send()
-        .await
-        .expect("PUT config");
-    eprintln!("PUT config for mtls-cn-x: {}", resp.status());
+    let resp = relay
+        .put_config("mtls-cn-x", r#"{"threshold": 0.42}"#)
+        .await;
+    assert!(resp.status().is_success(), "PUT config: {}", resp.status());
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !cn.proc.log().contains("remote config applied"),
