@@ -360,7 +360,7 @@ mod tests {
             (doc(4, r#"{"threshold":"high"}"#), "invalid type"),
             (doc(2, r#"{"threshold":0.5}"#), "not newer"),
             (doc(3, r#"{"threshold":0.5}"#), "already in force"),
-            (b"{".to_vec(), "not valid"),
+            (b"{".to_vec(), "not a signed config envelope"),
             (
                 relay_key().sign_bytes(r#"{"version":9,"device_id":"other","settings":{}}"#),
                 "not \"d1\"",

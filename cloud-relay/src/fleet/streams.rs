@@ -75,8 +75,7 @@ impl Streams {
             s.duplicates += 1;
             Delivery::Duplicate
         } else if seq == s.next {
-            s.next += 1;
-            s.delivered += 1;
+            // Moves on in `commit`, once the record was filed.
             Delivery::Deliver
         } else {
             s.out_of_order += 1;
@@ -84,6 +83,18 @@ impl Streams {
         };
         // Everything below `next` was delivered or will never be sent: safe to release.
         (delivery, s.next.checked_sub(1))
+    }
+
+    /// Record `seq` of `stream_id` was filed: the stream moves past it. Returns the cumulative
+    /// acknowledgement, `None` if `seq` is not the next record of a known stream.
+    pub(super) fn commit(&mut self, stream_id: u64, seq: u64) -> Option<u64> {
+        let s = self.0.iter_mut().find(|s| s.stream_id == stream_id)?;
+        if seq != s.next {
+            return None;
+        }
+        s.next += 1;
+        s.delivered += 1;
+        Some(seq)
     }
 
     /// The most recently active stream.
@@ -97,16 +108,50 @@ mod tests {
     use super::*;
     use crate::fleet::{Fleet, FleetError};
 
+    /// `accept`, then `commit` what was delivered (every record here is filed).
+    fn take(
+        f: &mut Fleet,
+        device: &str,
+        stream: u64,
+        seq: u64,
+        floor: u64,
+    ) -> Result<(Delivery, Option<u64>), FleetError> {
+        let (d, ack) = f.accept(device, stream, seq, floor)?;
+        if d == Delivery::Deliver {
+            return Ok((d, f.commit(device, stream, seq)));
+        }
+        Ok((d, ack))
+    }
+
+    #[test]
+    fn a_rejected_record_is_not_acknowledged_and_comes_again() {
+        let mut f = Fleet::new(2);
+        assert_eq!(take(&mut f, "a", 7, 1, 1), Ok((Delivery::Deliver, Some(1))));
+        // Record 2 is delivered but rejected: not committed, so not acknowledged.
+        assert_eq!(f.accept("a", 7, 2, 1), Ok((Delivery::Deliver, Some(1))));
+        assert_eq!(f.accept("a", 7, 3, 1), Ok((Delivery::Ahead, Some(1))));
+        // The resend of 2 is delivered again, and this time filed.
+        assert_eq!(take(&mut f, "a", 7, 2, 1), Ok((Delivery::Deliver, Some(2))));
+        assert_eq!(f.commit("a", 7, 2), None, "a second commit does nothing");
+        assert_eq!(f.stream("a").map(|s| s.delivered), Some(2));
+    }
+
     #[test]
     fn spooled_records_are_delivered_once_and_in_order() {
         let mut f = Fleet::new(2);
-        assert_eq!(f.accept("a", 7, 5, 5), Ok((Delivery::Deliver, Some(5))));
-        assert_eq!(f.accept("a", 7, 7, 5), Ok((Delivery::Ahead, Some(5))));
-        assert_eq!(f.accept("a", 7, 6, 5), Ok((Delivery::Deliver, Some(6))));
-        assert_eq!(f.accept("a", 7, 5, 5), Ok((Delivery::Duplicate, Some(6))));
-        assert_eq!(f.accept("a", 7, 7, 5), Ok((Delivery::Deliver, Some(7))));
+        assert_eq!(take(&mut f, "a", 7, 5, 5), Ok((Delivery::Deliver, Some(5))));
+        assert_eq!(take(&mut f, "a", 7, 7, 5), Ok((Delivery::Ahead, Some(5))));
+        assert_eq!(take(&mut f, "a", 7, 6, 5), Ok((Delivery::Deliver, Some(6))));
+        assert_eq!(
+            take(&mut f, "a", 7, 5, 5),
+            Ok((Delivery::Duplicate, Some(6)))
+        );
+        assert_eq!(take(&mut f, "a", 7, 7, 5), Ok((Delivery::Deliver, Some(7))));
         // The agent dropped 8..=9 at its cap: its floor says so.
-        assert_eq!(f.accept("a", 7, 10, 10), Ok((Delivery::Deliver, Some(10))));
+        assert_eq!(
+            take(&mut f, "a", 7, 10, 10),
+            Ok((Delivery::Deliver, Some(10)))
+        );
         let s = f.stream("a").copied().expect("stream");
         assert_eq!(
             (s.delivered, s.duplicates, s.out_of_order, s.skipped),
@@ -114,13 +159,16 @@ mod tests {
         );
         // A recreated spool starts a new stream; a stranger's made-up streams do not reset
         // the real one.
-        assert_eq!(f.accept("a", 8, 1, 1), Ok((Delivery::Deliver, Some(1))));
-        assert_eq!(f.accept("a", 99, 1_000, 0), Ok((Delivery::Ahead, None)));
-        assert_eq!(f.accept("a", 8, 2, 1), Ok((Delivery::Deliver, Some(2))));
+        assert_eq!(take(&mut f, "a", 8, 1, 1), Ok((Delivery::Deliver, Some(1))));
+        assert_eq!(take(&mut f, "a", 99, 1_000, 0), Ok((Delivery::Ahead, None)));
+        assert_eq!(take(&mut f, "a", 8, 2, 1), Ok((Delivery::Deliver, Some(2))));
         // A relay that starts late takes the floor as the start.
-        assert_eq!(f.accept("b", 3, 40, 38), Ok((Delivery::Ahead, Some(37))));
+        assert_eq!(
+            take(&mut f, "b", 3, 40, 38),
+            Ok((Delivery::Ahead, Some(37)))
+        );
         assert!(matches!(
-            f.accept("c", 1, 1, 1),
+            take(&mut f, "c", 1, 1, 1),
             Err(FleetError::Full(2, _))
         ));
     }

@@ -167,12 +167,13 @@ pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::testing::report;
+    use crate::fleet::testing::{online, report};
     use crate::fleet::Fleet;
 
     #[test]
     fn contiguous_reports_sum_to_the_totals() {
         let mut f = Fleet::new(10);
+        online(&mut f, "a", 1);
         assert_eq!(f.ingest("a", report("a", 1, 1, 5), 0), Ok(Ingest::New));
         for seq in 2..=4 {
             assert_eq!(f.ingest("a", report("a", 1, seq, 5), 0), Ok(Ingest::Next));
@@ -187,6 +188,7 @@ mod tests {
     #[test]
     fn gaps_duplicates_restarts_and_stale_reports() {
         let mut f = Fleet::new(10);
+        online(&mut f, "a", 1);
         f.ingest("a", report("a", 1, 1, 5), 0).expect("1");
         assert_eq!(
             f.ingest("a", report("a", 1, 4, 5), 0),
@@ -202,6 +204,7 @@ mod tests {
         );
         let d = f.get("a").expect("device");
         assert_eq!((d.missing_reports, d.duplicate_reports), (2, 2));
+        online(&mut f, "a", 2);
         assert_eq!(f.ingest("a", report("a", 2, 1, 7), 0), Ok(Ingest::Restart));
         assert_eq!(f.get("a").map(|d| (d.restarts, d.last_seq)), Some((1, 1)));
         assert_eq!(f.ingest("a", report("a", 1, 9, 5), 0), Ok(Ingest::Stale));
@@ -211,6 +214,7 @@ mod tests {
     #[test]
     fn energy_rates_survive_idle_windows_and_restarts() {
         let mut f = Fleet::new(10);
+        online(&mut f, "a", 2);
         let mut busy = report("a", 1, 1, 5);
         busy.energy.joules_per_inference = Some(0.002);
         busy.energy.radio_joules_per_escalation = Some(0.0005);
@@ -225,6 +229,7 @@ mod tests {
     #[test]
     fn a_relay_that_starts_late_counts_earlier_reports_as_missing() {
         let mut f = Fleet::new(10);
+        online(&mut f, "a", 1);
         f.ingest("a", report("a", 1, 6, 5), 0).expect("first");
         assert_eq!(f.get("a").map(|d| d.missing_reports), Some(5));
     }
