@@ -169,6 +169,11 @@ pub struct ModelConfig {
     /// Manifest of the edge model (TOML beside the .onnx). Relative paths are taken from the
     /// directory of the config file.
     pub manifest: PathBuf,
+    /// Model-release public keys (`tierd-ed25519:<hex>`, as `edge-agent model keygen`
+    /// prints them). When any is set, the manifest must carry a valid signature by one of
+    /// them (`<manifest>.sig`, written by `edge-agent model sign`) or the agent refuses to
+    /// start. Empty (the default): manifests are checked by sha256 and golden vectors only.
+    pub trusted_keys: Vec<tierd_protocol::PublicKey>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +226,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             manifest: PathBuf::from("models/edge/digits-edge.toml"),
+            trusted_keys: Vec::new(),
         }
     }
 }

@@ -226,7 +226,7 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         config.validate()?;
         tierd_runtime::mqtt::install_crypto_provider();
-        let model = Model::load(&config.model.manifest)?;
+        let model = Model::load_trusted(&config.model.manifest, &config.model.trusted_keys)?;
         info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
         let boot_id = tierd_runtime::unix_ms();
         let state_dir = config.state_dir();

@@ -1,5 +1,5 @@
-//! `edge-agent`: the daemon (`run`), a model checker (`check-model`) and an energy meter probe
-//! (`energy probe`).
+//! `edge-agent`: the daemon (`run`), a model checker (`check-model`), model-release signing
+//! (`model keygen`, `model sign`) and an energy meter probe (`energy probe`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,11 +36,38 @@ enum Command {
         /// Forward passes to time.
         #[arg(long, default_value_t = 1000)]
         runs: usize,
+        /// Require a signature by this model-release key (`tierd-ed25519:<hex>`); repeatable.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<tierd_protocol::PublicKey>,
+    },
+    /// Model-release keys and manifest signatures.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
     },
     /// Energy meters (RAPL, INA3221 hwmon, INA219, CPU-time estimate).
     Energy {
         #[command(subcommand)]
         cmd: EnergyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Create a model-release key pair (PKCS#8, mode 0600; never overwrites) and print its
+    /// public key for agents' `[model] trusted_keys`.
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a manifest with a model-release key: writes `<manifest>.sig`. Checks the manifest
+    /// and its model first (sha256, golden vectors), so only a model that loads is signed.
+    Sign {
+        manifest: PathBuf,
+        /// The private key file (from `edge-agent model keygen`).
+        #[arg(long)]
+        key: PathBuf,
     },
 }
 
@@ -58,7 +85,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(config),
-        Command::CheckModel { manifest, runs } => check_model(&manifest, runs),
+        Command::CheckModel {
+            manifest,
+            runs,
+            trusted_keys,
+        } => check_model(&manifest, runs, &trusted_keys),
+        Command::Model {
+            cmd: ModelCmd::Keygen { out },
+        } => model_keygen(&out),
+        Command::Model {
+            cmd: ModelCmd::Sign { manifest, key },
+        } => model_sign(&manifest, &key),
         Command::Energy {
             cmd: EnergyCmd::Probe { seconds },
         } => edge_agent::energy::probe(
@@ -94,8 +131,48 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     })
 }
 
-fn check_model(manifest: &std::path::Path, runs: usize) -> anyhow::Result<()> {
-    let model = Model::load(manifest)?;
+fn model_keygen(out: &std::path::Path) -> anyhow::Result<()> {
+    let signer = tierd_runtime::keyfile::create(out)?;
+    eprintln!(
+        "model-release key written to {} (mode 0600; keep it off the devices)",
+        out.display()
+    );
+    println!("{}", signer.public());
+    Ok(())
+}
+
+fn model_sign(manifest: &std::path::Path, key: &std::path::Path) -> anyhow::Result<()> {
+    let signer = tierd_runtime::keyfile::load(key)?;
+    let bytes =
+        std::fs::read(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
+    let text = std::str::from_utf8(&bytes)
+        .with_context(|| format!("{} is not UTF-8", manifest.display()))?;
+    // Only a manifest whose model loads and passes its golden vectors is worth signing.
+    Model::from_manifest(tierd_runtime::Manifest::from_text(manifest, text)?)?;
+    let sig_path = tierd_runtime::signature_path(manifest);
+    let tmp = sig_path.with_extension("sig.tmp");
+    std::fs::write(&tmp, signer.sign_manifest(&bytes))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &sig_path)
+        .with_context(|| format!("cannot write {}", sig_path.display()))?;
+    println!(
+        "signed {} with key {} -> {}",
+        manifest.display(),
+        signer.public().key_id(),
+        sig_path.display()
+    );
+    Ok(())
+}
+
+fn check_model(
+    manifest: &std::path::Path,
+    runs: usize,
+    trusted_keys: &[tierd_protocol::PublicKey],
+) -> anyhow::Result<()> {
+    let model = Model::load_trusted(manifest, trusted_keys)?;
+    if !trusted_keys.is_empty() {
+        println!("signature  ok (a trusted model-release key)");
+    }
     let m = model.manifest();
     println!("model      {}", model.id());
     if !m.description.is_empty() {

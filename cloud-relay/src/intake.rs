@@ -55,6 +55,17 @@ pub enum IntakeError {
     Status { device: String, source: WireError },
 }
 
+impl IntakeError {
+    /// Whether the record may be believed when sent again (a boot the device's status has
+    /// not announced yet, or one from the future): such records are not acknowledged.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            IntakeError::Fleet(FleetError::UnannouncedBoot { .. } | FleetError::FutureBoot { .. })
+        )
+    }
+}
+
 /// Files what devices send besides escalations. `client` publishes spool acks and the config
 /// documents the tuner's proposals call for.
 pub struct Intake {
@@ -98,10 +109,12 @@ impl Intake {
     }
 
     /// Takes a spooled record (telemetry, calibration or config ack): delivers it once, in
-    /// order, and acknowledges cumulatively on the device's `ack` topic. Only records that were
-    /// filed are acknowledged: a rejected one (bad body, or evidence the fleet does not
-    /// believe, see `fleet`) is counted, logged with the reason, and stays in the device's
-    /// spool, which sends it again.
+    /// order, and acknowledges cumulatively on the device's `ack` topic. A record of a boot
+    /// not (yet) believed ([`IntakeError::retryable`]) is not acknowledged: it stays in the
+    /// device's spool, which sends it again, so a forged one cannot make the device delete
+    /// real reports. Any other rejected record (bad body, implausible evidence) is counted,
+    /// logged with the reason and acknowledged, since sending it again cannot help and holding
+    /// it would stall the spool.
     fn spooled(&self, topic: Topic, publish: &Publish) {
         let stats = &self.state.stats;
         let device = topic.device_id.clone();
@@ -152,17 +165,28 @@ impl Intake {
                             .ok()
                             .and_then(|mut f| f.commit(&device, envelope.stream_id, envelope.seq))
                     }
-                    Err(why) => {
-                        // Not acknowledged: the device keeps the record and sends it again,
-                        // so nothing real is lost to a forged or premature record.
+                    Err(why) if why.retryable() => {
+                        // Not acknowledged: the device keeps the record and sends it again
+                        // (by then its status may have announced the boot); a forged record
+                        // does not take a real one's place in the stream.
                         self.rejected();
                         warn!(
                             %device,
                             seq = envelope.seq,
                             %why,
-                            "record rejected; not acknowledged"
+                            "record rejected; not acknowledged, the device sends it again"
                         );
                         None
+                    }
+                    Err(why) => {
+                        // Final: sending it again cannot change the verdict, and holding it
+                        // would stall the device's spool behind it. Acknowledged, not filed.
+                        self.rejected();
+                        warn!(%device, seq = envelope.seq, %why, "record rejected");
+                        self.state
+                            .fleet()
+                            .ok()
+                            .and_then(|mut f| f.commit(&device, envelope.stream_id, envelope.seq))
                     }
                 }
             }

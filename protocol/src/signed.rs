@@ -259,6 +259,94 @@ pub fn verify(payload: &[u8], trusted: &[PublicKey]) -> Result<ConfigDocument, S
     Ok(ConfigDocument::from_json(envelope.doc.as_bytes())?)
 }
 
+/// Signatures of model manifests: a detached `<manifest>.sig` file beside the manifest, a
+/// small JSON object `{"alg":"ed25519","key_id":"…","sig":"…"}` over the manifest file's exact
+/// bytes, prefixed with [`MODEL_SIGNATURE_CONTEXT`] so a model-release signature can never be
+/// taken for a config signature (or the other way round) even if one key signed both. The
+/// manifest pins the ONNX file by sha256, so the signature covers the model too.
+pub const MODEL_SIGNATURE_CONTEXT: &[u8] = b"tierd model manifest v1\0";
+
+/// The largest `.sig` file read.
+pub const MAX_MODEL_SIGNATURE_BYTES: usize = 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetachedSignature {
+    alg: String,
+    key_id: String,
+    sig: String,
+}
+
+fn manifest_message(manifest: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(MODEL_SIGNATURE_CONTEXT.len() + manifest.len());
+    m.extend_from_slice(MODEL_SIGNATURE_CONTEXT);
+    m.extend_from_slice(manifest);
+    m
+}
+
+impl Signer {
+    /// The `.sig` file's text for a manifest's bytes (one JSON line).
+    pub fn sign_manifest(&self, manifest: &[u8]) -> String {
+        let sig = self.pair.sign(&manifest_message(manifest));
+        let detached = DetachedSignature {
+            alg: ALG.to_string(),
+            key_id: self.public.key_id(),
+            sig: hex::encode(sig.as_ref()),
+        };
+        let mut text = serde_json::to_string(&detached).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+}
+
+/// Why a model manifest's signature does not hold.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ModelSignatureError {
+    #[error("the signature file is {0} bytes, more than {MAX_MODEL_SIGNATURE_BYTES}")]
+    TooLarge(usize),
+    #[error("not a model signature: {0}")]
+    Format(String),
+    #[error("signature algorithm {0:?} is not supported (only {ALG})")]
+    Algorithm(String),
+    #[error("signed by unknown key {key_id:?}; trusted model key ids: {trusted:?}")]
+    UnknownKey {
+        key_id: String,
+        trusted: Vec<String>,
+    },
+    #[error("bad signature: the manifest does not verify with key {0} (changed after signing?)")]
+    BadSignature(String),
+}
+
+/// Checks a `.sig` file's text against the manifest's exact bytes and the trusted model keys;
+/// returns the key that signed it.
+pub fn verify_manifest<'k>(
+    signature: &[u8],
+    manifest: &[u8],
+    trusted: &'k [PublicKey],
+) -> Result<&'k PublicKey, ModelSignatureError> {
+    if signature.len() > MAX_MODEL_SIGNATURE_BYTES {
+        return Err(ModelSignatureError::TooLarge(signature.len()));
+    }
+    let d: DetachedSignature = serde_json::from_slice(signature)
+        .map_err(|e| ModelSignatureError::Format(e.to_string()))?;
+    if d.alg != ALG {
+        return Err(ModelSignatureError::Algorithm(
+            d.alg.chars().take(40).collect(),
+        ));
+    }
+    let Some(key) = trusted.iter().find(|k| k.key_id() == d.key_id) else {
+        return Err(ModelSignatureError::UnknownKey {
+            key_id: d.key_id.chars().take(40).collect(),
+            trusted: trusted.iter().map(PublicKey::key_id).collect(),
+        });
+    };
+    let sig = hex::decode(&d.sig).unwrap_or_default();
+    if !key.verifies(&manifest_message(manifest), &sig) {
+        return Err(ModelSignatureError::BadSignature(key.key_id()));
+    }
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +369,44 @@ mod tests {
             },
             certificate: None,
         }
+    }
+
+    #[test]
+    fn manifest_signatures_cover_the_exact_bytes_and_not_config_documents() {
+        let s = signer();
+        let manifest = b"name = \"m\"\nversion = \"1\"\n";
+        let sig = s.sign_manifest(manifest);
+        let trusted = [s.public().clone()];
+        assert_eq!(
+            verify_manifest(sig.as_bytes(), manifest, &trusted),
+            Ok(s.public())
+        );
+        let mut changed = manifest.to_vec();
+        changed[8] = b'n';
+        assert!(matches!(
+            verify_manifest(sig.as_bytes(), &changed, &trusted),
+            Err(ModelSignatureError::BadSignature(_))
+        ));
+        let other = signer();
+        assert!(matches!(
+            verify_manifest(sig.as_bytes(), manifest, &[other.public().clone()]),
+            Err(ModelSignatureError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            verify_manifest(b"{}", manifest, &trusted),
+            Err(ModelSignatureError::Format(_))
+        ));
+        // A config signature over the same bytes is not a manifest signature (the context).
+        let config_sig = s.pair.sign(manifest);
+        let forged = format!(
+            r#"{{"alg":"ed25519","key_id":"{}","sig":"{}"}}"#,
+            s.public().key_id(),
+            hex::encode(config_sig.as_ref())
+        );
+        assert!(matches!(
+            verify_manifest(forged.as_bytes(), manifest, &trusted),
+            Err(ModelSignatureError::BadSignature(_))
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod keyfile;
 pub mod link;
 mod manifest;
 pub mod metrics;
@@ -18,7 +19,7 @@ pub mod stream;
 pub mod systemd;
 
 pub use manifest::{Dtype, Golden, InputSpec, Manifest, OutputSpec, Preprocess};
-pub use model::{InputError, Model, ModelError, Prediction};
+pub use model::{signature_path, InputError, Model, ModelError, Prediction};
 
 /// Wall-clock time as Unix milliseconds (0 if the clock is before 1970): the timestamps and
 /// boot ids both daemons put on the wire.

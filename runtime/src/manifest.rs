@@ -94,7 +94,12 @@ impl Manifest {
             path: path.to_owned(),
             source: e,
         })?;
-        let mut m = Self::parse(&text).map_err(|reason| ModelError::Manifest {
+        Self::from_text(path, &text)
+    }
+
+    /// Parses and checks the text of the manifest at `path` (for resolving `file`).
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ModelError> {
+        let mut m = Self::parse(text).map_err(|reason| ModelError::Manifest {
             path: path.to_owned(),
             reason: reason.0,
         })?;

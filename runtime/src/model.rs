@@ -29,6 +29,8 @@ pub enum ModelError {
     },
     #[error("{path}: tract cannot load this model: {reason}")]
     Compile { path: PathBuf, reason: String },
+    #[error("{path}: refused: model keys are trusted ([model] trusted_keys) but {reason}")]
+    Signature { path: PathBuf, reason: String },
     #[error("{model}: golden vector {index} differs at class {class}: expected {expected:.6}, got {actual:.6} (|diff| {diff:.2e} > tolerance {tolerance:.1e}); the model computes wrong results in this runtime")]
     GoldenMismatch {
         model: String,
@@ -101,10 +103,58 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Where a manifest's detached signature lives: the manifest's path with `.sig` appended.
+pub fn signature_path(manifest: &Path) -> PathBuf {
+    let mut p = manifest.as_os_str().to_owned();
+    p.push(".sig");
+    PathBuf::from(p)
+}
+
 impl Model {
     /// Loads the manifest at `path`, then the model it names; see [`Model::from_manifest`].
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         Self::from_manifest(Manifest::from_path(path)?)
+    }
+
+    /// [`Model::load`], but when `trusted` is not empty the manifest must carry a signature
+    /// (`<manifest>.sig`, see [`tierd_protocol::signed::verify_manifest`]) by one of these
+    /// model-release keys; the manifest is parsed from the very bytes that were verified, and
+    /// its sha256 then pins the ONNX file.
+    pub fn load_trusted(
+        path: &Path,
+        trusted: &[tierd_protocol::PublicKey],
+    ) -> Result<Self, ModelError> {
+        if trusted.is_empty() {
+            return Self::load(path);
+        }
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |source| ModelError::Io { path: p, source }
+        };
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let sig_path = signature_path(path);
+        let refuse = |reason: String| ModelError::Signature {
+            path: path.to_owned(),
+            reason,
+        };
+        let sig = match std::fs::read(&sig_path) {
+            Ok(sig) => sig,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(refuse(format!(
+                    "it is unsigned (no {}); sign it with `edge-agent model sign`",
+                    sig_path.display()
+                )))
+            }
+            Err(e) => return Err(io(&sig_path)(e)),
+        };
+        let key = tierd_protocol::signed::verify_manifest(&sig, &bytes, trusted)
+            .map_err(|e| refuse(e.to_string()))?;
+        tracing::info!(manifest = %path.display(), key_id = %key.key_id(), "model manifest signature verified");
+        let text = String::from_utf8(bytes).map_err(|_| ModelError::Manifest {
+            path: path.to_owned(),
+            reason: "not UTF-8".into(),
+        })?;
+        Self::from_manifest(Manifest::from_text(path, &text)?)
     }
 
     /// Verifies the file's sha256, compiles it, and checks every golden vector.

@@ -39,6 +39,9 @@ pub struct AgentOptions {
     pub mqtt_extra: String,
     /// `[remote_config] trusted_keys`: the test relays' key unless set.
     pub trusted_keys: Vec<String>,
+    /// `[model]`: the manifest (the committed edge model unless set) and `trusted_keys`.
+    pub manifest: Option<PathBuf>,
+    pub model_keys: Vec<String>,
 }
 
 impl AgentOptions {
@@ -57,6 +60,8 @@ impl AgentOptions {
             extra: String::new(),
             mqtt_extra: String::new(),
             trusted_keys: vec![crate::signing::relay_public_key().to_string()],
+            manifest: None,
+            model_keys: Vec::new(),
         }
     }
 
@@ -64,6 +69,13 @@ impl AgentOptions {
     pub fn mqtt(mut self, keys: &str) -> Self {
         self.mqtt_extra.push_str(keys);
         self.mqtt_extra.push('\n');
+        self
+    }
+
+    /// Runs `manifest` and requires it signed by one of `keys` (`[model] trusted_keys`).
+    pub fn model(mut self, manifest: &Path, keys: Vec<String>) -> Self {
+        self.manifest = Some(manifest.to_path_buf());
+        self.model_keys = keys;
         self
     }
 
@@ -125,14 +137,15 @@ impl AgentOptions {
         format!(
             "device_id = \"{}\"\nstate_dir = {state}\n\n\
              [http]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n\
-             [model]\nmanifest = {}\n\n\
+             [model]\nmanifest = {}\ntrusted_keys = {:?}\n\n\
              [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\
              audit_rate = {:?}\nmax_audits_per_second = 10000\n\n\
              [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n{}\n\
              [telemetry]\ninterval_s = {:?}\n\n\
              [remote_config]\ntrusted_keys = {:?}\n\n{}",
             self.device_id,
-            toml_path(&edge_manifest()),
+            toml_path(self.manifest.as_deref().unwrap_or(&edge_manifest())),
+            self.model_keys,
             self.threshold,
             self.escalation_timeout_ms,
             self.audit_rate,

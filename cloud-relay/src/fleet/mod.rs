@@ -19,17 +19,17 @@
 //!
 //! Anyone who can publish on a device's topics can try to steer the tuner or freeze the fleet
 //! view; with the shipped broker ACL only the device itself can, and these checks bound what
-//! even a lying device can claim. A record that fails one is rejected with the reason, counted,
-//! and not acknowledged (so a real record is never deleted from a spool as if delivered):
+//! even a lying device can claim. A record that fails one is rejected with the reason and
+//! counted; one of a boot not believed is also not acknowledged, so the device keeps it and a
+//! forged one cannot have real reports deleted from its spool (see `intake`):
 //! - a `boot_id` (the agent's start, Unix ms) ahead of the relay's clock by more than
 //!   [`MAX_CLOCK_SKEW_MS`] is not a real boot;
 //! - a telemetry report of a boot newer than the one the device announced with its status on
 //!   connect is not believed (a new boot arrives with the device's status first, on the same
 //!   connection); an offline status for a boot newer than the announced one neither;
-//! - a calibration window must belong to the device's current boot and to its latest telemetry
-//!   report (the agent sends one right after the other, with the same seq), be counted once,
-//!   count no more requests than that report answered, and hold no more audits than its audit
-//!   rate can produce (see [`evidence::plausible`]).
+//! - a calibration window must belong to the device's current boot, be counted once, count
+//!   (with the boot's earlier windows) no more requests than its telemetry answered, and hold
+//!   no more audits than its audit rate can produce (see [`evidence::plausible`]).
 
 mod evidence;
 mod streams;
@@ -178,7 +178,7 @@ impl Fleet {
     /// on the device's topic with made-up stream ids cannot reset the real stream's state.
     ///
     /// [`Delivery::Deliver`] does not move the stream on: call [`Fleet::commit`] once the
-    /// record was filed, so a record that is rejected is never acknowledged.
+    /// record was filed (or finally judged), so a record held back is never acknowledged.
     pub fn accept(
         &mut self,
         device: &str,
