@@ -15,6 +15,7 @@
 mod inproc;
 mod inputs;
 mod rss;
+mod signing;
 mod sizes;
 mod stats;
 
@@ -59,6 +60,9 @@ struct Args {
     /// Skip the memory benchmark (which needs target/release/{edge-agent,cloud-relay}).
     #[arg(long)]
     skip_rss: bool,
+    /// Run only benchmark 7 (signed config documents: sign, verify, apply).
+    #[arg(long)]
+    signing_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +72,11 @@ fn main() -> anyhow::Result<()> {
     }
     if args.stream_records == 0 || !(args.load_seconds > 0.0 && args.load_seconds <= 600.0) {
         bail!("--stream-records must be at least 1 and --load-seconds within (0, 600]");
+    }
+
+    if args.signing_only {
+        println!("{}", signing::run(args.rounds, args.iterations)?);
+        return Ok(());
     }
 
     // The servers get a runtime like the daemons' (one worker per core); the client drives the
@@ -162,7 +171,8 @@ async fn run(
         )
     };
     let sizes = sizes::collect()?;
-    Ok(report(args, &latency, &tput, rss.as_ref(), &sizes))
+    let signing = signing::run(args.rounds, args.iterations)?;
+    Ok(report(args, &latency, &tput, rss.as_ref(), &sizes) + &signing)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -132,7 +132,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     // The relay subscribes right after it connects; give its SUBSCRIBE a moment to land.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    push_signed_config(relay_http, args.threshold).await?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading the relay's API token {}", token_file.display()))?;
+    push_signed_config(relay_http, token.trim(), args.threshold).await?;
     println!(
         "tierd demo: relay + embedded broker on 127.0.0.1:{broker_port}, agent on http://{addr}"
     );
@@ -349,12 +351,14 @@ fn argmax(p: &[f32]) -> usize {
 /// agent applies it: the demo runs on a config the agent verified.
 async fn push_signed_config(
     relay_http: std::net::SocketAddr,
+    token: &str,
     threshold: f32,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().no_proxy().build()?;
     let url = format!("http://{relay_http}/api/devices/demo-pi/config");
     let resp = client
         .put(&url)
+        .bearer_auth(token)
         .json(&serde_json::json!({ "threshold": threshold }))
         .send()
         .await
@@ -367,7 +371,13 @@ async fn push_signed_config(
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let view: serde_json::Value = client.get(&url).send().await?.json().await?;
+        let view: serde_json::Value = client
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
         let published = &view["published"]["version"];
         if view["last_ack"]["applied"] == true && &view["last_ack"]["version"] == published {
             println!(

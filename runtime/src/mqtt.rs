@@ -37,7 +37,9 @@ pub struct MqttConfig {
     pub allow_insecure: bool,
     /// PEM CA bundle; setting it turns TLS on (rustls with the ring provider).
     pub ca_file: Option<PathBuf>,
-    /// PEM client certificate chain and key for mutual TLS (both or neither).
+    /// PEM client certificate chain and key for mutual TLS (both or neither). A bare
+    /// `client_key_file` name with `$CREDENTIALS_DIRECTORY` set is looked up there, like
+    /// `password_file`.
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
 }
@@ -133,7 +135,11 @@ impl MqttConfig {
 
     /// [`MqttConfig::resolve_paths`] with the credentials directory given.
     pub fn resolve_paths_with(&mut self, base: &Path, credentials_dir: Option<&Path>) {
-        if let Some(p) = &mut self.password_file {
+        // Secrets may be systemd credentials: a bare name is looked up there.
+        for p in [&mut self.password_file, &mut self.client_key_file]
+            .into_iter()
+            .flatten()
+        {
             let bare = p.components().count() == 1
                 && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
             match credentials_dir {
@@ -142,13 +148,9 @@ impl MqttConfig {
                 _ => {}
             }
         }
-        for p in [
-            &mut self.ca_file,
-            &mut self.client_cert_file,
-            &mut self.client_key_file,
-        ]
-        .into_iter()
-        .flatten()
+        for p in [&mut self.ca_file, &mut self.client_cert_file]
+            .into_iter()
+            .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -428,6 +430,17 @@ mod tests {
         let mut c = with("missing");
         c.resolve_paths_with(dir.path(), None);
         assert!(c.options("x").unwrap_err().to_string().contains("missing"));
+        // The client key is a credential too; the certificate and CA are not secrets.
+        let mut c = MqttConfig {
+            ca_file: Some("ca.crt".into()),
+            client_cert_file: Some("dev.crt".into()),
+            client_key_file: Some("dev.key".into()),
+            ..Default::default()
+        };
+        c.resolve_paths_with(dir.path(), Some(&creds));
+        assert_eq!(c.client_key_file, Some(creds.join("dev.key")));
+        assert_eq!(c.client_cert_file, Some(dir.path().join("dev.crt")));
+        assert_eq!(c.ca_file, Some(dir.path().join("ca.crt")));
         let both = MqttConfig {
             password: Some("p".into()),
             ..with("pw")
