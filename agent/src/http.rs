@@ -36,16 +36,7 @@ pub struct AppState {
 const OPEN_PATHS: &[&str] = &["/v2/health/live", "/v2/health/ready"];
 
 /// Why `http.token_file` could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error("cannot read the API token file {path} (http.token_file): {source}")]
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the API token file {0} (http.token_file) is empty")]
-    Empty(std::path::PathBuf),
-}
+pub use tierd_runtime::config::SecretError as TokenError;
 
 /// The token in force, read from `http.token_file` (surrounding whitespace is not part of it).
 /// Warns when the API listens beyond loopback without one.
@@ -61,14 +52,7 @@ pub fn load_token(http: &crate::config::HttpConfig) -> Result<Option<Arc<str>>, 
         }
         return Ok(None);
     };
-    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(TokenError::Empty(path.clone()));
-    }
+    let token = tierd_runtime::config::read_secret(path, "http.token_file")?;
     tracing::info!(token_file = %path.display(), "OIP API requires a bearer token");
     Ok(Some(token.into()))
 }
@@ -561,7 +545,7 @@ mod token_tests {
         };
         assert_eq!(load_token(&http).unwrap().as_deref(), Some("abc"));
         std::fs::write(&file, " \n").unwrap();
-        assert!(matches!(load_token(&http), Err(TokenError::Empty(_))));
+        assert!(matches!(load_token(&http), Err(TokenError::Empty { .. })));
         let none = crate::config::HttpConfig::default();
         assert!(load_token(&none).unwrap().is_none());
     }

@@ -32,13 +32,8 @@ const OPEN_PATHS: &[&str] = &["/health"];
 
 #[derive(Debug, Error)]
 pub enum TokenError {
-    #[error("cannot read the API token file {path} (http.token_file): {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the API token file {0} (http.token_file) is empty")]
-    Empty(PathBuf),
+    #[error("the API token file {0}")]
+    Secret(#[from] tierd_runtime::config::SecretError),
     #[error("cannot create the API token {path} in the state directory: {source}")]
     Create {
         path: PathBuf,
@@ -67,15 +62,7 @@ impl TokenSource {
 
 /// Reads a token file: surrounding whitespace (a trailing newline) is not part of the token.
 pub fn read_token(path: &Path) -> Result<String, TokenError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(TokenError::Empty(path.to_owned()));
-    }
-    Ok(token.to_owned())
+    Ok(tierd_runtime::config::read_secret(path, "http.token_file")?)
 }
 
 /// The token in force: `http.token_file` if set, else the one in `state_dir`, generated (32
@@ -323,7 +310,9 @@ mod tests {
         std::fs::write(&file, "\n").unwrap();
         assert!(matches!(
             load_or_create_token(&http, &state),
-            Err(TokenError::Empty(_))
+            Err(TokenError::Secret(
+                tierd_runtime::config::SecretError::Empty { .. }
+            ))
         ));
     }
 }

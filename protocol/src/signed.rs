@@ -217,6 +217,33 @@ pub enum SignedError {
     Document(#[from] ConfigDocError),
 }
 
+/// Why a signature's `alg` and `key_id` name no trusted key (the texts cut to 40 characters).
+enum KeyLookup {
+    Algorithm(String),
+    Unknown {
+        key_id: String,
+        trusted: Vec<String>,
+    },
+}
+
+/// The trusted key a signature names: only [`ALG`], and the key id among `trusted`.
+fn trusted_key<'k>(
+    alg: &str,
+    key_id: &str,
+    trusted: &'k [PublicKey],
+) -> Result<&'k PublicKey, KeyLookup> {
+    if alg != ALG {
+        return Err(KeyLookup::Algorithm(alg.chars().take(40).collect()));
+    }
+    trusted
+        .iter()
+        .find(|k| k.key_id() == key_id)
+        .ok_or_else(|| KeyLookup::Unknown {
+            key_id: key_id.chars().take(40).collect(),
+            trusted: trusted.iter().map(PublicKey::key_id).collect(),
+        })
+}
+
 /// Checks `payload` is an envelope signed by one of `trusted` over exactly its document's
 /// bytes, then parses and range-checks the document.
 pub fn verify(payload: &[u8], trusted: &[PublicKey]) -> Result<ConfigDocument, SignedError> {
@@ -241,17 +268,10 @@ pub fn verify(payload: &[u8], trusted: &[PublicKey]) -> Result<ConfigDocument, S
             });
         }
     };
-    if envelope.alg != ALG {
-        return Err(SignedError::Algorithm(
-            envelope.alg.chars().take(40).collect(),
-        ));
-    }
-    let Some(key) = trusted.iter().find(|k| k.key_id() == envelope.key_id) else {
-        return Err(SignedError::UnknownKey {
-            key_id: envelope.key_id.chars().take(40).collect(),
-            trusted: trusted.iter().map(PublicKey::key_id).collect(),
-        });
-    };
+    let key = trusted_key(&envelope.alg, &envelope.key_id, trusted).map_err(|e| match e {
+        KeyLookup::Algorithm(alg) => SignedError::Algorithm(alg),
+        KeyLookup::Unknown { key_id, trusted } => SignedError::UnknownKey { key_id, trusted },
+    })?;
     let sig = hex::decode(&envelope.sig).unwrap_or_default();
     if !key.verifies(envelope.doc.as_bytes(), &sig) {
         return Err(SignedError::BadSignature(key.key_id()));
@@ -329,17 +349,12 @@ pub fn verify_manifest<'k>(
     }
     let d: DetachedSignature = serde_json::from_slice(signature)
         .map_err(|e| ModelSignatureError::Format(e.to_string()))?;
-    if d.alg != ALG {
-        return Err(ModelSignatureError::Algorithm(
-            d.alg.chars().take(40).collect(),
-        ));
-    }
-    let Some(key) = trusted.iter().find(|k| k.key_id() == d.key_id) else {
-        return Err(ModelSignatureError::UnknownKey {
-            key_id: d.key_id.chars().take(40).collect(),
-            trusted: trusted.iter().map(PublicKey::key_id).collect(),
-        });
-    };
+    let key = trusted_key(&d.alg, &d.key_id, trusted).map_err(|e| match e {
+        KeyLookup::Algorithm(alg) => ModelSignatureError::Algorithm(alg),
+        KeyLookup::Unknown { key_id, trusted } => {
+            ModelSignatureError::UnknownKey { key_id, trusted }
+        }
+    })?;
     let sig = hex::decode(&d.sig).unwrap_or_default();
     if !key.verifies(&manifest_message(manifest), &sig) {
         return Err(ModelSignatureError::BadSignature(key.key_id()));

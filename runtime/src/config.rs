@@ -5,6 +5,37 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+/// Why a secret file (an API token, a password) could not be used.
+#[derive(Debug, Error)]
+pub enum SecretError {
+    #[error("cannot read {} ({key}): {source}", .path.display())]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} ({key}) is empty", .path.display())]
+    Empty { key: &'static str, path: PathBuf },
+}
+
+/// Reads the secret in the file at `path`, named in errors by its config `key`: surrounding
+/// whitespace (a trailing newline) is not part of it, and an empty one is an error.
+pub fn read_secret(path: &Path, key: &'static str) -> Result<String, SecretError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+        key,
+        path: path.to_owned(),
+        source,
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(SecretError::Empty {
+            key,
+            path: path.to_owned(),
+        });
+    }
+    Ok(secret.to_owned())
+}
+
 /// Why a config could not be used. The reason names the key at fault.
 #[derive(Debug, Error)]
 pub enum ConfigError {

@@ -66,11 +66,8 @@ impl Default for MqttConfig {
 pub enum MqttSetupError {
     #[error("mqtt: {0}")]
     Invalid(String),
-    #[error("mqtt: cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("mqtt: {0}")]
+    Secret(#[from] crate::config::SecretError),
     #[error("mqtt: {path}: {reason}")]
     Pem { path: PathBuf, reason: String },
     #[error("mqtt: TLS setup failed: {0}")]
@@ -185,18 +182,7 @@ impl MqttConfig {
         let Some(path) = &self.password_file else {
             return Ok(self.password.clone().unwrap_or_default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| MqttSetupError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let pw = text.trim();
-        if pw.is_empty() {
-            return Err(MqttSetupError::Invalid(format!(
-                "mqtt.password_file {} is empty",
-                path.display()
-            )));
-        }
-        Ok(pw.to_owned())
+        Ok(crate::config::read_secret(path, "mqtt.password_file")?)
     }
 
     fn tls_config(&self, ca: &PathBuf) -> Result<rustls::ClientConfig, MqttSetupError> {

@@ -179,6 +179,17 @@ pub struct Pki {
     ca: String,
 }
 
+/// `openssl req` arguments for a request with a new P-256 key, unencrypted.
+const NEW_P256_KEY: [&str; 7] = [
+    "req",
+    "-new",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 impl Pki {
     /// A new CA `{name}.crt`/`{name}.key` in `dir` (created if missing).
     pub fn new_ca(dir: &Path, name: &str) -> Pki {
@@ -186,27 +197,24 @@ impl Pki {
         openssl(
             dir,
             &[
-                "req",
-                "-x509",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "2",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.crt"),
-                "-subj",
-                &format!("/CN={name}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
+                &NEW_P256_KEY[..],
+                &[
+                    "-x509",
+                    "-days",
+                    "2",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.crt"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
         );
         Pki {
             dir: dir.to_path_buf(),
@@ -251,20 +259,10 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
+                &NEW_P256_KEY[..],
+                &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")],
+            ]
+            .concat(),
         );
         let (ca_crt, ca_key) = (format!("{}.crt", self.ca), format!("{}.key", self.ca));
         openssl(

@@ -381,6 +381,20 @@ async fn the_acl_refuses_what_a_stolen_device_certificate_tries() {
         .await;
     eprintln!("forged reply to another device: PUBACK {forged}");
     assert!(!forged.contains("Success"), "the broker took it: {forged}");
+    // 4. Forged evidence and status for another device, a config for it, a spool ack to it.
+    for (topic, retain) in [
+        ("tierd/v1/acl-b/telemetry", false),
+        ("tierd/v1/acl-b/status", true),
+        ("tierd/v1/acl-b/config", true),
+        ("tierd/v1/acl-b/ack", false),
+    ] {
+        let puback = thief.publish(topic, b"forged".to_vec(), retain).await;
+        eprintln!("forged {topic}: PUBACK {puback}");
+        assert!(
+            !puback.contains("Success"),
+            "the broker took {topic}: {puback}"
+        );
+    }
 
     // Every escalation is still answered by the real relay with the cloud model; the thief
     // read none of them.
@@ -397,7 +411,7 @@ async fn the_acl_refuses_what_a_stolen_device_certificate_tries() {
         .collect();
     assert!(leaked.is_empty(), "the thief read: {leaked:?}");
 
-    // 4. Join the relays' shared group. The broker admits it (see above) and then drops the
+    // 5. Join the relays' shared group. The broker admits it (see above) and then drops the
     //    share of escalations it assigns to the thief, because the thief may not read them: a
     //    stolen device certificate can delay escalations (they fall back to the edge's answer
     //    after the timeout, SECURITY.md) but never read or answer one.
