@@ -313,6 +313,27 @@ impl AgentProc {
         )
         .await
     }
+
+    /// `n` requests, every third an unsure example and the rest confident ones, each answered
+    /// 200; returns how many each tier answered.
+    pub async fn mixed_traffic(&self, n: usize) -> std::collections::HashMap<String, u64> {
+        let (unsure, confident) = (
+            crate::fixtures::unsure_examples(),
+            crate::fixtures::confident_examples(),
+        );
+        let mut by_tier = std::collections::HashMap::new();
+        for i in 0..n {
+            let ex = if i % 3 == 0 {
+                &unsure[i % unsure.len()]
+            } else {
+                &confident[i % confident.len()]
+            };
+            let r = self.infer(&ex.pixels).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            *by_tier.entry(r.tier().to_string()).or_default() += 1;
+        }
+        by_tier
+    }
 }
 
 /// Sends `requests` of the unsure examples at once, different inputs interleaved (a mixed-up

@@ -213,6 +213,25 @@ impl RelayProc {
             .await
     }
 
+    /// Waits for the device's ack rejecting a document with `reason` in it, and asserts the
+    /// version it reports in force is `in_force`; returns the view.
+    pub async fn wait_config_rejected(&self, device: &str, reason: &str, in_force: u64) -> Value {
+        let view = self
+            .wait_device_config(device, reason, |v| {
+                v["last_ack"]["applied"] == false
+                    && v["last_ack"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(reason))
+            })
+            .await;
+        assert_eq!(
+            view["last_ack"]["in_force"].as_u64(),
+            Some(in_force),
+            "{view:#}"
+        );
+        view
+    }
+
     /// GET on the relay's HTTP API, parsed as JSON.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let (status, text) = self.get_text(path).await;

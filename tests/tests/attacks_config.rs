@@ -39,24 +39,6 @@ async fn operator_set(relay: &RelayProc, device: &str, body: Value) -> u64 {
     view["published"]["version"].as_u64().expect("version")
 }
 
-/// Waits for the agent's ack rejecting a document with `reason` in it.
-async fn rejected(relay: &RelayProc, device: &str, reason: &str, in_force: u64) -> Value {
-    let view = relay
-        .wait_device_config(device, reason, |v| {
-            v["last_ack"]["applied"] == false
-                && v["last_ack"]["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains(reason))
-        })
-        .await;
-    assert_eq!(
-        view["last_ack"]["in_force"].as_u64(),
-        Some(in_force),
-        "{view:#}"
-    );
-    view
-}
-
 /// The settings in force are still the operator's: threshold 0.95, `version`, and an unsure
 /// input is still escalated and answered by the cloud.
 async fn unchanged(agent: &AgentProc, version: u64) {
@@ -91,7 +73,9 @@ async fn unsigned_foreign_and_tampered_documents_are_refused_and_a_restart_keeps
     intruder
         .publish(&topic, forged(version + 1, &device).into_bytes(), true)
         .await;
-    rejected(&relay, &device, "unsigned config document refused", version).await;
+    relay
+        .wait_config_rejected(&device, "unsigned config document refused", version)
+        .await;
     unchanged(&agent, version).await;
 
     // 2. Signed, but with a key the agent does not pin.
@@ -103,7 +87,9 @@ async fn unsigned_foreign_and_tampered_documents_are_refused_and_a_restart_keeps
             true,
         )
         .await;
-    rejected(&relay, &device, "signed by unknown key", version).await;
+    relay
+        .wait_config_rejected(&device, "signed by unknown key", version)
+        .await;
     unchanged(&agent, version).await;
 
     // 3. A relay-signed envelope with its document swapped: the signature no longer covers it.
@@ -117,7 +103,9 @@ async fn unsigned_foreign_and_tampered_documents_are_refused_and_a_restart_keeps
     intruder
         .publish(&topic, tampered.to_string().into_bytes(), true)
         .await;
-    rejected(&relay, &device, "bad signature", version).await;
+    relay
+        .wait_config_rejected(&device, "bad signature", version)
+        .await;
     unchanged(&agent, version).await;
 
     // The relay learned none of them: its version line is its own.
@@ -166,7 +154,9 @@ async fn a_forged_last_version_does_not_lock_the_device_out() {
     intruder
         .publish(&topic, forged(u64::MAX, &device).into_bytes(), true)
         .await;
-    rejected(&relay, &device, "unsigned", version).await;
+    relay
+        .wait_config_rejected(&device, "unsigned", version)
+        .await;
     let stranger = signing::stranger_signer();
     intruder
         .publish(
@@ -175,7 +165,9 @@ async fn a_forged_last_version_does_not_lock_the_device_out() {
             true,
         )
         .await;
-    rejected(&relay, &device, "unknown key", version).await;
+    relay
+        .wait_config_rejected(&device, "unknown key", version)
+        .await;
     unchanged(&agent, version).await;
 
     // The relay did not adopt u64::MAX: its next push is an ordinary version, and applied.
@@ -206,13 +198,9 @@ async fn an_older_signed_document_replayed_is_refused_as_stale() {
     intruder
         .publish(&format!("tierd/v1/{device}/config"), old, true)
         .await;
-    let view = rejected(
-        &relay,
-        &device,
-        "is not newer than the version in force",
-        second,
-    )
-    .await;
+    let view = relay
+        .wait_config_rejected(&device, "is not newer than the version in force", second)
+        .await;
     assert_eq!(view["last_ack"]["version"].as_u64(), Some(first));
     assert!((agent.metric("tierd_threshold", "").await - 0.8).abs() < 1e-6);
     assert_eq!(

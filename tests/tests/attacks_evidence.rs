@@ -11,27 +11,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tierd_e2e::{
-    confident_examples, unsure_examples, AgentOptions, AgentProc, RelayBroker, RelayProc,
-    TestClient,
-};
+use tierd_e2e::{unsure_examples, AgentOptions, AgentProc, RelayBroker, RelayProc, TestClient};
 use tierd_protocol::{
     encode, BinCounts, CalibrationReport, DeviceStatus, RecordKind, Spooled, TelemetryReport,
 };
-
-/// Some traffic through the agent: escalations and audited local answers.
-async fn traffic(agent: &AgentProc, n: usize) {
-    let (unsure, confident) = (unsure_examples(), confident_examples());
-    for i in 0..n {
-        let ex = if i % 3 == 0 {
-            &unsure[i % unsure.len()]
-        } else {
-            &confident[i % confident.len()]
-        };
-        let r = agent.infer(&ex.pixels).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
-}
 
 fn spooled(stream_id: u64, seq: u64, kind: RecordKind, body: Vec<u8>) -> Vec<u8> {
     encode(&Spooled {
@@ -74,7 +57,7 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
             .audit_rate(1.0),
     )
     .await;
-    traffic(&agent, 30).await;
+    agent.mixed_traffic(30).await;
     let before = relay
         .wait_device(device, "telemetry with calibration evidence", |d| {
             d["calibration"]["bins"].is_array() && d["latest"]["totals"]["edge"].as_u64() > Some(0)
@@ -175,7 +158,7 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
 
     // The device keeps serving and reporting: same boot, nothing missing, the real reports
     // past the forged seq filed, the forged evidence absent, still online, no ghost.
-    traffic(&agent, 15).await;
+    agent.mixed_traffic(15).await;
     let after = relay
         .wait_device(device, "three more real reports", |d| {
             d["last_seq"].as_u64() >= Some(next + 3)

@@ -178,19 +178,7 @@ async fn invalid_documents_are_rejected_with_the_reason_and_change_nothing() {
         ),
     ] {
         client.publish(&topic, payload, true).await;
-        let view = relay
-            .wait_device_config(device, reason, |v| {
-                v["last_ack"]["applied"] == false
-                    && v["last_ack"]["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.contains(reason))
-            })
-            .await;
-        assert_eq!(
-            view["last_ack"]["in_force"].as_u64(),
-            Some(version),
-            "{view:#}"
-        );
+        relay.wait_config_rejected(device, reason, version).await;
         assert!((agent.metric("tierd_threshold", "").await - 0.95).abs() < 1e-6);
         assert_eq!(
             agent.metric("tierd_config_version", "").await as u64,

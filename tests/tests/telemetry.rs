@@ -8,9 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tierd_e2e::{
-    confident_examples, repo_root, unsure_examples, AgentOptions, AgentProc, RelayBroker, RelayProc,
-};
+use tierd_e2e::{repo_root, AgentOptions, AgentProc, RelayBroker, RelayProc};
 
 /// Samples of a scrape, as parsed by the Prometheus project's Python parser.
 struct Scrape {
@@ -94,20 +92,8 @@ async fn relay_shows_exactly_what_the_agent_answered() {
     .await;
 
     // A mix that exercises both tiers; the agent's own answers are the ground truth.
-    let confident = confident_examples();
-    let unsure = unsure_examples();
-    let mut by_tier: HashMap<String, u64> = HashMap::new();
     let n = 60;
-    for i in 0..n {
-        let ex = if i % 3 == 0 {
-            &unsure[i % unsure.len()]
-        } else {
-            &confident[i % confident.len()]
-        };
-        let r = agent.infer(&ex.pixels).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        *by_tier.entry(r.tier().to_string()).or_default() += 1;
-    }
+    let by_tier = agent.mixed_traffic(n).await;
     assert!(
         by_tier.get("cloud").copied().unwrap_or(0) > 0,
         "{by_tier:?}"
