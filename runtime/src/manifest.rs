@@ -66,6 +66,83 @@ pub struct Golden {
     pub tolerance: f32,
 }
 
+/// A threshold certified offline on a held-out calibration set, every request of which has
+/// the reference (cloud) model's answer: answering locally at or above `threshold` disagrees
+/// with the reference on `disagreements` of `samples` requests, and the exact one-sided
+/// Clopper–Pearson bound at `delta` puts agreement at or above `agreement_lower_bound`, which
+/// meets `target`. The threshold is the lowest of the agent's bin edges that passes when they
+/// are tested from the top down (fixed-sequence testing, so no multiplicity correction).
+///
+/// A device starts at this threshold (unless `agent.toml` sets one); the relay re-derives the
+/// bound from `samples` and `disagreements` before it believes it.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// The confidence signal thresholded (`max_prob`).
+    pub signal: String,
+    pub threshold: f32,
+    pub target: f64,
+    pub delta: f64,
+    pub samples: u64,
+    pub disagreements: u64,
+    pub agreement_lower_bound: f64,
+    /// Share of the calibration set escalated at `threshold`.
+    pub escalation_rate: f64,
+    /// `name@version` of the model agreement is measured against.
+    pub reference: String,
+    /// What the calibration set is.
+    #[serde(default)]
+    pub set: String,
+}
+
+impl Calibration {
+    fn check(&self) -> Result<(), ManifestInvalid> {
+        let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+        if self.signal != "max_prob" {
+            return Err(ManifestInvalid::from(format!(
+                "calibration.signal {:?}: only \"max_prob\" is supported",
+                self.signal
+            )));
+        }
+        if !(self.threshold.is_finite() && (0.0..=1.01).contains(&self.threshold)) {
+            return Err(ManifestInvalid::from(format!(
+                "calibration.threshold {} must be within [0, 1.01]",
+                self.threshold
+            )));
+        }
+        if !(unit(self.target) && self.target > 0.0 && self.target < 1.0)
+            || !(unit(self.delta) && self.delta > 0.0 && self.delta < 1.0)
+        {
+            return Err(ManifestInvalid::from(
+                "calibration.target and calibration.delta must be within (0, 1)",
+            ));
+        }
+        if self.samples == 0 || self.disagreements > self.samples {
+            return Err(ManifestInvalid::from(format!(
+                "calibration: {} disagreements in {} samples",
+                self.disagreements, self.samples
+            )));
+        }
+        if !unit(self.agreement_lower_bound) || !unit(self.escalation_rate) {
+            return Err(ManifestInvalid::from(
+                "calibration.agreement_lower_bound and escalation_rate must be within [0, 1]",
+            ));
+        }
+        // A lower bound above the observed agreement, or below the target it claims to meet,
+        // is not a certificate (the relay re-derives the exact bound).
+        let observed = 1.0 - self.disagreements as f64 / self.samples as f64;
+        if self.agreement_lower_bound > observed + 1e-9 || self.agreement_lower_bound < self.target
+        {
+            return Err(ManifestInvalid::from(format!(
+                "calibration: lower bound {} must lie between the target {} and the observed \
+                 agreement {observed:.6}",
+                self.agreement_lower_bound, self.target
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -82,6 +159,9 @@ pub struct Manifest {
     pub output: OutputSpec,
     #[serde(default)]
     pub golden: Vec<Golden>,
+    /// The threshold certified offline for this model, if it ships one.
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
     /// Directory of the manifest, for resolving `file`.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -158,6 +238,9 @@ impl Manifest {
             return Err(ManifestInvalid::from(
                 "output.labels needs at least two classes",
             ));
+        }
+        if let Some(c) = &self.calibration {
+            c.check()?;
         }
         let n_in = self.input_elements();
         for (i, g) in self.golden.iter().enumerate() {
