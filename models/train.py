@@ -33,6 +33,7 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
+from scipy.stats import beta as beta_dist
 
 warnings.filterwarnings("ignore", category=ConvergenceWarning)
 ort.set_default_logger_severity(3)
@@ -43,6 +44,15 @@ EDGE_DIR, CLOUD_DIR, EVAL_DIR = HERE / "edge", HERE / "cloud", HERE / "eval"
 MAGIC = b"TIERDEV1"
 STREAM_N, DRIFT_N = 20_000, 10_000
 THRESHOLDS = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95, 0.97, 0.99]
+CLOUD_NAME, CLOUD_VERSION = "digits-cloud", "1.0.0"
+
+# Offline certificate (see README "Offline certificate"). Candidates are tested from the
+# top down in this fixed order: 1.01 (escalate everything) and then the agent's bin lower
+# edges (agent/src/evidence.rs EDGES) in decreasing order; the first failure stops.
+CAL_N, CAL_SEED = 20_000, 1003
+CAL_TARGET, CAL_DELTA = 0.99, 0.05
+CAL_CANDIDATES = [1.01, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.925, 0.9, 0.85,
+                  0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.0]
 LABELS = [str(i) for i in range(10)]
 OPSET = 16  # what skl2onnx emits for MLPs; <= 17 keeps tract-onnx 0.23 happy
 
@@ -215,16 +225,25 @@ def iarr(a):
     return "[" + ", ".join(str(int(v)) for v in a) + "]"
 
 
-def write_manifest(path, name, description, onnx_file, golden_px, golden_p):
+def write_manifest(path, name, description, onnx_file, golden_px, golden_p, version="1.0.0",
+                   calibration=None):
     sha = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
     lines = [
-        f'name = "{name}"', 'version = "1.0.0"', f'description = "{description}"',
+        f'name = "{name}"', f'version = "{version}"', f'description = "{description}"',
         f'file = "{onnx_file.name}"', f'sha256 = "{sha}"', "",
         "[input]", 'name = "input"', "shape = [1, 64]", 'dtype = "FP32"', "",
         "[preprocess]", 'wire_dtype = "UINT8"', "scale = 0.003921569", "offset = 0.0", "",
         "[output]", 'name = "probabilities"',
         "labels = [" + ", ".join(f'"{l}"' for l in LABELS) + "]",
     ]
+    if calibration is not None:
+        c = calibration
+        lines += ["", "[calibration]", 'signal = "max_prob"', f"threshold = {fnum(c['threshold'])}",
+                  f"target = {c['target']!r}", f"delta = {c['delta']!r}", f"samples = {c['samples']}",
+                  f"disagreements = {c['disagreements']}",
+                  f"agreement_lower_bound = {c['agreement_lower_bound']!r}",
+                  f"escalation_rate = {c['escalation_rate']!r}",
+                  f'reference = "{c["reference"]}"', f'set = "{c["set"]}"']
     for px, p in zip(golden_px, golden_p):
         lines += ["", "[[golden]]", f"pixels = {iarr(px)}", f"probabilities = {farr(p)}",
                   "tolerance = 0.0001"]
@@ -262,6 +281,68 @@ def pick_examples(y, pe, pc, k=3):
     return out
 
 
+def certify(p_edge, p_ref, reference, set_desc):
+    """Fixed-sequence exact certificate of the max-prob threshold (see README).
+
+    For each candidate t (top down): k = samples answered locally (confidence >= t, as f32,
+    the agent's rule) whose edge top-1 differs from the reference top-1; U is the exact
+    one-sided Clopper-Pearson upper bound on that share at level 1 - delta; t passes iff
+    1 - U >= target. Stop at the first failure; the certified threshold is the last pass.
+    Returns (certificate dict, table rows for every candidate).
+    """
+    conf = p_edge.max(1).astype(np.float32)
+    wrong = p_edge.argmax(1) != p_ref.argmax(1)
+    n = len(conf)
+    rows, cert, failed = [], None, False
+    for t in CAL_CANDIDATES:
+        local = conf >= np.float32(t)
+        k = int((local & wrong).sum())
+        upper = 1.0 if k == n else float(beta_dist.ppf(1.0 - CAL_DELTA, k + 1, n - k))
+        lb = 1.0 - upper
+        esc = float((~local).mean())
+        ok = lb >= CAL_TARGET
+        rows.append((t, k, lb, esc, "pass" if ok and not failed else ("FAIL" if not failed else "-")))
+        if not failed and ok:
+            cert = dict(threshold=t, target=CAL_TARGET, delta=CAL_DELTA, samples=n, disagreements=k,
+                        agreement_lower_bound=lb, escalation_rate=esc, reference=reference,
+                        set=set_desc)
+        failed = failed or not ok
+    return cert, rows
+
+
+def cascade_rows(p_edge, p_cloud, y):
+    """Escalation / cascade accuracy / cloud agreement per threshold, plus the oracle row."""
+    et, ct, em = p_edge.argmax(1), p_cloud.argmax(1), p_edge.max(1)
+    rows = []
+    for t in THRESHOLDS:
+        esc = em < t
+        ans = np.where(esc, ct, et)
+        rows.append([f"{t:.2f}", f"{esc.mean():.4f}", f"{(ans == y).mean():.4f}", f"{(ans == ct).mean():.4f}"])
+    orc = et != ct
+    rows.append(["oracle", f"{orc.mean():.4f}", f"{(np.where(orc, ct, et) == y).mean():.4f}", "1.0000"])
+    return rows
+
+
+def write_cascade(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["threshold", "escalation_rate", "cascade_accuracy", "cloud_agreement"])
+        w.writerows(rows)
+
+
+def full_knowledge_escalation(p_edge, p_cloud, target=CAL_TARGET):
+    """Smallest escalation rate of any max-prob threshold whose cloud agreement >= target,
+    knowing every cloud answer (escalate the least confident first)."""
+    em = p_edge.max(1)
+    wrong = p_edge.argmax(1) != p_cloud.argmax(1)
+    order = np.argsort(em, kind="stable")
+    n = len(em)
+    # After escalating the j least confident, disagreements left = wrong[order[j:]].sum().
+    left = np.concatenate([np.cumsum(wrong[order][::-1])[::-1], [0]])
+    j = int(np.flatnonzero(left <= (1.0 - target) * n)[0])
+    return j / n
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     for d in (EDGE_DIR, CLOUD_DIR, EVAL_DIR):
@@ -276,81 +357,108 @@ def main():
     d_px, d_y = sample_augmented(px_ev, y_ev, DRIFT_N, np.random.default_rng(1002), AUG["drift"])
     write_stream(EVAL_DIR / "stream.bin", s_px, s_y, 0)
     write_stream(EVAL_DIR / "drift.bin", d_px, d_y, 1)
+    # Calibration set for the offline certificate: independent draws from stream's
+    # distribution (same eval-source images and setting, its own seed); not written out.
+    k_px, _ = sample_augmented(px_ev, y_ev, CAL_N, np.random.default_rng(CAL_SEED), AUG["stream"])
 
-    # Edge: deliberately small and lightly augmented, so it is decent but often unsure
-    # on stream traffic -- that is what makes the cascade interesting. (Clean-only
-    # training collapses to ~53% on the stream: it never saw a non-black background.)
+    # Tiny edge (digits-edge-tiny, the former default): deliberately small and lightly
+    # augmented, so it is decent but often unsure on stream traffic. (Clean-only training
+    # collapses to ~53% on the stream: it never saw a non-black background.)
     e_px, e_y = sample_augmented(px_tr, y_tr, 10_000, np.random.default_rng(2002), AUG["edge_train"])
     e_px, e_y = np.concatenate([px_tr, e_px]), np.concatenate([y_tr, e_y])
-    edge = MLPClassifier(hidden_layer_sizes=(24,), alpha=1e-3, max_iter=300, random_state=0)
-    edge.fit(to_input(e_px), e_y)
+    tiny = MLPClassifier(hidden_layer_sizes=(24,), alpha=1e-3, max_iter=300, random_state=0)
+    tiny.fit(to_input(e_px), e_y)
 
     # Cloud: wide and trained on heavily augmented copies of the train-source images.
     c_px, c_y = sample_augmented(px_tr, y_tr, 60_000, np.random.default_rng(2001), AUG["cloud_train"])
     c_px, c_y = np.concatenate([px_tr, c_px]), np.concatenate([y_tr, c_y])
+    xc = to_input(c_px)
     cloud = MLPClassifier(hidden_layer_sizes=(256, 128), alpha=1e-4, batch_size=256,
                           max_iter=40, early_stopping=False, random_state=0)
-    cloud.fit(to_input(c_px), c_y)
-
-    edge_fp32 = export_mlp(edge, "digits_edge_fp32")
-    # Calibrate on train-source images plus stream-like augmentation of them, so
-    # activation ranges cover realistic traffic without touching eval sources.
-    cal_px = np.concatenate([px_tr, augment(px_tr, np.random.default_rng(3001), AUG["stream"])])
-    edge_q = quantize_int8(edge_fp32, to_input(cal_px), "digits_edge")
+    cloud.fit(xc, c_y)
     cloud_m = export_mlp(cloud, "digits_cloud")
-
-    edge_path, cloud_path = EDGE_DIR / "digits-edge.onnx", CLOUD_DIR / "digits-cloud.onnx"
-    onnx.save(edge_q, edge_path)
+    cloud_path = CLOUD_DIR / "digits-cloud.onnx"
     onnx.save(cloud_m, cloud_path)
-    edge_bytes, cloud_bytes = edge_path.read_bytes(), cloud_path.read_bytes()
-    fp32_bytes = edge_fp32.SerializeToString()
+    cloud_bytes = cloud_path.read_bytes()
+
+    # Default edge (digits-edge 2.0.0): 64-128-64-10 distilled from the cloud -- trained on
+    # the cloud's own training images (same heavy augmentation), with the committed cloud
+    # model's top-1 answers as targets, so it learns to agree with the cloud.
+    distil_y = ort_probs(cloud_bytes, xc).argmax(1)
+    edge = MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-4, batch_size=256,
+                         max_iter=40, early_stopping=False, random_state=0)
+    edge.fit(xc, distil_y)
+
+    # Calibrate quantization on train-source images plus stream-like augmentation of them,
+    # so activation ranges cover realistic traffic without touching eval sources.
+    cal_px = np.concatenate([px_tr, augment(px_tr, np.random.default_rng(3001), AUG["stream"])])
+    tiny_fp32, edge_fp32 = export_mlp(tiny, "digits_edge_fp32"), export_mlp(edge, "digits_edge_fp32")
+    tiny_q = quantize_int8(tiny_fp32, to_input(cal_px), "digits_edge")
+    edge_q = quantize_int8(edge_fp32, to_input(cal_px), "digits_edge")
+
+    tiny_path, edge_path = EDGE_DIR / "digits-edge-tiny.onnx", EDGE_DIR / "digits-edge.onnx"
+    onnx.save(tiny_q, tiny_path)
+    onnx.save(edge_q, edge_path)
+    assert edge_path.stat().st_size <= 32 * 1024, edge_path.stat().st_size
+    bins = dict(tiny=tiny_path.read_bytes(), edge=edge_path.read_bytes())
+    fp32 = dict(tiny=tiny_fp32.SerializeToString(), edge=edge_fp32.SerializeToString())
+    skl = dict(tiny=tiny, edge=edge)
 
     # ---- evaluation (always on the exact bytes written to disk)
-    xs, xd = to_input(s_px), to_input(d_px)
-    p_ef = ort_probs(fp32_bytes, xs)
-    p_eq = ort_probs(edge_bytes, xs)
-    p_c = ort_probs(cloud_bytes, xs)
-    d_ef, d_eq, d_c = ort_probs(fp32_bytes, xd), ort_probs(edge_bytes, xd), ort_probs(cloud_bytes, xd)
-
-    # Sanity: ONNX export matches sklearn; int8 stays close to fp32; probs are sane.
-    assert np.abs(p_ef - edge.predict_proba(xs)).max() < 1e-4
+    xs, xd, xk = to_input(s_px), to_input(d_px), to_input(k_px)
+    p_c, d_c, k_c = ort_probs(cloud_bytes, xs), ort_probs(cloud_bytes, xd), ort_probs(cloud_bytes, xk)
     assert np.abs(p_c - cloud.predict_proba(xs)).max() < 1e-4
-    for p in (p_ef, p_eq, p_c, d_eq, d_c):
-        assert np.allclose(p.sum(1), 1.0, atol=1e-4)
-        assert (p.max(1) < 0.999999).any() and not np.all(p == 1.0)
-    q_gap = np.abs(p_eq - p_ef).max(1)
-    q_agree = (p_eq.argmax(1) == p_ef.argmax(1)).mean()
-
     acc = lambda p, t: float((p.argmax(1) == t).mean())
-    a = dict(edge_fp32=(acc(p_ef, s_y), acc(d_ef, d_y)), edge_int8=(acc(p_eq, s_y), acc(d_eq, d_y)),
-             cloud=(acc(p_c, s_y), acc(d_c, d_y)))
-    assert a["cloud"][0] - a["edge_int8"][0] >= 0.05, a
+    a = dict(cloud=(acc(p_c, s_y), acc(d_c, d_y)))
+    P, report = {}, {}
+    for m in ("tiny", "edge"):
+        p_ef, p_eq = ort_probs(fp32[m], xs), ort_probs(bins[m], xs)
+        d_ef, d_eq = ort_probs(fp32[m], xd), ort_probs(bins[m], xd)
+        # Sanity: ONNX export matches sklearn; int8 stays close to fp32; probs are sane.
+        assert np.abs(p_ef - skl[m].predict_proba(xs)).max() < 1e-4
+        for p in (p_ef, p_eq, d_eq):
+            assert np.allclose(p.sum(1), 1.0, atol=1e-4)
+            assert (p.max(1) < 0.999999).any() and not np.all(p == 1.0)
+        q_gap = np.abs(p_eq - p_ef).max(1)
+        a[f"{m}_fp32"] = (acc(p_ef, s_y), acc(d_ef, d_y))
+        a[f"{m}_int8"] = (acc(p_eq, s_y), acc(d_eq, d_y))
+        P[m] = (p_eq, d_eq, ort_probs(bins[m], xk))
+        report[m] = dict(
+            q_gap=(q_gap.max(), q_gap.mean(), float((p_eq.argmax(1) == p_ef.argmax(1)).mean())),
+            dis=(float((p_eq.argmax(1) != p_c.argmax(1)).mean()),
+                 float((d_eq.argmax(1) != d_c.argmax(1)).mean())))
+    # The tiny edge is deliberately far behind the cloud; the distilled one is close to it.
+    assert a["cloud"][0] - a["tiny_int8"][0] >= 0.05, a
 
-    # ---- cascade table: escalate when edge max-prob < threshold
-    et, ct, em = p_eq.argmax(1), p_c.argmax(1), p_eq.max(1)
-    rows = []
-    for t in THRESHOLDS:
-        esc = em < t
-        ans = np.where(esc, ct, et)
-        rows.append([f"{t:.2f}", f"{esc.mean():.4f}", f"{(ans == s_y).mean():.4f}", f"{(ans == ct).mean():.4f}"])
-    orc = et != ct
-    rows.append(["oracle", f"{orc.mean():.4f}", f"{(np.where(orc, ct, et) == s_y).mean():.4f}", "1.0000"])
-    with open(EVAL_DIR / "cascade.csv", "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["threshold", "escalation_rate", "cascade_accuracy", "cloud_agreement"])
-        w.writerows(rows)
+    # ---- cascade tables on stream.bin: escalate when edge max-prob < threshold
+    rows = dict(edge=cascade_rows(P["edge"][0], p_c, s_y), tiny=cascade_rows(P["tiny"][0], p_c, s_y))
+    write_cascade(EVAL_DIR / "cascade.csv", rows["edge"])
+    write_cascade(EVAL_DIR / "cascade-tiny.csv", rows["tiny"])
+
+    # ---- offline certificates on the calibration set (against the committed cloud file)
+    set_desc = (f"{CAL_N:,} fresh augmentations (stream setting, seed {CAL_SEED}) "
+                f"of the {len(px_ev)} eval-source images")
+    reference = f"{CLOUD_NAME}@{CLOUD_VERSION}"
+    certs, cert_rows = {}, {}
+    for m in ("edge", "tiny"):
+        certs[m], cert_rows[m] = certify(P[m][2], k_c, reference, set_desc)
 
     # ---- manifests with golden vectors (from stream.bin, computed on the committed files)
-    gi = pick_golden(p_eq)
+    gi = pick_golden(P["edge"][0])
     write_manifest(EDGE_DIR / "digits-edge.toml", "digits-edge",
+                   "int8 QDQ MLP (64-128-64-10) for 8x8 digits distilled from digits-cloud; edge tier",
+                   edge_path, s_px[gi], P["edge"][0][gi], version="2.0.0", calibration=certs["edge"])
+    gi = pick_golden(P["tiny"][0])
+    write_manifest(EDGE_DIR / "digits-edge-tiny.toml", "digits-edge-tiny",
                    "Small int8 QDQ MLP (64-24-10) for 8x8 digits; edge tier",
-                   edge_path, s_px[gi], p_eq[gi])
+                   tiny_path, s_px[gi], P["tiny"][0][gi], calibration=certs["tiny"])
     gi = pick_golden(p_c)
-    write_manifest(CLOUD_DIR / "digits-cloud.toml", "digits-cloud",
+    write_manifest(CLOUD_DIR / "digits-cloud.toml", CLOUD_NAME,
                    "Wide fp32 MLP (64-256-128-10) for 8x8 digits trained on augmented data; cloud tier",
-                   cloud_path, s_px[gi], p_c[gi])
+                   cloud_path, s_px[gi], p_c[gi], version=CLOUD_VERSION)
 
-    # ---- named end-to-end examples
+    # ---- named end-to-end examples (default edge model)
+    p_eq = P["edge"][0]
     lines = ["# Named examples from eval/stream.bin for end-to-end tests (generated by train.py).",
              "# confident*: edge max prob >= 0.995 and edge top-1 == cloud top-1 == label.",
              "# unsure*:    edge max prob <= 0.6, cloud top-1 == label (preferring edge top-1 != cloud top-1 and cloud max >= 0.9)."]
@@ -362,13 +470,31 @@ def main():
 
     # ---- report
     nparams = lambda c: sum(w.size for w in c.coefs_) + sum(b.size for b in c.intercepts_)
-    print(f"edge  : {edge_path.stat().st_size} B, {nparams(edge)} params, ops {ops(edge_q)}")
+    for m, path, q in (("edge", edge_path, edge_q), ("tiny", tiny_path, tiny_q)):
+        print(f"{m:5s} : {path.stat().st_size} B, {nparams(skl[m])} params, ops {ops(q)}, "
+              f"fp32 onnx {len(fp32[m])} B")
     print(f"cloud : {cloud_path.stat().st_size} B, {nparams(cloud)} params, ops {ops(cloud_m)}")
-    print(f"edge fp32 onnx size {len(fp32_bytes)} B")
     for k, (s, d) in a.items():
         print(f"acc {k:10s} stream {s:.4f}  drift {d:.4f}")
-    print(f"int8 vs fp32: max |dp| {q_gap.max():.4f}, mean max|dp| {q_gap.mean():.5f}, top-1 agree {q_agree:.4f}")
-    print("cascade:", *(",".join(r) for r in rows), sep="\n  ")
+    for m in ("edge", "tiny"):
+        (gmax, gmean, agree), (ds, dd) = report[m]["q_gap"], report[m]["dis"]
+        print(f"{m}: int8 vs fp32 max |dp| {gmax:.4f}, mean max|dp| {gmean:.5f}, top-1 agree {agree:.4f}; "
+              f"disagreement with cloud stream {ds:.4f} drift {dd:.4f}")
+        print(f"{m}: cascade on stream.bin:", *(",".join(r) for r in rows[m]), sep="\n  ")
+    for m in ("edge", "tiny"):
+        c = certs[m]
+        print(f"{m}: certificate on the calibration set ({set_desc}), target {CAL_TARGET}, delta {CAL_DELTA}:")
+        print(f"  {'t':>6} {'k':>6} {'LB':>12} {'escalation':>10}")
+        for t, k, lb, esc, st in cert_rows[m]:
+            print(f"  {fnum(t):>6} {k:>6} {lb:12.8f} {esc:10.4f}  {st}")
+        p_s, p_d, _ = P[m]
+        thr = np.float32(c["threshold"])
+        for nm, pe, pc in (("stream", p_s, p_c), ("drift", p_d, d_c)):
+            esc = pe.max(1) < thr
+            agr = np.where(esc, pc.argmax(1), pe.argmax(1)) == pc.argmax(1)
+            print(f"  at t={fnum(thr)} on {nm}.bin: escalation {esc.mean():.4f}, cloud agreement "
+                  f"{agr.mean():.4f}; full-knowledge escalation for {CAL_TARGET} agreement "
+                  f"{full_knowledge_escalation(pe, pc):.4f}")
     for f in sorted(HERE.rglob("*")):
         if f.is_file() and f.suffix in (".onnx", ".toml", ".bin", ".csv"):
             print(hashlib.sha256(f.read_bytes()).hexdigest()[:16], f.stat().st_size, f.relative_to(HERE))
