@@ -31,6 +31,19 @@
 //! knob that lets the accuracy bought show up in money. The fleet is the sum of the devices'
 //! scenarios, so its savings weigh each device by its traffic.
 //!
+//! # When a relative figure is given
+//! A percentage is only as meaningful as its baseline: against an all-edge bill of a few
+//! millionths of a euro, tierd's cloud calls read as `-198285 %`, which says nothing a reader
+//! can use. So a saving is given only when the baseline is **non-zero and at least 1 %
+//! ([`MIN_BASELINE_SHARE`]) of the larger of the two figures** (baseline and tierd). Every
+//! saving shown therefore lies in [−9,900 %, +100 %]: at worst "tierd costs 100× the
+//! baseline". Otherwise the saving is `None` (`null` in JSON, `-` in the table) and a note
+//! gives both absolute figures and the difference in words, e.g. "all-edge costs 0 EUR: no
+//! relative figure; tierd costs 0.6286 EUR more". Withholding never flatters tierd: the rule
+//! only ever fires when the baseline is the *smaller* figure, i.e. when tierd costs more, and
+//! then the note says by how much. A baseline far above tierd's figure always gets its
+//! saving (close to +100 %), which is meaningful.
+//!
 //! # Assumptions, and which way each one leans
 //! - Counters and the energy total cover the same period (since the agent started), and the
 //!   per-request figures of the latest telemetry window (`joules_per_inference`,
@@ -40,6 +53,18 @@
 //!   radio of one cloud call is taken as that figure × `escalations / (escalations + audits)`;
 //!   using the raw figure for all-cloud would inflate that baseline by the audit share and
 //!   flatter tierd. The lifetime counters give the ratio: an approximation of the window's.
+//! - An audit is a cloud call in every figure: it counts in tierd's cloud calls (the table's
+//!   `cloud calls = escalations + audits`), is billed at `cloud_per_1000_calls`, emits
+//!   `cloud_g_co2_per_1000_calls`, and costs the radio of one cloud call (it sends the same
+//!   request an escalation would). With a meter total the audits' radio is already inside it
+//!   (the agent attributes all its MQTT radio); rebuilt, tierd's radio is `(escalations +
+//!   audits) × radio per cloud call`. An agent reports no radio figure for a window without
+//!   escalations, so a device that only audits has its audit radio counted as 0, with a note:
+//!   that understates tierd's cost (against tierd, but visible).
+//! - The same radio figure also carries the agent's telemetry, status and config messages.
+//!   Spread over the cloud calls they make a cloud call look slightly dearer than it is, which
+//!   inflates the all-cloud baseline's energy a little (flatters tierd; the share is one small
+//!   report per telemetry interval against every call's input tensor, so it is small).
 //! - The local inference figure includes the HTTP handling, which an all-cloud device would
 //!   still do. All-cloud energy therefore leaves it out and is slightly understated: this leans
 //!   against tierd, which is the safe side for a savings claim.
@@ -65,6 +90,10 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 const JOULES_PER_KWH: f64 = 3.6e6;
+
+/// A relative figure (a saving in %) is given only when its baseline is non-zero and at least
+/// this share of the larger of the two figures compared; see the module doc.
+pub const MIN_BASELINE_SHARE: f64 = 0.01;
 
 /// Prices and emission factors (relay.toml `[prices]`); every key has a documented default.
 /// The defaults are orders of magnitude to start from, not facts about anyone's bill: set
@@ -179,8 +208,9 @@ pub struct Scenario {
     pub g_co2: f64,
 }
 
-/// tierd against its two baselines. A saving is `None` when the baseline is 0 (nothing to
-/// save on), negative when tierd costs more.
+/// tierd against its two baselines. A saving is negative when tierd costs more, and `None`
+/// when the baseline is 0 or under [`MIN_BASELINE_SHARE`] of the larger figure (no meaningful
+/// relative figure; the report's notes then give the absolute figures in words).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Comparison {
     pub tierd: Scenario,
@@ -310,7 +340,7 @@ pub fn build(devices: &[DeviceUsage], prices: &Prices) -> Report {
             devices.len()
         ));
     }
-    push_costlier_notes(&mut notes, "fleet", &fleet, &prices.currency);
+    push_comparison_notes(&mut notes, "fleet", &fleet, &prices.currency);
 
     let total = |f: fn(&DeviceUsage) -> u64| {
         devices
@@ -394,7 +424,7 @@ fn device(u: &DeviceUsage, p: &Prices) -> DeviceReport {
         }
     });
 
-    let tierd_energy = match (energy_total, jpi, radio_per_escalation) {
+    let tierd_energy = match (energy_total, jpi, radio_per_call) {
         (Some(j), _, _) => j,
         (None, None, None) => {
             if u.requests > 0 {
@@ -408,13 +438,16 @@ fn device(u: &DeviceUsage, p: &Prices) -> DeviceReport {
         }
         (None, jpi, radio) => {
             let compute = jpi.map_or(0.0, |j| requests * j);
-            // The agent reports no radio figure for a window without escalations; with none
-            // since start there is no radio to miss.
-            let radio_missing = radio.is_none() && u.escalations > 0;
-            let radio = radio.map_or(0.0, |r| escalations * r);
+            // Every cloud call, escalation or audit, costs one call's radio. (With escalations
+            // this equals escalations × the agent's radio_joules_per_escalation, which already
+            // spreads the audits' radio over the escalations.) The agent reports no radio
+            // figure for a window without escalations; with no cloud call since start there
+            // is no radio to miss.
+            let radio_missing = radio.is_none() && (u.escalations > 0 || u.audits > 0);
+            let radio = radio.map_or(0.0, |r| (escalations + audits) * r);
             let mut note = String::from(
                 "no meter total: tierd energy rebuilt as requests × joules_per_inference + \
-                 escalations × radio_joules_per_escalation",
+                 (escalations + audits) × radio per cloud call",
             );
             if jpi.is_none() && u.requests > 0 {
                 note.push_str(" (joules_per_inference unknown: compute counted as 0)");
@@ -499,7 +532,7 @@ fn device(u: &DeviceUsage, p: &Prices) -> DeviceReport {
         scenario(requests, all_cloud_energy, Some(0.0)),
         scenario(0.0, all_edge_energy, edge_disagreements),
     );
-    push_costlier_notes(&mut notes, "tierd", &comparison, &p.currency);
+    push_comparison_notes(&mut notes, "tierd", &comparison, &p.currency);
 
     DeviceReport {
         usage: u.clone(),
@@ -508,11 +541,15 @@ fn device(u: &DeviceUsage, p: &Prices) -> DeviceReport {
     }
 }
 
+/// `(baseline − ours) / baseline` in %, or `None` when the baseline is too small for the
+/// ratio to mean anything (0, or under [`MIN_BASELINE_SHARE`] of the larger figure).
+fn saving(baseline: f64, ours: f64) -> Option<f64> {
+    // Relative to nothing is undefined, not 0 % or -inf; relative to almost nothing is noise.
+    let meaningful = baseline > 0.0 && baseline >= MIN_BASELINE_SHARE * baseline.max(ours);
+    meaningful.then(|| (baseline - ours) / baseline * 100.0)
+}
+
 fn compare(tierd: Scenario, all_cloud: Scenario, all_edge: Scenario) -> Comparison {
-    let saving = |baseline: f64, ours: f64| {
-        // Relative to nothing is undefined, not 0 % or -inf.
-        (baseline > 0.0).then(|| (baseline - ours) / baseline * 100.0)
-    };
     Comparison {
         money_saving_vs_all_cloud_pct: saving(all_cloud.money, tierd.money),
         money_saving_vs_all_edge_pct: saving(all_edge.money, tierd.money),
@@ -524,38 +561,125 @@ fn compare(tierd: Scenario, all_cloud: Scenario, all_edge: Scenario) -> Comparis
     }
 }
 
-/// Says in words when tierd is the dearer option, so a negative figure in a table is not
-/// mistaken for a sign convention.
-fn push_costlier_notes(notes: &mut Vec<String>, who: &str, c: &Comparison, currency: &str) {
-    if let Some(s) = c.money_saving_vs_all_cloud_pct.filter(|s| *s < 0.0) {
-        notes.push(format!(
-            "{who} costs {:.1}% more than all-cloud ({:.4} vs {:.4} {currency}): local \
-             inference and audits cost more here than the cloud calls they avoid",
-            -s, c.tierd.money, c.all_cloud.money
-        ));
+/// Says in words what the savings columns cannot: when tierd is the dearer option (so a
+/// negative figure is not mistaken for a sign convention), and, where no relative figure is
+/// given, both absolute figures and the difference.
+fn push_comparison_notes(notes: &mut Vec<String>, who: &str, c: &Comparison, currency: &str) {
+    /// One (figure, baseline) pair of the four savings.
+    struct Pair<'a> {
+        base: &'a str,
+        ours: f64,
+        theirs: f64,
+        saving: Option<f64>,
+        /// "costs" or "emits", what ("" or " CO2"), the unit and the places it is shown to.
+        verb: &'a str,
+        what: &'a str,
+        unit: &'a str,
+        decimals: usize,
+        /// Why tierd can be the dearer one, after the figures.
+        why: &'a str,
     }
-    if let Some(s) = c.money_saving_vs_all_edge_pct.filter(|s| *s < 0.0) {
-        notes.push(format!(
-            "{who} costs {:.1}% more than all-edge ({:.4} vs {:.4} {currency}): escalations \
-             add radio and cloud calls to the local inference; what they buy is accuracy, \
-             which counts in money only through prices.per_disagreement",
-            -s, c.tierd.money, c.all_edge.money
-        ));
-    }
-    for (base, saving, theirs) in [
-        (
+    let money = |base, theirs, saving, why| Pair {
+        base,
+        ours: c.tierd.money,
+        theirs,
+        saving,
+        verb: "costs",
+        what: "",
+        unit: currency,
+        decimals: 4,
+        why,
+    };
+    let co2 = |base, theirs, saving| Pair {
+        base,
+        ours: c.tierd.g_co2,
+        theirs,
+        saving,
+        verb: "emits",
+        what: " CO2",
+        unit: "g",
+        decimals: 2,
+        why: "",
+    };
+    for p in [
+        money(
             "all-cloud",
-            c.co2_saving_vs_all_cloud_pct,
-            c.all_cloud.g_co2,
+            c.all_cloud.money,
+            c.money_saving_vs_all_cloud_pct,
+            ": local inference and audits cost more here than the cloud calls they avoid",
         ),
-        ("all-edge", c.co2_saving_vs_all_edge_pct, c.all_edge.g_co2),
+        money(
+            "all-edge",
+            c.all_edge.money,
+            c.money_saving_vs_all_edge_pct,
+            ": escalations and audits add radio and cloud calls to the local inference; what \
+             they buy is accuracy, which counts in money only through prices.per_disagreement",
+        ),
+        co2(
+            "all-cloud",
+            c.all_cloud.g_co2,
+            c.co2_saving_vs_all_cloud_pct,
+        ),
+        co2("all-edge", c.all_edge.g_co2, c.co2_saving_vs_all_edge_pct),
     ] {
-        if let Some(s) = saving.filter(|s| *s < 0.0) {
-            notes.push(format!(
-                "{who} emits {:.1}% more CO2 than {base} ({:.2} vs {:.2} g)",
-                -s, c.tierd.g_co2, theirs
-            ));
+        let Pair {
+            base,
+            ours,
+            theirs,
+            verb,
+            what,
+            unit,
+            why,
+            ..
+        } = p;
+        let f = |v: f64| figure(v, p.decimals);
+        match p.saving {
+            Some(s) if s < 0.0 => notes.push(format!(
+                "{who} {verb} {:.1}% more{what} than {base} ({} vs {} {unit}){why}",
+                -s,
+                f(ours),
+                f(theirs)
+            )),
+            Some(_) => {}
+            // Both nothing: nothing to compare and nothing to explain.
+            None if ours == 0.0 && theirs == 0.0 => {}
+            None => {
+                // Withheld only when the baseline is the smaller figure: tierd is the dearer.
+                let baseline = if theirs == 0.0 {
+                    format!("{base} {verb} 0 {unit}{what}")
+                } else {
+                    format!(
+                        "{base} {verb} {} {unit}{what}, under {}% of {who}'s {} {unit}",
+                        f(theirs),
+                        MIN_BASELINE_SHARE * 100.0,
+                        f(ours)
+                    )
+                };
+                notes.push(format!(
+                    "{baseline}: no relative figure; {who} {verb} {} {unit}{what} more ({} vs \
+                     {} {unit}){why}",
+                    f(ours - theirs),
+                    f(ours),
+                    f(theirs)
+                ));
+            }
         }
+    }
+}
+
+/// `v` to `decimals` places, or, when that would print a non-zero figure as 0, to two
+/// significant digits (`0.000031`), so a note never says "0.0000" of something that is not 0.
+fn figure(v: f64, decimals: usize) -> String {
+    let tiny = 0.5 * 10f64.powi(-(decimals as i32));
+    if v == 0.0 || !v.is_finite() || v.abs() >= tiny {
+        return format!("{v:.decimals$}");
+    }
+    // Digits after the point for two significant ones; past 12, scientific notation.
+    let digits = (-v.abs().log10()).ceil() as usize + 1;
+    if digits > 12 {
+        format!("{v:.1e}")
+    } else {
+        format!("{v:.digits$}")
     }
 }
 
@@ -656,9 +780,12 @@ pub fn render_text(r: &Report) -> String {
              row includes at least one such device)\n",
         );
     }
-    out.push_str(
-        "cloud calls = escalations + audits; savings = (baseline − tierd) / baseline, negative \
-         when tierd costs more; '-' = no baseline to save on\n",
+    let _ = writeln!(
+        out,
+        "cloud calls = escalations + audits (audits are cloud calls in every figure); savings = \
+         (baseline − tierd) / baseline, negative when tierd costs more; '-' = no relative \
+         figure: the baseline is 0 or under {}% of the larger figure (the notes give both)",
+        MIN_BASELINE_SHARE * 100.0
     );
     if !r.notes.is_empty() || r.devices.iter().any(|d| !d.notes.is_empty()) {
         out.push_str("\nnotes:\n");
@@ -838,24 +965,222 @@ mod tests {
 
     #[test]
     fn tierd_dearer_than_all_edge_is_negative_and_said_in_words() {
+        // A small accuracy price: all-edge 0.003 + 1,000 × 0.0005 = 0.503, tierd 0.6286 +
+        // 200 × 0.0005 = 0.7286. The baseline is well above 1 % of tierd: a real figure.
+        let p = Prices {
+            per_disagreement: 0.0005,
+            ..prices()
+        };
+        let r = build(&[usage()], &p);
+        let c = &r.devices[0].comparison;
+        assert_close!(
+            c.money_saving_vs_all_edge_pct.unwrap(),
+            (0.503 - 0.7286) / 0.503 * 100.0
+        );
+        assert!(c.money_saving_vs_all_edge_pct.unwrap() < 0.0);
+        let notes = &r.devices[0].notes;
+        assert!(
+            notes.iter().any(|n| n.starts_with(
+                "tierd costs 44.9% more than all-edge (0.7286 vs 0.5030 EUR): escalations"
+            )),
+            "{notes:?}"
+        );
+        assert!(!notes.iter().any(|n| n.contains("no relative figure")));
+    }
+
+    #[test]
+    fn near_zero_baseline_gives_absolute_figures_in_words_not_a_percentage() {
+        // Accuracy unpriced: all-edge money is only its energy, 0.003 EUR against tierd's
+        // 0.6286 (0.48 %, under the 1 % rule): the ratio would read -20853 %.
         let p = Prices {
             per_disagreement: 0.0,
             ..prices()
         };
         let r = build(&[usage()], &p);
         let c = &r.devices[0].comparison;
-        // Without the accuracy price: tierd 0.6286, all-edge 0.003.
+        assert_eq!(c.money_saving_vs_all_edge_pct, None);
+        // The other three baselines are large enough: their figures stay.
         assert_close!(
-            c.money_saving_vs_all_edge_pct.unwrap(),
-            (0.003 - 0.6286) / 0.003 * 100.0
+            c.money_saving_vs_all_cloud_pct.unwrap(),
+            (5.004 - 0.6286) / 5.004 * 100.0
         );
-        assert!(c.money_saving_vs_all_edge_pct.unwrap() < 0.0);
+        assert_close!(
+            c.co2_saving_vs_all_edge_pct.unwrap(),
+            (3.0 - 6.1) / 3.0 * 100.0
+        );
         let notes = &r.devices[0].notes;
         assert!(
-            notes.iter().any(|n| n.contains("more than all-edge")),
+            notes.iter().any(|n| n.starts_with(
+                "all-edge costs 0.0030 EUR, under 1% of tierd's 0.6286 EUR: no relative \
+                 figure; tierd costs 0.6256 EUR more (0.6286 vs 0.0030 EUR): escalations"
+            )),
             "{notes:?}"
         );
+        assert!(!notes.iter().any(|n| n.contains("% more than all-edge (")));
         assert!(r.notes.iter().any(|n| n.contains("per_disagreement = 0")));
+        // The table shows '-' for the withheld figure and explains it.
+        let text = render_text(&r);
+        assert!(text.contains("- / -103.3%"), "{text}");
+        assert!(text.contains("'-' = no relative figure"), "{text}");
+        assert!(!text.contains("20853"), "{text}");
+
+        // Far below the figures' printed precision the note still shows a non-zero amount:
+        // 10,000 × 0.01 J = 100 J = 1/36,000 kWh = 0.00001 EUR.
+        let u = DeviceUsage {
+            joules_per_inference: Some(0.01),
+            ..usage()
+        };
+        let r = build(&[u], &p);
+        let d = &r.devices[0];
+        assert_eq!(d.comparison.money_saving_vs_all_edge_pct, None);
+        assert_eq!(d.comparison.co2_saving_vs_all_edge_pct, None);
+        assert!(
+            d.notes.iter().any(|n| n.starts_with(
+                "all-edge costs 0.000010 EUR, under 1% of tierd's 0.6286 EUR: no relative figure"
+            )),
+            "{:?}",
+            d.notes
+        );
+        assert!(
+            d.notes.iter().any(|n| n.starts_with(
+                "all-edge emits 0.01 g CO2, under 1% of tierd's 6.10 g: no relative figure; \
+                 tierd emits 6.09 g CO2 more (6.10 vs 0.01 g)"
+            )),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    #[test]
+    fn zero_baseline_gives_absolute_figures_in_words() {
+        // No local inference figure: all-edge energy is 0, and with accuracy unpriced so is
+        // its money and CO2.
+        let u = DeviceUsage {
+            joules_per_inference: None,
+            ..usage()
+        };
+        let p = Prices {
+            per_disagreement: 0.0,
+            ..prices()
+        };
+        let r = build(&[u], &p);
+        let d = &r.devices[0];
+        let c = &d.comparison;
+        assert_eq!(c.all_edge.money, 0.0);
+        assert_eq!(c.money_saving_vs_all_edge_pct, None);
+        assert_eq!(c.co2_saving_vs_all_edge_pct, None);
+        assert!(c.money_saving_vs_all_cloud_pct.is_some());
+        for want in [
+            "all-edge costs 0 EUR: no relative figure; tierd costs 0.6286 EUR more (0.6286 vs \
+             0.0000 EUR)",
+            "all-edge emits 0 g CO2: no relative figure; tierd emits 6.10 g CO2 more (6.10 vs \
+             0.00 g)",
+        ] {
+            assert!(
+                d.notes.iter().any(|n| n.starts_with(want)),
+                "{want}: {:?}",
+                d.notes
+            );
+        }
+        // The fleet row says the same about the fleet.
+        assert!(
+            r.notes
+                .iter()
+                .any(|n| n.starts_with("all-edge costs 0 EUR: no relative figure; fleet costs")),
+            "{:?}",
+            r.notes
+        );
+    }
+
+    #[test]
+    fn relative_figure_rule_is_one_percent_of_the_larger_figure() {
+        assert_close!(saving(1.0, 100.0).unwrap(), -9_900.0);
+        assert_eq!(saving(0.999, 100.0), None);
+        assert_eq!(saving(0.0, 1.0), None);
+        assert_eq!(saving(0.0, 0.0), None);
+        // A baseline far above tierd's figure always has a meaningful saving.
+        assert_close!(saving(100.0, 0.5).unwrap(), 99.5);
+        assert_close!(saving(100.0, 0.0).unwrap(), 100.0);
+        // Small but comparable figures are fine: the rule is relative, not absolute.
+        assert_close!(saving(2e-9, 1e-9).unwrap(), 50.0);
+        assert_eq!(figure(0.0, 4), "0.0000");
+        assert_eq!(figure(0.6286, 4), "0.6286");
+        assert_eq!(figure(0.00003, 4), "0.000030");
+        assert_eq!(figure(1e-20, 4), "1.0e-20");
+    }
+
+    #[test]
+    fn audits_are_cloud_calls_in_every_figure() {
+        // The same device with and without 250 audits. Both agents' radio per cloud call is
+        // 4 J: the agent spreads the audits' radio over its escalations, so with audits it
+        // reports 4 × 1,250 / 1,000 = 5 J per escalation. No meter: energy is rebuilt.
+        let without = DeviceUsage {
+            audits: 0,
+            energy_joules: None,
+            radio_joules_per_escalation: Some(4.0),
+            ..usage()
+        };
+        let with = DeviceUsage {
+            audits: 250,
+            energy_joules: None,
+            radio_joules_per_escalation: Some(5.0),
+            ..usage()
+        };
+        let r = build(&[without, with], &prices());
+        let (a, b) = (&r.devices[0].comparison, &r.devices[1].comparison);
+        assert_close!(a.tierd.cloud_calls, 1_000.0);
+        assert_close!(b.tierd.cloud_calls, 1_250.0);
+        // 10,000 × 3 J + (1,000 + audits) × 4 J.
+        assert_close!(a.tierd.energy_joules, 34_000.0);
+        assert_close!(b.tierd.energy_joules, 35_000.0);
+        // 250 calls at 0.5 EUR/1,000 + 1,000 J at 0.36 EUR/kWh; 250 × 2 g/1,000 + 1,000 J at
+        // 360 g/kWh.
+        assert_close!(b.tierd.money - a.tierd.money, 0.125 + 0.0001);
+        assert_close!(b.tierd.g_co2 - a.tierd.g_co2, 0.5 + 0.1);
+        // The baselines do not depend on audits (nothing to audit in either).
+        assert_eq!(a.all_cloud, b.all_cloud);
+        assert_eq!(a.all_edge, b.all_edge);
+        assert_close!(b.all_cloud.energy_joules, 40_000.0);
+        assert_eq!(r.fleet_cloud_calls, 2_250);
+        assert_eq!(r.fleet_escalations, 2_000);
+
+        // A device that only audits: every audit is still a call with its radio.
+        let auditor = DeviceUsage {
+            escalations: 0,
+            cloud_answers: 0,
+            audits: 200,
+            energy_joules: None,
+            radio_joules_per_escalation: Some(4.0),
+            ..usage()
+        };
+        let r = build(std::slice::from_ref(&auditor), &prices());
+        let c = &r.devices[0].comparison;
+        assert_close!(c.tierd.cloud_calls, 200.0);
+        assert_close!(c.tierd.energy_joules, 30_000.0 + 200.0 * 4.0);
+        assert_eq!(r.fleet_cloud_calls, 200);
+        let row = render_text(&r)
+            .lines()
+            .find(|l| l.starts_with("pi-kitchen "))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        assert!(row.contains("  200  "), "{row}");
+        // Without a radio figure the audits' radio is missing, and the note says so.
+        let r = build(
+            &[DeviceUsage {
+                radio_joules_per_escalation: None,
+                ..auditor
+            }],
+            &prices(),
+        );
+        assert_close!(r.devices[0].comparison.tierd.energy_joules, 30_000.0);
+        assert!(
+            r.devices[0]
+                .notes
+                .iter()
+                .any(|n| n.contains("radio_joules_per_escalation unknown: radio counted as 0")),
+            "{:?}",
+            r.devices[0].notes
+        );
     }
 
     #[test]
