@@ -6,6 +6,14 @@
 //! Metrics are produced at scrape time by a `prometheus-client` collector over the
 //! [`Fleet`](crate::fleet::Fleet),
 //! so a device that reports is visible at the next scrape with no per-device registration.
+//!
+//! # Floats as written
+//! Thresholds, audit rates, bin edges and a few device figures are `f32`. Widened with
+//! `f64::from` they show their binary noise (`0.9_f32` becomes `0.8999999761581421`), and
+//! `serde_json::json!`/`to_value` widen every `f32` inside a struct that way. So every JSON
+//! body here that holds a struct goes through [`to_json`], and every `f32` handed to JSON or
+//! a metric by itself through [`widen`]: both give the shortest decimal that reads back as
+//! the same `f32` (`0.9`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,10 +29,12 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use serde_json::json;
+use serde::Serialize;
+use serde_json::{json, Value};
 use tierd_runtime::link::Publisher;
 use tierd_runtime::metrics::{family, Labels};
 
+use crate::fleet::Fleet;
 use crate::report::{usage, DeviceUsage, Prices};
 use crate::state::{RelayState, RelayStats, SharedControl, SharedFleet};
 
@@ -59,6 +69,22 @@ struct FleetCollector {
     stats: Arc<RelayStats>,
     /// `tierd_device_proposed_threshold`'s help, which states the configured target.
     proposed_help: String,
+}
+
+/// `v` as the `f64` nearest its shortest round-trip decimal: `0.9_f32` is `0.9`, where
+/// `f64::from` gives `0.8999999761581421`. The value is the same `f32` read back; only the
+/// noise below its precision is gone.
+pub fn widen(v: f32) -> f64 {
+    // `Display` writes the shortest decimal that parses back to `v` (no exponent; "NaN" and
+    // "inf" parse too), so the fallback is never taken.
+    format!("{v}").parse().unwrap_or(f64::from(v))
+}
+
+/// `v` as a JSON value with every `f32` in it as [`widen`] gives it. Serialized to text
+/// first, where serde_json writes an `f32` as its shortest decimal, then parsed back; `json!`
+/// or `serde_json::to_value` would widen it with `f64::from` instead.
+pub fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<Value, serde_json::Error> {
+    serde_json::from_str(&serde_json::to_string(v)?)
 }
 
 /// A ratio as a percentage for people: `0.99` is `99`, `0.995` is `99.5`.
@@ -182,7 +208,7 @@ impl Collector for FleetCollector {
             }
             threshold.push((
                 dev(id, &[("signal", r.signal.as_str())]),
-                ConstGauge::new(f64::from(r.threshold)),
+                ConstGauge::new(widen(r.threshold)),
             ));
             last_seen.push((
                 dev(id, &[]),
@@ -190,10 +216,11 @@ impl Collector for FleetCollector {
             ));
             cpu.push((
                 dev(id, &[]),
-                ConstGauge::new(f64::from(r.device.cpu_percent) / 100.0),
+                // Divided as the f32 it is, so the ratio too is its shortest decimal.
+                ConstGauge::new(widen(r.device.cpu_percent / 100.0)),
             ));
             if let Some(t) = r.device.temperature_c {
-                temp.push((dev(id, &[]), ConstGauge::new(f64::from(t))));
+                temp.push((dev(id, &[]), ConstGauge::new(widen(t))));
             }
             if let Some(c) = &d.calibration {
                 let insufficient = if c.certificate.insufficient_evidence {
@@ -203,7 +230,7 @@ impl Collector for FleetCollector {
                 };
                 proposed.push((
                     dev(id, &[("insufficient_evidence", insufficient)]),
-                    ConstGauge::new(f64::from(c.certificate.threshold)),
+                    ConstGauge::new(widen(c.certificate.threshold)),
                 ));
             }
         }
@@ -356,6 +383,17 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
+/// A JSON response of `body` (through [`to_json`]), or a 500 if it cannot be written.
+fn json_body(body: Result<Value, serde_json::Error>) -> Response {
+    match body {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("response could not be encoded: {e}"),
+        ),
+    }
+}
+
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     match tierd_runtime::metrics::render(&state.registry) {
         Ok(out) => (
@@ -373,14 +411,31 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
+/// `GET /api/devices`: every device's record, every status, the fleet's totals.
+fn devices_body(f: &Fleet) -> Result<Value, serde_json::Error> {
+    let list: Vec<_> = f.devices().collect();
+    let statuses: std::collections::BTreeMap<_, _> = f.statuses().collect();
+    Ok(json!({
+        "devices": to_json(&list)?,
+        "status": to_json(&statuses)?,
+        "totals": to_json(&f.totals())?,
+    }))
+}
+
+/// `GET /api/devices/{id}`: the device's record (or just its id), status and spool stream.
+fn device_body(f: &Fleet, id: &str) -> Result<Value, serde_json::Error> {
+    let mut body = match f.get(id) {
+        Some(d) => to_json(d)?,
+        None => json!({ "device_id": id }),
+    };
+    body["status"] = to_json(&f.status(id))?;
+    body["stream"] = to_json(&f.stream(id))?;
+    Ok(body)
+}
+
 async fn devices(State(state): State<Arc<ApiState>>) -> Response {
     match state.fleet.lock() {
-        Ok(f) => {
-            let list: Vec<_> = f.devices().collect();
-            let statuses: std::collections::BTreeMap<_, _> = f.statuses().collect();
-            Json(json!({ "devices": list, "status": statuses, "totals": f.totals() }))
-                .into_response()
-        }
+        Ok(f) => json_body(devices_body(&f)),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "fleet state poisoned".into(),
@@ -395,12 +450,7 @@ async fn device(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> R
                 StatusCode::NOT_FOUND,
                 format!("no telemetry or status from device {id:?} yet"),
             ),
-            (record, status) => {
-                let mut body = record.map_or_else(|| json!({ "device_id": id }), |d| json!(d));
-                body["status"] = json!(status);
-                body["stream"] = json!(f.stream(&id));
-                Json(body).into_response()
-            }
+            _ => json_body(device_body(&f, &id)),
         },
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -418,12 +468,13 @@ async fn config_show(State(state): State<Arc<ApiState>>, Path(id): Path<String>)
             .map(|d| (d.latest.config_version, d.latest.threshold))
     });
     match state.control.lock() {
-        Ok(c) => {
-            let mut body = json!(c.view(&id));
-            body["running"] =
-                json!(running.map(|(v, t)| json!({ "config_version": v, "threshold": t })));
-            Json(body).into_response()
-        }
+        Ok(c) => json_body(to_json(&c.view(&id)).map(|mut body| {
+            body["running"] = running.map_or(
+                Value::Null,
+                |(v, t)| json!({ "config_version": v, "threshold": widen(t) }),
+            );
+            body
+        })),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "control state poisoned".into(),
@@ -470,7 +521,7 @@ async fn config_set(
     match result {
         Ok(doc) => {
             tracing::info!(device = %id, version = doc.version, "operator config published");
-            Json(json!({ "published": doc })).into_response()
+            json_body(to_json(&doc).map(|doc| json!({ "published": doc })))
         }
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
@@ -489,7 +540,7 @@ async fn config_reset(State(state): State<Arc<ApiState>>, Path(id): Path<String>
     match result {
         Ok(doc) => {
             tracing::info!(device = %id, epoch = doc.epoch, version = doc.version, "config reset published");
-            Json(json!({ "published": doc })).into_response()
+            json_body(to_json(&doc).map(|doc| json!({ "published": doc })))
         }
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
@@ -523,7 +574,137 @@ async fn report(State(state): State<Arc<ApiState>>, Query(q): Query<ReportQuery>
 
 #[cfg(test)]
 mod tests {
-    use super::percent;
+    use super::*;
+
+    use std::collections::BTreeMap;
+
+    use crate::config::RelayConfig;
+    use crate::control::Control;
+    use crate::fleet::testing::{online, report};
+    use tierd_protocol::Settings;
+    use tierd_runtime::mqtt::MqttConfig;
+
+    #[test]
+    fn widen_gives_the_f32s_shortest_decimal() {
+        assert_eq!(f64::from(0.9_f32), 0.8999999761581421);
+        assert_eq!(widen(0.9), 0.9);
+        assert_eq!(widen(0.05), 0.05);
+        assert_eq!(widen(1.01), 1.01);
+        assert_eq!(widen(0.0), 0.0);
+        assert_eq!(widen(1e-20), 1e-20);
+        assert_eq!(widen(f32::MAX), 3.4028235e38);
+        assert!(widen(f32::NAN).is_nan());
+        // Read back as f32 it is the same value: nothing but the noise is gone.
+        for v in [0.9_f32, 0.1, 0.33333334, 0.999, 12.3, 1.0e-7] {
+            assert_eq!(widen(v) as f32, v);
+        }
+        #[derive(Serialize)]
+        struct S {
+            t: f32,
+            edges: Vec<f32>,
+        }
+        let v = to_json(&S {
+            t: 0.9,
+            edges: vec![0.0, 0.85, 0.93],
+        })
+        .unwrap();
+        assert_eq!(v.to_string(), r#"{"edges":[0.0,0.85,0.93],"t":0.9}"#);
+        // What `json!` alone would have written.
+        assert!(json!(0.9_f32).to_string().starts_with("0.8999999"));
+    }
+
+    /// The real API on 127.0.0.1 over a fleet with one device at threshold 0.9 and a
+    /// fleet default of 0.9, fetched over HTTP: no f32 shows its binary noise.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn json_and_metrics_show_f32s_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_800_000_000_000;
+        let boot = now - 5;
+        let mut fleet = Fleet::new(8);
+        online(&mut fleet, "dev-1", boot);
+        let mut r = report("dev-1", boot, 1, 10);
+        r.threshold = 0.9;
+        r.device.cpu_percent = 12.3;
+        r.device.temperature_c = Some(47.1);
+        fleet.ingest("dev-1", r, now).unwrap();
+        let cfg = RelayConfig::default();
+        let defaults = Settings {
+            threshold: Some(0.9),
+            ..Settings::default()
+        };
+        let control = Control::new(
+            false,
+            cfg.push_rules(),
+            defaults,
+            BTreeMap::new(),
+            BTreeMap::new(),
+            8,
+        );
+        let (signer, _) = crate::signing::load_or_create(&dir.path().join("key.pk8")).unwrap();
+        let relay = RelayState::new(fleet, control, signer);
+        let client =
+            tierd_runtime::link::Link::open(MqttConfig::default().options("api-test").unwrap(), 8)
+                .publisher();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(
+            relay,
+            ApiDeps {
+                client,
+                prices: Prices::default(),
+                state_dir: dir.path().to_path_buf(),
+                delta: 0.05,
+                target: 0.99,
+                access: crate::http_auth::Access::new("t0ken".into(), &cfg.http, addr),
+            },
+        );
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        for path in [
+            "/api/devices",
+            "/api/devices/dev-1",
+            "/api/devices/dev-1/config",
+            "/metrics",
+        ] {
+            let resp = http
+                .get(format!("http://{addr}{path}"))
+                .bearer_auth("t0ken")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            let text = resp.text().await.unwrap();
+            for noise in ["0.899999", "12.30000", "47.09999", "0.12300000"] {
+                assert!(!text.contains(noise), "{path} shows {noise}:\n{text}");
+            }
+            if path == "/metrics" {
+                assert!(
+                    text.contains(
+                        r#"tierd_device_threshold{device="dev-1",signal="max_prob"} 0.9"#
+                    ),
+                    "{text}"
+                );
+                assert!(text.contains("47.1"), "{text}");
+                continue;
+            }
+            let body: Value = serde_json::from_str(&text).unwrap();
+            let threshold = match path {
+                "/api/devices" => &body["devices"][0]["latest"]["threshold"],
+                "/api/devices/dev-1" => &body["latest"]["threshold"],
+                _ => &body["running"]["threshold"],
+            };
+            assert_eq!(threshold.to_string(), "0.9", "{path}: {text}");
+            assert!(text.contains("\"threshold\":0.9"), "{path}: {text}");
+            if path.ends_with("/config") {
+                assert_eq!(body["defaults"]["threshold"].to_string(), "0.9", "{text}");
+            } else {
+                assert!(text.contains("\"cpu_percent\":12.3"), "{path}: {text}");
+                assert!(text.contains("\"temperature_c\":47.1"), "{path}: {text}");
+            }
+        }
+        server.abort();
+    }
 
     #[test]
     fn percentages_read_as_people_write_them() {
