@@ -180,7 +180,9 @@ pub struct ModelConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CascadeConfig {
     /// Answer locally iff confidence >= threshold. 0 never escalates; above 1 always does.
-    pub threshold: f32,
+    /// Unset (the default): the threshold certified offline in the model's manifest
+    /// (`[calibration]`), else [`UNCALIBRATED_THRESHOLD`].
+    pub threshold: Option<f32>,
     pub signal: Signal,
     /// How long a caller waits for the cloud before getting the edge answer (`edge_fallback`).
     pub escalation_timeout_ms: u64,
@@ -231,10 +233,25 @@ impl Default for ModelConfig {
     }
 }
 
+/// The threshold of a model whose manifest certifies none, when `agent.toml` sets none.
+pub const UNCALIBRATED_THRESHOLD: f32 = 0.9;
+
+impl CascadeConfig {
+    /// The threshold to start from, and where it comes from: `agent.toml`, else the model's
+    /// offline certificate, else [`UNCALIBRATED_THRESHOLD`].
+    pub fn start_threshold(&self, manifest: &tierd_runtime::Manifest) -> (f32, &'static str) {
+        match (self.threshold, &manifest.calibration) {
+            (Some(t), _) => (t, "agent.toml"),
+            (None, Some(c)) => (c.threshold, "the model's offline certificate"),
+            (None, None) => (UNCALIBRATED_THRESHOLD, "the uncalibrated default"),
+        }
+    }
+}
+
 impl Default for CascadeConfig {
     fn default() -> Self {
         CascadeConfig {
-            threshold: 0.9,
+            threshold: None,
             signal: Signal::MaxProb,
             escalation_timeout_ms: 250,
             max_in_flight: 64,
@@ -281,11 +298,11 @@ impl AgentConfig {
             return bad(format!("device_id: {e}"));
         }
         let c = &self.cascade;
-        if !(c.threshold.is_finite() && limits::THRESHOLD.contains(&c.threshold)) {
-            return bad(format!(
-                "cascade.threshold = {} must be within [0, 1.01]",
-                c.threshold
-            ));
+        if let Some(t) = c
+            .threshold
+            .filter(|t| !(t.is_finite() && limits::THRESHOLD.contains(t)))
+        {
+            return bad(format!("cascade.threshold = {t} must be within [0, 1.01]"));
         }
         if !limits::ESCALATION_TIMEOUT_MS.contains(&c.escalation_timeout_ms) {
             return bad(format!(

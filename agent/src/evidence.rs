@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
-use tierd_protocol::BinCounts;
+use tierd_protocol::{BinCounts, MAX_THRESHOLDS_IN_FORCE};
 
 /// Lower bin edges, finer near 1 where thresholds live. The tuner only proposes thresholds on
 /// these edges, which its statistics rely on (see `cloud_relay::tuner`).
@@ -31,9 +31,41 @@ struct Limiter {
     used: u32,
 }
 
+/// One window's counts and the thresholds its requests were decided under, behind one lock so
+/// a request never lands in one window with its threshold in another.
+#[derive(Debug, Clone, Default)]
+struct Counts {
+    bins: [BinCounts; EDGES.len()],
+    thresholds: Vec<f32>,
+    /// More distinct thresholds than the protocol lists.
+    overflow: bool,
+}
+
+impl Counts {
+    fn note(&mut self, threshold: f32) {
+        if self.overflow || self.thresholds.contains(&threshold) {
+            return;
+        }
+        if self.thresholds.len() < MAX_THRESHOLDS_IN_FORCE {
+            self.thresholds.push(threshold);
+        } else {
+            self.overflow = true;
+        }
+    }
+}
+
+/// What [`Evidence::take_window`] hands the telemetry loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub bins: Vec<BinCounts>,
+    /// Every threshold a request of the window was decided under; every bin edge (more than
+    /// the protocol's list holds) when there were too many, which the relay treats as unknown.
+    pub thresholds: Vec<f32>,
+}
+
 #[derive(Debug)]
 pub struct Evidence {
-    bins: Mutex<[BinCounts; EDGES.len()]>,
+    counts: Mutex<Counts>,
     rng: Mutex<rand::rngs::Xoshiro256PlusPlus>,
     limiter: Mutex<Limiter>,
     /// f64 bits: remote config changes the rate while requests read it.
@@ -47,7 +79,7 @@ impl Evidence {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         Evidence {
-            bins: Mutex::new([BinCounts::default(); EDGES.len()]),
+            counts: Mutex::new(Counts::default()),
             rng: Mutex::new(rand::rngs::Xoshiro256PlusPlus::seed_from_u64(seed)),
             limiter: Mutex::new(Limiter {
                 window_start: Instant::now(),
@@ -68,15 +100,19 @@ impl Evidence {
             .store(rate.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
     }
 
-    fn with_bin(&self, confidence: f32, f: impl FnOnce(&mut BinCounts)) {
-        if let Ok(mut bins) = self.bins.lock() {
-            f(&mut bins[bin_of(confidence)]);
+    fn with_bin(&self, confidence: f32, threshold: Option<f32>, f: impl FnOnce(&mut BinCounts)) {
+        if let Ok(mut c) = self.counts.lock() {
+            if let Some(t) = threshold {
+                c.note(t);
+            }
+            f(&mut c.bins[bin_of(confidence)]);
         }
     }
 
-    /// An escalated request; `agree` is `None` when no cloud answer came (fallback).
-    pub fn record_escalated(&self, confidence: f32, agree: Option<bool>) {
-        self.with_bin(confidence, |b| {
+    /// An escalated request decided under `threshold`; `agree` is `None` when no cloud answer
+    /// came (fallback).
+    pub fn record_escalated(&self, confidence: f32, threshold: f32, agree: Option<bool>) {
+        self.with_bin(confidence, Some(threshold), |b| {
             b.escalated += 1;
             if let Some(a) = agree {
                 b.escalated_labelled += 1;
@@ -85,13 +121,14 @@ impl Evidence {
         });
     }
 
-    pub fn record_local(&self, confidence: f32) {
-        self.with_bin(confidence, |b| b.local += 1);
+    /// A request answered locally under `threshold`.
+    pub fn record_local(&self, confidence: f32, threshold: f32) {
+        self.with_bin(confidence, Some(threshold), |b| b.local += 1);
     }
 
     /// A completed audit of a local answer.
     pub fn record_audit(&self, confidence: f32, agree: bool) {
-        self.with_bin(confidence, |b| {
+        self.with_bin(confidence, None, |b| {
             b.audited += 1;
             b.audited_agree += u64::from(agree);
         });
@@ -127,12 +164,18 @@ impl Evidence {
     }
 
     /// The counts since the previous call, which starts a new window.
-    pub fn take_window(&self) -> Vec<BinCounts> {
-        match self.bins.lock() {
-            Ok(mut bins) => {
-                std::mem::replace(&mut *bins, [BinCounts::default(); EDGES.len()]).to_vec()
-            }
-            Err(_) => vec![BinCounts::default(); EDGES.len()],
+    pub fn take_window(&self) -> Window {
+        let c = match self.counts.lock() {
+            Ok(mut c) => std::mem::take(&mut *c),
+            Err(_) => Counts::default(),
+        };
+        Window {
+            bins: c.bins.to_vec(),
+            thresholds: if c.overflow {
+                EDGES.to_vec()
+            } else {
+                c.thresholds
+            },
         }
     }
 }
@@ -153,12 +196,14 @@ mod tests {
     #[test]
     fn counts_land_in_their_bins_and_windows_reset() {
         let e = Evidence::new(0.0, 10);
-        e.record_escalated(0.5, Some(true));
-        e.record_escalated(0.5, Some(false));
-        e.record_escalated(0.5, None);
-        e.record_local(0.97);
+        e.record_escalated(0.5, 0.9, Some(true));
+        e.record_escalated(0.5, 0.9, Some(false));
+        e.record_escalated(0.5, 0.95, None);
+        e.record_local(0.97, 0.95);
         e.record_audit(0.97, false);
-        let w = e.take_window();
+        let taken = e.take_window();
+        assert_eq!(taken.thresholds, vec![0.9, 0.95]);
+        let w = taken.bins;
         assert_eq!(
             w[bin_of(0.5)],
             BinCounts {
@@ -169,7 +214,14 @@ mod tests {
             }
         );
         assert_eq!((w[bin_of(0.97)].local, w[bin_of(0.97)].audited), (1, 1));
-        assert!(e.take_window().iter().all(|b| *b == BinCounts::default()));
+        let empty = e.take_window();
+        assert!(empty.bins.iter().all(|b| *b == BinCounts::default()));
+        assert!(empty.thresholds.is_empty());
+        // More thresholds than the protocol lists: every edge, which the relay reads as unknown.
+        for i in 0..=MAX_THRESHOLDS_IN_FORCE {
+            e.record_local(0.99, i as f32 / 100.0);
+        }
+        assert_eq!(e.take_window().thresholds, EDGES.to_vec());
     }
 
     #[test]

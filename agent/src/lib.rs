@@ -198,9 +198,9 @@ fn open_spool(state_dir: &Path, max_bytes: u64) -> Result<SpoolSink, AgentError>
 }
 
 /// The persisted remote config laid over `agent.toml`'s settings.
-fn restore_policy(config: &AgentConfig, state_dir: &Path) -> RemoteConfig {
+fn restore_policy(config: &AgentConfig, state_dir: &Path, threshold: f32) -> RemoteConfig {
     let base = Policy {
-        threshold: config.cascade.threshold,
+        threshold,
         signal: config.cascade.signal,
         escalation_timeout: config.escalation_timeout(),
         audit_rate: config.cascade.audit_rate,
@@ -231,13 +231,16 @@ impl Agent {
         let boot_id = tierd_runtime::unix_ms();
         let state_dir = config.state_dir();
         let sink = open_spool(&state_dir, config.spool.max_bytes)?;
-        let remote = restore_policy(&config, &state_dir);
+        let (threshold, from) = config.cascade.start_threshold(model.manifest());
+        info!(threshold, from, "starting threshold");
+        let remote = restore_policy(&config, &state_dir, threshold);
         let options = config.mqtt.options(&config.default_client_id())?;
         let mqtt = link::start(
             options,
             &config.device_id,
             config.cascade.max_in_flight,
             boot_id,
+            link::model_calibration(model.manifest()),
         )?;
         let listener =
             TcpListener::bind(config.http.listen)

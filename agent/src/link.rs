@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
-use tierd_protocol::{encode, DeviceStatus, Topic, TopicError, TopicKind};
+use tierd_protocol::{encode, DeviceStatus, ModelCalibration, Topic, TopicError, TopicKind};
 use tierd_runtime::link::{Link, LinkOptions, Message, Publisher, Routes};
 use tokio::sync::mpsc;
 
@@ -26,13 +26,35 @@ use crate::escalation::{Escalator, Replies};
 pub const SESSION_EXPIRY_S: u32 = 86_400;
 
 /// The encoded `DeviceStatus` for the status topic and the last will.
-pub fn status_payload(online: bool, boot_id: u64, reason: &str) -> Vec<u8> {
+pub fn status_payload(
+    online: bool,
+    boot_id: u64,
+    reason: &str,
+    model: Option<ModelCalibration>,
+) -> Vec<u8> {
     encode(&DeviceStatus {
         online,
         boot_id,
         reason: reason.to_string(),
+        model,
     })
     .unwrap_or_default()
+}
+
+/// The model's offline certificate as the status announces it (the relay re-derives it).
+pub fn model_calibration(m: &tierd_runtime::Manifest) -> Option<ModelCalibration> {
+    let c = m.calibration.as_ref()?;
+    Some(ModelCalibration {
+        model: m.id(),
+        threshold: c.threshold,
+        target: c.target,
+        delta: c.delta,
+        samples: c.samples,
+        disagreements: c.disagreements,
+        agreement_lower_bound: c.agreement_lower_bound,
+        escalation_rate: c.escalation_rate,
+        reference: c.reference.clone(),
+    })
 }
 
 /// The started link and what it feeds.
@@ -57,6 +79,7 @@ pub fn start(
     device_id: &str,
     max_in_flight: usize,
     boot_id: u64,
+    model: Option<ModelCalibration>,
 ) -> Result<AgentLink, TopicError> {
     let topic = |kind| Topic::new(device_id, kind).map(|t| t.to_string());
     let status_topic = topic(TopicKind::Status)?;
@@ -69,7 +92,7 @@ pub fn start(
     // a clean stop publishes its own "stopped" status instead.
     options.set_last_will(LastWill::new(
         status_topic.clone(),
-        status_payload(false, boot_id, "connection lost"),
+        status_payload(false, boot_id, "connection lost", None),
         QoS::AtLeastOnce,
         true,
         None,
@@ -89,7 +112,12 @@ pub fn start(
         topic: status_topic.clone(),
         qos: QoS::AtLeastOnce,
         retain: true,
-        payload: Bytes::from(status_payload(online, boot_id, reason)),
+        payload: Bytes::from(status_payload(
+            online,
+            boot_id,
+            reason,
+            online.then(|| model.clone()).flatten(),
+        )),
     };
     // The request queue only buffers our own publishes; in-flight escalations are bounded by the
     // escalator's semaphore and spooled records by the forwarder's window.

@@ -471,14 +471,16 @@ pub async fn run(
             }
             Err(e) => warn!(seq, error = %e, "telemetry report cannot be encoded"),
         }
+        let window = r.evidence.take_window();
         let calibration = tierd_protocol::CalibrationReport {
             device_id: r.device_id.clone(),
             boot_id,
             seq,
             signal: inputs.policy.signal,
             edges: crate::evidence::EDGES.to_vec(),
-            bins: r.evidence.take_window(),
+            bins: window.bins,
             audit_rate: r.evidence.audit_rate() as f32,
+            thresholds: window.thresholds,
         };
         match encode(&calibration) {
             Ok(bytes) => {

@@ -13,7 +13,7 @@ use tierd_protocol::{Settings, TopicError};
 use tierd_runtime::mqtt::{MqttConfig, MqttSetupError};
 
 use crate::report::{Prices, PricesError};
-use crate::tuner::{Costs, Limits, Policy, PushRules, Setup, ALWAYS_ESCALATE};
+use crate::tuner::{Costs, EvidenceRules, Limits, Policy, PushRules, Setup, ALWAYS_ESCALATE};
 
 pub use tierd_runtime::config::ConfigError;
 
@@ -119,6 +119,14 @@ pub struct TuningConfig {
     /// Smallest threshold change worth a push, and the least time between pushes.
     pub hysteresis: f32,
     pub min_interval_s: f64,
+    /// Requests a device's evidence window holds (sliding, whole telemetry windows).
+    pub window_requests: u64,
+    /// The drift test watches the newest this-many requests; after it fires, the evidence
+    /// window is cut back to them and the most conservative threshold is pushed at once.
+    pub drift_requests: u64,
+    /// The drift test's error level (and the certified-violation test's): a false alarm
+    /// costs escalations, never the guarantee.
+    pub drift_delta: f64,
     /// `min_cost`: price of a second of added latency per request, the escalation latency
     /// SLO (p95), and the penalty per escalation while a device's p95 exceeds it.
     pub latency_price_per_s: f64,
@@ -139,6 +147,9 @@ impl Default for TuningConfig {
             max_threshold: ALWAYS_ESCALATE,
             hysteresis: 0.01,
             min_interval_s: 300.0,
+            window_requests: EvidenceRules::default().window_requests,
+            drift_requests: EvidenceRules::default().recent_requests,
+            drift_delta: EvidenceRules::default().drift_delta,
             latency_price_per_s: 0.0,
             latency_slo_ms: 1000.0,
             slo_penalty: 0.0,
@@ -336,6 +347,18 @@ impl RelayConfig {
         if !(t.hysteresis.is_finite() && (0.0..=1.0).contains(&t.hysteresis)) {
             return range("tuning.hysteresis", "[0, 1]");
         }
+        if !unit(t.drift_delta) {
+            return Err(InvalidConfig::NotARatio {
+                key: "tuning.drift_delta",
+                value: t.drift_delta,
+            });
+        }
+        if t.window_requests < t.min_requests.max(1) || t.drift_requests == 0 {
+            return range(
+                "tuning.window_requests",
+                "at least tuning.min_requests (and drift_requests at least 1)",
+            );
+        }
         for (key, v) in [
             ("tuning.min_interval_s", t.min_interval_s),
             ("tuning.latency_price_per_s", t.latency_price_per_s),
@@ -389,6 +412,11 @@ impl RelayConfig {
                 per_disagreement: self.prices.per_disagreement,
                 per_slo_violation: t.slo_penalty,
                 latency_slo_s: t.latency_slo_ms / 1000.0,
+            },
+            evidence: EvidenceRules {
+                window_requests: t.window_requests,
+                recent_requests: t.drift_requests,
+                drift_delta: t.drift_delta,
             },
         }
     }

@@ -16,7 +16,8 @@ use serde::Serialize;
 use thiserror::Error;
 use tierd_protocol::{ConfigAck, ConfigDocument, Settings, TopicError};
 
-use crate::tuner::{should_push, Certificate, PushRules};
+use crate::fleet::Proposal;
+use crate::tuner::{Basis, PushRules};
 
 pub const OVERRIDES_FILE: &str = "operator-overrides.json";
 /// Each device's config epoch (raised by `cloud-relay config reset`), in the state directory.
@@ -184,7 +185,7 @@ impl Control {
         &mut self,
         device: &str,
         source: &str,
-        certificate: Option<&Certificate>,
+        certificate: Option<serde_json::Value>,
         now_ms: u64,
     ) -> Result<ConfigDocument, ComposeError> {
         let overrides = self.overrides(device);
@@ -214,38 +215,55 @@ impl Control {
             issued_ms: now_ms,
             source: source.to_string(),
             settings,
-            certificate: certificate.and_then(|c| serde_json::to_value(c).ok()),
+            certificate,
         };
         slot.published = Some(doc.clone());
         slot.last_push_ms = Some(now_ms);
         Ok(doc)
     }
 
-    /// After new evidence: the document to publish, if the tuner's proposal is worth a push.
-    /// `running` is the threshold the device reported in its latest telemetry.
-    pub fn on_certificate(
+    /// After new evidence: the document to publish, if the threshold the device should run
+    /// (see [`crate::tuner::in_force`]) is worth a push. Drift and violations go out at once;
+    /// other changes wait for the hysteresis and the least interval between pushes.
+    pub fn on_proposal(
         &mut self,
         device: &str,
-        certificate: &Certificate,
-        running: f32,
+        proposal: &Proposal,
         now_ms: u64,
     ) -> Option<ConfigDocument> {
-        if !self.push_tuned {
+        if !self.push_tuned || self.pinned(device) {
             return None;
         }
-        let pinned = self.pinned(device);
+        let target = proposal.in_force.threshold;
+        let urgent = matches!(proposal.in_force.basis, Basis::Drift | Basis::Violation);
+        if proposal.in_force.basis == Basis::Kept {
+            return None;
+        }
         let last_push = self.devices.get(device).and_then(|d| d.last_push_ms);
-        if !should_push(running, certificate, pinned, last_push, now_ms, &self.rules) {
+        let too_soon =
+            last_push.is_some_and(|last| now_ms.saturating_sub(last) < self.rules.min_interval_ms);
+        if (too_soon && !urgent) || (target - proposal.running).abs() < self.rules.hysteresis {
             return None;
         }
         // Already published and not yet in force on the device: wait for its ack.
         if let Some(d) = self.devices.get(device) {
-            if d.tuned_threshold == Some(certificate.threshold) {
+            if d.tuned_threshold == Some(target) {
                 return None;
             }
         }
-        self.slot(device)?.tuned_threshold = Some(certificate.threshold);
-        match self.compose(device, "tuner", Some(certificate), now_ms) {
+        self.slot(device)?.tuned_threshold = Some(target);
+        // The certificate behind the threshold, with which one it is.
+        let mut certificate = match (proposal.in_force.basis, &proposal.offline) {
+            (Basis::Offline, Some(o)) => serde_json::to_value(o).ok(),
+            _ => serde_json::to_value(&proposal.certificate).ok(),
+        };
+        if let Some(serde_json::Value::Object(m)) = certificate.as_mut() {
+            if let Ok(basis) = serde_json::to_value(proposal.in_force.basis) {
+                m.insert("basis".into(), basis);
+            }
+            m.insert("why".into(), proposal.in_force.why.clone().into());
+        }
+        match self.compose(device, "tuner", certificate, now_ms) {
             Ok(doc) => Some(doc),
             Err(e) => {
                 tracing::warn!(%device, error = %e, "tuned threshold not pushed");
@@ -425,7 +443,7 @@ pub fn save_overrides(dir: &Path, map: &BTreeMap<String, Settings>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tuner::Policy;
+    use crate::tuner::{Certificate, Policy};
 
     fn cert(threshold: f32, insufficient: bool) -> Certificate {
         Certificate {
@@ -445,6 +463,48 @@ mod tests {
             insufficient_evidence: insufficient,
             note: String::new(),
         }
+    }
+
+    /// The online certificate `cert(threshold, insufficient)` as the rule in force makes it.
+    fn prop(threshold: f32, insufficient: bool, running: f32) -> Proposal {
+        let (threshold, basis) = if insufficient {
+            (running, Basis::Kept)
+        } else {
+            (threshold, Basis::Online)
+        };
+        Proposal {
+            in_force: crate::tuner::InForce {
+                threshold,
+                basis,
+                why: String::new(),
+            },
+            certificate: cert(threshold, insufficient),
+            offline: None,
+            running,
+        }
+    }
+
+    #[test]
+    fn drift_and_violations_skip_the_interval_and_say_why() {
+        let mut c = control();
+        c.on_proposal("d", &prop(0.8, false, 0.9), 1_000_000)
+            .expect("push");
+        let mut drift = prop(0.8, false, 0.8);
+        drift.in_force = crate::tuner::InForce {
+            threshold: crate::tuner::ALWAYS_ESCALATE,
+            basis: Basis::Drift,
+            why: "drift: test".into(),
+        };
+        // One second later: well within the interval, but drift goes out at once.
+        let doc = c.on_proposal("d", &drift, 1_001_000).expect("urgent push");
+        assert_eq!(doc.settings.threshold, Some(crate::tuner::ALWAYS_ESCALATE));
+        let cert = doc.certificate.expect("certificate");
+        assert_eq!(cert["basis"], "drift");
+        assert_eq!(cert["why"], "drift: test");
+        // A lowering within the interval waits.
+        assert!(c
+            .on_proposal("d", &prop(0.7, false, 1.01), 1_002_000)
+            .is_none());
     }
 
     fn control() -> Control {
@@ -476,7 +536,7 @@ mod tests {
     fn tuned_thresholds_are_pushed_with_guard_rails() {
         let mut c = control();
         let doc = c
-            .on_certificate("d", &cert(0.8, false), 0.9, 1_000_000)
+            .on_proposal("d", &prop(0.8, false, 0.9), 1_000_000)
             .expect("push");
         assert_eq!(doc.settings.threshold, Some(0.8));
         assert_eq!(
@@ -488,19 +548,19 @@ mod tests {
         assert!(doc.certificate.is_some());
         // Within the minimum interval, below hysteresis, thin evidence, pinned: no push.
         assert!(c
-            .on_certificate("d", &cert(0.7, false), 0.8, 1_000_001)
+            .on_proposal("d", &prop(0.7, false, 0.8), 1_000_001)
             .is_none());
         assert!(c
-            .on_certificate("d", &cert(0.805, false), 0.8, 2_000_000)
+            .on_proposal("d", &prop(0.805, false, 0.8), 2_000_000)
             .is_none());
         assert!(c
-            .on_certificate("d", &cert(0.5, true), 0.8, 2_000_000)
+            .on_proposal("d", &prop(0.5, true, 0.8), 2_000_000)
             .is_none());
         assert!(c
-            .on_certificate("pinned", &cert(0.5, false), 0.95, 2_000_000)
+            .on_proposal("pinned", &prop(0.5, false, 0.95), 2_000_000)
             .is_none());
         let next = c
-            .on_certificate("d", &cert(0.7, false), 0.8, 2_000_000)
+            .on_proposal("d", &prop(0.7, false, 0.8), 2_000_000)
             .expect("push");
         assert!(next.version > doc.version);
     }
@@ -508,7 +568,7 @@ mod tests {
     #[test]
     fn operator_overrides_pin_merge_and_unset() {
         let mut c = control();
-        c.on_certificate("d", &cert(0.8, false), 0.9, 1_000_000)
+        c.on_proposal("d", &prop(0.8, false, 0.9), 1_000_000)
             .expect("push");
         let doc = c
             .set(
@@ -530,7 +590,7 @@ mod tests {
         );
         assert!(c.pinned("d"));
         assert!(c
-            .on_certificate("d", &cert(0.5, false), 0.97, 9_000_000)
+            .on_proposal("d", &prop(0.5, false, 0.97), 9_000_000)
             .is_none());
         let err = c
             .set("d", &[("threshold".into(), "3".into())], 6)

@@ -248,21 +248,20 @@ impl Intake {
             fleet.ingest_calibration(device, c, configured)?;
             fleet.proposal(device)
         };
-        let Some((certificate, running)) = proposal else {
+        let Some(proposal) = proposal else {
             return Ok(());
         };
-        let doc = self.state.control()?.on_certificate(
-            device,
-            &certificate,
-            running,
-            tierd_runtime::unix_ms(),
-        );
+        let doc = self
+            .state
+            .control()?
+            .on_proposal(device, &proposal, tierd_runtime::unix_ms());
         if let Some(doc) = doc {
             info!(
                 %device,
                 version = doc.version,
                 threshold = ?doc.settings.threshold,
-                lower_bound = certificate.agreement_lower_bound,
+                basis = ?proposal.in_force.basis,
+                why = %proposal.in_force.why,
                 "pushing a tuned threshold"
             );
             self.state.publish_config(&self.client, &doc);

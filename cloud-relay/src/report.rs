@@ -255,8 +255,8 @@ pub fn usage(d: &DeviceRecord, delta: f64) -> DeviceUsage {
         Some(c) if c.bins.iter().any(|b| b.escalated_labelled + b.audited > 0) => {
             let bins = fleet::tuner_bins(&c.edges, &c.bins);
             (
-                Some(tuner::estimate_agreement(&bins, r.threshold, delta).0),
-                Some(tuner::estimate_agreement(&bins, 0.0, delta).0),
+                Some(tuner::estimate_agreement(&bins, &c.cuts, r.threshold, delta).0),
+                Some(tuner::estimate_agreement(&bins, &c.cuts, 0.0, delta).0),
             )
         }
         _ => (None, None),

@@ -13,7 +13,9 @@ use crate::message::{
 use crate::telemetry::{CalibrationReport, TelemetryReport};
 
 /// Version of the framing and message schema. Bumped on any incompatible change.
-pub const WIRE_VERSION: u8 = 1;
+/// 2: `DeviceStatus.model`, `CalibrationReport.thresholds` (the offline certificate and the
+/// thresholds in force, for the tuner's pooled bound).
+pub const WIRE_VERSION: u8 = 2;
 
 /// A message type that travels over MQTT.
 pub trait WireMessage: Serialize + DeserializeOwned {

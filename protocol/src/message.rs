@@ -164,6 +164,25 @@ pub struct DeviceStatus {
     pub boot_id: u64,
     /// For offline: `stopped` (clean shutdown) or `connection lost` (the last will).
     pub reason: String,
+    /// Online: the model the agent runs (`name@version`) and the threshold certified offline
+    /// in its manifest, if any. The relay re-derives the certificate's bound before using it.
+    pub model: Option<ModelCalibration>,
+}
+
+/// A model's offline-certified threshold, as its manifest's `[calibration]` table states it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCalibration {
+    /// `name@version` of the edge model.
+    pub model: String,
+    pub threshold: f32,
+    pub target: f64,
+    pub delta: f64,
+    pub samples: u64,
+    pub disagreements: u64,
+    pub agreement_lower_bound: f64,
+    pub escalation_rate: f64,
+    /// `name@version` of the reference (cloud) model.
+    pub reference: String,
 }
 
 /// What a spooled record is; the relay dispatches the envelope's body on it.

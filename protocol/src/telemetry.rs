@@ -286,7 +286,14 @@ pub struct CalibrationReport {
     pub bins: Vec<BinCounts>,
     /// Fraction of local answers audited, as configured.
     pub audit_rate: f32,
+    /// Every threshold under which a request of this window was decided (at most
+    /// [`MAX_THRESHOLDS_IN_FORCE`]; an agent that saw more sends every bin edge, which is
+    /// exact but pools less). The relay's bound pools bins between these cuts.
+    pub thresholds: Vec<f32>,
 }
+
+/// Thresholds a calibration window lists at most.
+pub const MAX_THRESHOLDS_IN_FORCE: usize = 8;
 
 impl TelemetryReport {
     /// Share of answered requests in the window that were escalated; `None` for an idle window.

@@ -1,15 +1,19 @@
-//! One replay: the stream goes through the cascade rule and the tuner exactly as in the
-//! daemons, with audits drawn from a seeded generator. Pure over precomputed model outputs,
-//! so hundreds of seeded replays take seconds.
+//! One replay: the stream goes through the cascade rule, the agent's evidence counting, and
+//! the relay's own `Fleet` (evidence window, drift test, tuner, the rule for the threshold in
+//! force) and `Control` (push rules) — the daemons' code, fed the reports an agent would send
+//! every `report_every` requests, on a simulated clock. Audits are drawn from a seeded
+//! generator. Pure over precomputed model outputs, so hundreds of seeded replays take seconds.
 
-use std::collections::VecDeque;
-
-use cloud_relay::fleet;
-use cloud_relay::tuner::{self, Certificate, Costs, DeviceCosts, Limits, Policy};
+use cloud_relay::control::Control;
+use cloud_relay::fleet::Fleet;
+use cloud_relay::tuner::{Certificate, InForce, PushRules, Setup};
 use edge_agent::cascade;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
-use tierd_protocol::BinCounts;
+use tierd_protocol::{
+    BinCounts, CalibrationReport, DeviceContext, DeviceStatus, EnergyReport, ModelCalibration,
+    Settings, Signal, TelemetryReport, TierCounts, MAX_THRESHOLDS_IN_FORCE,
+};
 
 /// One request with both models' answers, computed once.
 #[derive(Debug, Clone, Copy)]
@@ -32,18 +36,23 @@ pub use edge_agent::evidence::{bin_of, EDGES};
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub target: f64,
-    pub delta: f64,
+    /// The relay's tuning (policy, limits, evidence window, drift test).
+    pub setup: Setup,
+    pub rules: PushRules,
     pub audit_rate: f64,
+    /// The threshold the device starts at (the agent's: `agent.toml`, else the manifest's).
     pub initial_threshold: f32,
-    /// Requests of evidence the tuner looks at (sliding).
-    pub window: usize,
-    pub retune_every: usize,
+    /// The offline certificate the device's status announces.
+    pub offline: Option<ModelCalibration>,
+    /// Requests per telemetry report (request rate × telemetry interval).
     pub report_every: usize,
-    pub min_requests: u64,
+    /// Simulated requests per second (the relay's push clock).
+    pub rate: f64,
+    /// Requests per printed row.
+    pub row_every: usize,
 }
 
-/// What one report window saw.
+/// What one printed row saw.
 #[derive(Debug, Clone, Default)]
 pub struct Row {
     pub start: usize,
@@ -57,13 +66,16 @@ pub struct Row {
     pub audits: usize,
 }
 
-/// A certificate the tuner issued, and the truth about it.
+/// The threshold in force after a report, the online certificate beside it, and the truth.
 #[derive(Debug, Clone)]
 pub struct Issued {
     pub certificate: Certificate,
-    /// Agreement the certified threshold has over the whole current phase (the population
-    /// the evidence was drawn from).
+    pub in_force: InForce,
+    /// Agreement the online certificate's threshold has over the whole current phase (the
+    /// population its evidence was drawn from).
     pub true_agreement: f64,
+    /// The same for the threshold in force.
+    pub in_force_agreement: f64,
     /// The evidence window lay entirely inside one phase (exchangeable), so the guarantee
     /// applies; false while drift is washing through the window.
     pub clean: bool,
@@ -75,38 +87,8 @@ pub struct Outcome {
     pub issued: Vec<Issued>,
     pub escalations: usize,
     pub audits: usize,
-}
-
-#[derive(Clone, Copy)]
-struct Evidence {
-    bin: usize,
-    escalated: bool,
-    labelled: bool,
-    agree: bool,
-    phase: usize,
-}
-
-impl Evidence {
-    /// This request's contribution to its bin, as the agent counts it.
-    fn counts(&self) -> BinCounts {
-        let agree = u64::from(self.agree);
-        if self.escalated {
-            BinCounts {
-                escalated: 1,
-                escalated_labelled: 1,
-                escalated_agree: agree,
-                ..BinCounts::default()
-            }
-        } else {
-            let audited = u64::from(self.labelled);
-            BinCounts {
-                local: 1,
-                audited,
-                audited_agree: audited * agree,
-                ..BinCounts::default()
-            }
-        }
-    }
+    pub pushes: usize,
+    pub drift_alarms: u64,
 }
 
 /// Agreement over all `items` if answered at threshold `t`.
@@ -121,6 +103,57 @@ pub fn agreement_at(items: &[Item], t: f32) -> f64 {
     1.0 - wrong as f64 / items.len() as f64
 }
 
+const DEVICE: &str = "replay-01";
+const BOOT: u64 = 1_000;
+
+/// The telemetry report an agent would send: only what the fleet's checks read is real.
+fn telemetry(
+    seq: u64,
+    now_ms: u64,
+    threshold: f32,
+    window: TierCounts,
+    totals: TierCounts,
+) -> TelemetryReport {
+    TelemetryReport {
+        device_id: DEVICE.into(),
+        boot_id: BOOT,
+        seq,
+        window_start_ms: now_ms.saturating_sub(1),
+        window_end_ms: now_ms,
+        model: "replay".into(),
+        threshold,
+        signal: Signal::MaxProb,
+        window,
+        totals,
+        fallbacks: Default::default(),
+        latency: Vec::new(),
+        energy: EnergyReport {
+            meter: "none".into(),
+            estimated: true,
+            window_joules: None,
+            attributed_joules: None,
+            joules_per_inference: None,
+            radio_joules_per_escalation: None,
+            radio_joules: 0.0,
+            total_joules: 0.0,
+            bytes_out: 0,
+            bytes_in: 0,
+            error: None,
+        },
+        device: DeviceContext {
+            cpu_percent: 0.0,
+            agent_cpu_seconds: 0.0,
+            cpu_cores: 1,
+            memory_used_bytes: 0,
+            memory_total_bytes: 1,
+            temperature_c: None,
+            temperature_sensor: None,
+        },
+        spool: Default::default(),
+        config_version: 0,
+    }
+}
+
 /// Replays `phases` (each a population of items) in order. `seed` shuffles each phase and
 /// draws the audits; seed 0 keeps the file order.
 pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
@@ -133,24 +166,34 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
         }
         stream.extend(p);
     }
-    let mut counts = vec![BinCounts::default(); EDGES.len()];
-    let limits = Limits {
-        min_requests: cfg.min_requests,
-        ..Limits::default()
+    let ms = |i: usize| 1_000_000 + (i as f64 * 1000.0 / cfg.rate) as u64;
+    let mut fleet = Fleet::new(1).with_tuner(cfg.setup);
+    let mut control = Control::new(
+        true,
+        cfg.rules,
+        Settings::default(),
+        Default::default(),
+        Default::default(),
+        1,
+    );
+    let status = DeviceStatus {
+        online: true,
+        boot_id: BOOT,
+        reason: String::new(),
+        model: cfg.offline.clone(),
     };
-    let costs = Costs::default();
-    let policy = Policy::TargetAgreement {
-        target: cfg.target,
-        delta: cfg.delta,
-    };
-    let mut window: VecDeque<Evidence> = VecDeque::with_capacity(cfg.window + 1);
+    // Simulated time starts well after the boot: the fleet refuses boots from the future.
+    if fleet.set_status(DEVICE, status, ms(0)).is_err() {
+        return Outcome::default();
+    }
     let mut threshold = cfg.initial_threshold;
     let mut out = Outcome::default();
+    let mut bins = vec![BinCounts::default(); EDGES.len()];
+    let mut thresholds: Vec<f32> = Vec::new();
+    let (mut window, mut totals) = (TierCounts::default(), TierCounts::default());
+    let mut seq = 0;
     let mut row = Row::default();
-    let mut row_agree = 0usize;
-    let mut row_esc = 0usize;
-    let mut row_oracle = 0usize;
-    let mut row_correct = 0usize;
+    let (mut row_agree, mut row_esc, mut row_oracle, mut row_correct) = (0, 0, 0, 0);
     for (i, item) in stream.iter().enumerate() {
         if row.requests == 0 {
             row = Row {
@@ -176,55 +219,81 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
         out.escalations += usize::from(escalated);
         out.audits += usize::from(audited);
 
-        let e = Evidence {
-            bin: bin_of(item.confidence),
-            escalated,
-            labelled: escalated || audited,
-            agree: item.agree(),
-            phase: item.phase,
-        };
-        counts[e.bin] = counts[e.bin].plus(e.counts());
-        window.push_back(e);
-        if window.len() > cfg.window {
-            if let Some(old) = window.pop_front() {
-                counts[old.bin] = counts[old.bin].minus(old.counts());
-            }
+        // What the agent counts (`edge_agent::evidence`).
+        let agree = u64::from(item.agree());
+        let b = &mut bins[bin_of(item.confidence)];
+        if escalated {
+            b.escalated += 1;
+            b.escalated_labelled += 1;
+            b.escalated_agree += agree;
+            window.cloud += 1;
+        } else {
+            b.local += 1;
+            b.audited += u64::from(audited);
+            b.audited_agree += u64::from(audited) * agree;
+            window.edge += 1;
+        }
+        if !thresholds.contains(&threshold) && thresholds.len() < MAX_THRESHOLDS_IN_FORCE {
+            thresholds.push(threshold);
         }
 
-        if (i + 1) % cfg.retune_every == 0 {
-            let cert = tuner::tune(
-                // The same conversion the relay applies to the agents' reports.
-                &fleet::tuner_bins(&EDGES, &counts),
-                policy,
-                threshold,
-                &limits,
-                &costs,
-                &DeviceCosts::default(),
-            );
-            if !cert.insufficient_evidence {
-                threshold = cert.threshold;
+        if (i + 1) % cfg.report_every == 0 {
+            seq += 1;
+            let now = ms(i + 1);
+            totals = totals.plus(window);
+            let report = telemetry(seq, now, threshold, window, totals);
+            let c = CalibrationReport {
+                device_id: DEVICE.into(),
+                boot_id: BOOT,
+                seq,
+                signal: Signal::MaxProb,
+                edges: EDGES.to_vec(),
+                bins: std::mem::replace(&mut bins, vec![BinCounts::default(); EDGES.len()]),
+                audit_rate: cfg.audit_rate as f32,
+                thresholds: std::mem::take(&mut thresholds),
+            };
+            window = TierCounts::default();
+            let filed = fleet.ingest(DEVICE, report, now).is_ok()
+                && fleet
+                    .ingest_calibration(DEVICE, c, Some(cfg.audit_rate as f32))
+                    .is_ok();
+            if let (true, Some(p)) = (filed, fleet.proposal(DEVICE)) {
+                let requests = fleet
+                    .get(DEVICE)
+                    .and_then(|d| d.calibration.as_ref())
+                    .map_or(0, |c| c.requests as usize);
+                let from = (i + 1).saturating_sub(requests);
                 let phase = item.phase;
-                let clean = window.iter().all(|e| e.phase == phase) && window.len() == cfg.window;
+                let clean = stream[from..=i].iter().all(|e| e.phase == phase);
                 out.issued.push(Issued {
-                    true_agreement: agreement_at(&phases[phase], cert.threshold),
-                    certificate: cert,
+                    true_agreement: agreement_at(&phases[phase], p.certificate.threshold),
+                    in_force_agreement: agreement_at(&phases[phase], p.in_force.threshold),
+                    certificate: p.certificate.clone(),
+                    in_force: p.in_force.clone(),
                     clean,
                 });
+                if let Some(doc) = control.on_proposal(DEVICE, &p, now) {
+                    if let Some(t) = doc.settings.threshold {
+                        threshold = t;
+                        out.pushes += 1;
+                    }
+                }
             }
         }
-        if row.requests == cfg.report_every || i + 1 == stream.len() {
+        if row.requests == cfg.row_every || i + 1 == stream.len() {
             let n = row.requests as f64;
             row.agreement = row_agree as f64 / n;
             row.escalation_rate = row_esc as f64 / n;
             row.oracle_rate = row_oracle as f64 / n;
             row.accuracy = row_correct as f64 / n;
             out.rows.push(std::mem::take(&mut row));
-            row_agree = 0;
-            row_esc = 0;
-            row_oracle = 0;
-            row_correct = 0;
+            (row_agree, row_esc, row_oracle, row_correct) = (0, 0, 0, 0);
         }
     }
+    out.drift_alarms = fleet
+        .get(DEVICE)
+        .and_then(|d| d.calibration.as_ref())
+        .map_or(0, |c| c.drift_alarms);
     out
 }
 
@@ -250,15 +319,20 @@ mod tests {
     }
 
     fn cfg() -> Config {
+        let mut setup = Setup::default();
+        setup.evidence.window_requests = 5000;
         Config {
-            target: 0.99,
-            delta: 0.05,
+            setup,
+            rules: PushRules {
+                hysteresis: 0.01,
+                min_interval_ms: 0,
+            },
             audit_rate: 0.05,
             initial_threshold: 0.9,
-            window: 5000,
-            retune_every: 500,
-            report_every: 1000,
-            min_requests: 1000,
+            offline: None,
+            report_every: 500,
+            rate: 100.0,
+            row_every: 1000,
         }
     }
 
@@ -275,11 +349,11 @@ mod tests {
         // Every local answer audited and a window as long as the stream: the tuner settles on
         // 0.8, the lowest threshold whose region never disagrees (0.75 would sit at 0.99).
         let phases = vec![synthetic(20_000, 0)];
-        let c = Config {
+        let mut c = Config {
             audit_rate: 1.0,
-            window: 20_000,
             ..cfg()
         };
+        c.setup.evidence.window_requests = 20_000;
         let out = run(&phases, &c, 7);
         let last = out.issued.last().expect("certificates issued");
         assert!(

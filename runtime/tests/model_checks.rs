@@ -77,7 +77,7 @@ fn assert_close(got: &[f32], expected: &[f32], tol: f32, what: &str) {
 fn committed_models_load_from_a_copy() {
     let dir = copy_models();
     let edge = Model::load(&dir.path().join("digits-edge.toml")).expect("edge loads");
-    assert_eq!(edge.id(), "digits-edge@1.0.0");
+    assert_eq!(edge.id(), "digits-edge@2.0.0");
     assert_eq!(edge.labels().len(), 10);
     assert_eq!(edge.manifest().golden.len(), 6);
     let cloud = Model::load(&dir.path().join("digits-cloud.toml")).expect("cloud loads");
@@ -134,7 +134,7 @@ fn edited_golden_probability_is_a_golden_mismatch_naming_the_vector() {
             tolerance,
             ..
         } => {
-            assert_eq!(model, "digits-edge@1.0.0");
+            assert_eq!(model, "digits-edge@2.0.0");
             assert_eq!(*index, 2);
             assert_eq!(*class, 3);
             assert!(*diff > 0.49 && *diff < 0.51, "{diff}");
@@ -164,7 +164,7 @@ fn the_wrong_model_file_for_a_manifest_is_a_golden_mismatch() {
         matches!(err, ModelError::GoldenMismatch { .. }),
         "expected a golden mismatch, got {err:?}"
     );
-    assert!(err.to_string().contains("digits-edge@1.0.0"), "{err}");
+    assert!(err.to_string().contains("digits-edge@2.0.0"), "{err}");
 }
 
 #[test]

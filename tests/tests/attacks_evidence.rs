@@ -89,6 +89,7 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
         ],
         edges,
         audit_rate: 1.0,
+        thresholds: vec![0.9],
     };
     intruder
         .publish(
@@ -149,6 +150,7 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
             online: false,
             boot_id,
             reason: "forged".into(),
+            model: None,
         };
         intruder
             .publish(&status_topic, encode(&forged).expect("encode"), true)

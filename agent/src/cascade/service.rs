@@ -121,10 +121,11 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
             let took = t.elapsed();
             recorder.record(LatencySeries::StageEscalation, took);
             let agree = r.as_ref().ok().map(|p| rule::top1(p) == edge_top1);
-            self.evidence.record_escalated(confidence, agree);
+            self.evidence
+                .record_escalated(confidence, policy.threshold, agree);
             (Some(r), Some(took))
         } else {
-            self.evidence.record_local(confidence);
+            self.evidence.record_local(confidence, policy.threshold);
             if self.evidence.should_audit() {
                 self.spawn_audit(input, &edge.probabilities, confidence, &policy);
             }
@@ -261,7 +262,7 @@ mod tests {
         assert!(asked(&c).is_empty(), "nothing went to the cloud");
         let counts = c.recorder.counters.tiers();
         assert_eq!((counts.edge, counts.cloud), (1, 0));
-        let bins = c.evidence.take_window();
+        let bins = c.evidence.take_window().bins;
         assert_eq!(bins.iter().map(|b| b.local).sum::<u64>(), 1);
         assert_eq!(bins.iter().map(|b| b.escalated).sum::<u64>(), 0);
     }
@@ -283,7 +284,7 @@ mod tests {
             )]
         );
         assert_eq!(c.recorder.counters.tiers().cloud, 1);
-        let bins = c.evidence.take_window();
+        let bins = c.evidence.take_window().bins;
         assert_eq!(bins.iter().map(|b| b.escalated).sum::<u64>(), 1);
         assert_eq!(
             bins.iter().map(|b| b.escalated_agree).sum::<u64>(),
@@ -309,7 +310,7 @@ mod tests {
             assert_eq!(o.answer.probabilities, vec![0.6, 0.4]);
             assert_eq!(o.answer.fallback.as_ref(), Some(&reason));
             assert_eq!(c.recorder.counters.tiers().edge_fallback, 1);
-            let bins = c.evidence.take_window();
+            let bins = c.evidence.take_window().bins;
             assert_eq!(bins.iter().map(|b| b.escalated).sum::<u64>(), 1);
         }
         // A cloud answer of the wrong length is not passed on.
@@ -345,7 +346,7 @@ mod tests {
                 MIN_AUDIT_TIMEOUT
             )]
         );
-        let bins = c.evidence.take_window();
+        let bins = c.evidence.take_window().bins;
         assert_eq!(bins.iter().map(|b| b.audited).sum::<u64>(), 1);
         assert_eq!(bins.iter().map(|b| b.audited_agree).sum::<u64>(), 1);
     }

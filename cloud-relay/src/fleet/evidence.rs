@@ -5,13 +5,28 @@
 use std::collections::VecDeque;
 
 use serde::Serialize;
-use tierd_protocol::{BinCounts, CalibrationReport, LatencySeries, Signal, TelemetryReport};
+use tierd_protocol::{
+    BinCounts, CalibrationReport, LatencySeries, ModelCalibration, Signal, TelemetryReport,
+    MAX_THRESHOLDS_IN_FORCE,
+};
 
 use super::telemetry::DeviceRecord;
-use crate::tuner::{self, Bin, Certificate, DeviceCosts, Outcomes, Setup};
+use crate::tuner::{
+    self, Basis, Bin, Certificate, Cuts, DeviceCosts, InForce, Offline, Outcomes, Policy, Setup,
+    Situation,
+};
 
-/// Calibration windows kept per device: the tuner's sliding evidence window.
-pub const CALIBRATION_WINDOWS: usize = 20;
+/// Calibration windows kept per device at most; beyond it the two adjacent windows with the
+/// fewest requests merge (memory stays bounded however slow the device's traffic).
+pub const MAX_WINDOWS: usize = 64;
+
+/// One calibration window (or several merged): counts per bin and the thresholds in force.
+#[derive(Debug, Clone)]
+struct Window {
+    bins: Vec<BinCounts>,
+    cuts: Cuts,
+    requests: u64,
+}
 
 /// A device's recent evidence and what the tuner makes of it.
 #[derive(Debug, Clone, Serialize)]
@@ -19,12 +34,27 @@ pub struct Calibration {
     pub signal: Signal,
     pub edges: Vec<f32>,
     pub audit_rate: f32,
-    /// Sum of the last windows' counts, per bin.
+    /// Sum of the windows' counts, per bin.
     pub bins: Vec<BinCounts>,
-    /// The tuner's proposal for this device (pushed or not: see `control`).
+    /// Requests in the evidence window, and the thresholds in force while it was gathered.
+    pub requests: u64,
+    pub cuts: Cuts,
+    /// The tuner's online proposal from this window.
     pub certificate: Certificate,
+    /// The threshold the device should run and the certificate behind it (pushed or not:
+    /// see `control`).
+    pub in_force: InForce,
+    /// The model's offline certificate, once re-derived; `offline_refused` says why not.
+    pub offline: Option<Offline>,
+    pub offline_refused: Option<String>,
+    /// False after a violation or drift, until the online window certifies at or below the
+    /// offline threshold again.
+    pub offline_trusted: bool,
+    /// Times the drift test fired, and the last reason.
+    pub drift_alarms: u64,
+    pub last_drift: Option<String>,
     #[serde(skip)]
-    windows: VecDeque<Vec<BinCounts>>,
+    windows: VecDeque<Window>,
     /// `(boot_id, seq)` of the last window filed: each is counted once, in order.
     #[serde(skip)]
     last_window: (u64, u64),
@@ -117,16 +147,6 @@ pub(super) fn plausible(
     Ok(())
 }
 
-fn sum_bins(windows: &VecDeque<Vec<BinCounts>>, n: usize) -> Vec<BinCounts> {
-    let mut out = vec![BinCounts::default(); n];
-    for w in windows {
-        for (o, b) in out.iter_mut().zip(w) {
-            *o = o.plus(*b);
-        }
-    }
-    out
-}
-
 /// The tuner's bins from the wire's counts.
 pub fn tuner_bins(edges: &[f32], counts: &[BinCounts]) -> Vec<Bin> {
     edges
@@ -151,9 +171,10 @@ pub fn tuner_bins(edges: &[f32], counts: &[BinCounts]) -> Vec<Bin> {
 }
 
 /// Runs the tuner for one device with its measured costs.
-fn tune(setup: &Setup, bins: &[Bin], report: &TelemetryReport) -> Certificate {
+fn tune(setup: &Setup, bins: &[Bin], cuts: &Cuts, report: &TelemetryReport) -> Certificate {
     tuner::tune(
         bins,
+        cuts,
         setup.policy,
         report.threshold,
         &setup.limits,
@@ -183,19 +204,112 @@ pub(super) fn well_formed(c: &CalibrationReport) -> bool {
         && c.edges.iter().all(|e| (0.0..=1.0).contains(e))
 }
 
-/// Adds a window of calibration evidence to a device's record and re-runs the tuner.
-pub(super) fn add_window(rec: &mut DeviceRecord, c: CalibrationReport, setup: &Setup) {
+/// The thresholds a window reports, as cuts: more than the protocol allows is not believed.
+fn window_cuts(c: &CalibrationReport) -> Cuts {
+    if c.thresholds.len() > MAX_THRESHOLDS_IN_FORCE || c.thresholds.iter().any(|t| !t.is_finite()) {
+        Cuts::Unknown
+    } else {
+        Cuts::Known(c.thresholds.clone())
+    }
+}
+
+fn sum_windows<'a>(windows: impl Iterator<Item = &'a Window>, n: usize) -> (Vec<BinCounts>, Cuts) {
+    let mut bins = vec![BinCounts::default(); n];
+    let mut cuts = Cuts::Known(Vec::new());
+    for w in windows {
+        for (o, b) in bins.iter_mut().zip(&w.bins) {
+            *o = o.plus(*b);
+        }
+        cuts = cuts.union(&w.cuts);
+    }
+    (bins, cuts)
+}
+
+/// Keeps the window within `window_requests` and [`MAX_WINDOWS`].
+fn slide(windows: &mut VecDeque<Window>, window_requests: u64) {
+    let mut total: u64 = windows.iter().map(|w| w.requests).sum();
+    while windows.len() > 1 {
+        let oldest = windows.front().map_or(0, |w| w.requests);
+        if total - oldest < window_requests {
+            break;
+        }
+        total -= oldest;
+        windows.pop_front();
+    }
+    while windows.len() > MAX_WINDOWS {
+        let i = (0..windows.len() - 1)
+            .min_by_key(|&i| windows[i].requests + windows[i + 1].requests)
+            .unwrap_or(0);
+        if let Some(next) = windows.remove(i + 1) {
+            let w = &mut windows[i];
+            for (o, b) in w.bins.iter_mut().zip(&next.bins) {
+                *o = o.plus(*b);
+            }
+            w.cuts = w.cuts.union(&next.cuts);
+            w.requests += next.requests;
+        }
+    }
+}
+
+/// How many of the newest windows hold at least `requests` requests (all, if fewer).
+fn recent_count(windows: &VecDeque<Window>, requests: u64) -> usize {
+    let mut n = 0;
+    let mut sum = 0;
+    for w in windows.iter().rev() {
+        n += 1;
+        sum += w.requests;
+        if sum >= requests {
+            break;
+        }
+    }
+    n
+}
+
+/// The target of the policy, if it has one.
+fn target_of(policy: &Policy) -> Option<f64> {
+    match *policy {
+        Policy::TargetAgreement { target, .. } => Some(target),
+        _ => None,
+    }
+}
+
+/// Adds a window of calibration evidence to a device's record, re-runs the tuner and the drift
+/// test, and decides the threshold in force. `model`: the offline certificate the device's
+/// status announced; `reference`: the model this relay answers with.
+pub(super) fn add_window(
+    rec: &mut DeviceRecord,
+    c: CalibrationReport,
+    setup: &Setup,
+    model: Option<&ModelCalibration>,
+    reference: Option<&str>,
+) {
     // Disjoint fields: the report is read while the calibration is updated.
     let latest = &rec.latest;
-    let cal = rec.calibration.get_or_insert_with(|| Calibration {
-        signal: c.signal,
-        edges: c.edges.clone(),
-        audit_rate: c.audit_rate,
-        bins: Vec::new(),
-        certificate: tune(setup, &[], latest),
-        windows: VecDeque::new(),
-        last_window: (0, 0),
-        boot_requests: 0,
+    let running = latest.threshold;
+    let cal = rec.calibration.get_or_insert_with(|| {
+        let certificate = tune(setup, &[], &Cuts::Unknown, latest);
+        Calibration {
+            signal: c.signal,
+            edges: c.edges.clone(),
+            audit_rate: c.audit_rate,
+            bins: Vec::new(),
+            requests: 0,
+            cuts: Cuts::Known(Vec::new()),
+            in_force: InForce {
+                threshold: running,
+                basis: Basis::Kept,
+                why: certificate.note.clone(),
+            },
+            certificate,
+            offline: None,
+            offline_refused: None,
+            offline_trusted: true,
+            drift_alarms: 0,
+            last_drift: None,
+            windows: VecDeque::new(),
+            last_window: (0, 0),
+            boot_requests: 0,
+        }
     });
     let counted: u64 = c.bins.iter().map(|b| b.escalated + b.local).sum();
     if cal.last_window.0 != c.boot_id {
@@ -209,19 +323,122 @@ pub(super) fn add_window(rec: &mut DeviceRecord, c: CalibrationReport, setup: &S
         cal.edges = c.edges.clone();
         cal.signal = c.signal;
     }
-    cal.audit_rate = c.audit_rate;
-    cal.windows.push_back(c.bins);
-    while cal.windows.len() > CALIBRATION_WINDOWS {
-        cal.windows.pop_front();
+    // The model's offline certificate, re-derived (a new model replaces it).
+    match model.map(|m| tuner::check_offline(m, &setup.policy, reference)) {
+        Some(Ok(o)) => {
+            if cal.offline.as_ref().is_none_or(|old| old.model != o.model) {
+                cal.offline_trusted = true;
+            }
+            cal.offline = Some(o);
+            cal.offline_refused = None;
+        }
+        Some(Err(why)) => {
+            cal.offline = None;
+            cal.offline_refused = Some(why);
+        }
+        None => {
+            cal.offline = None;
+            cal.offline_refused = None;
+        }
     }
-    cal.bins = sum_bins(&cal.windows, cal.edges.len());
-    cal.certificate = tune(setup, &tuner_bins(&cal.edges, &cal.bins), latest);
+    cal.audit_rate = c.audit_rate;
+    let cuts = window_cuts(&c);
+    cal.windows.push_back(Window {
+        bins: c.bins,
+        cuts,
+        requests: counted,
+    });
+    slide(&mut cal.windows, setup.evidence.window_requests);
+
+    // The drift test: the newest windows against the rest.
+    let n = cal.edges.len();
+    let recent = recent_count(&cal.windows, setup.evidence.recent_requests);
+    let split = cal.windows.len() - recent;
+    let (recent_bins, recent_cuts) = sum_windows(cal.windows.iter().skip(split), n);
+    let (older_bins, _) = sum_windows(cal.windows.iter().take(split), n);
+    let fired = target_of(&setup.policy).and_then(|target| {
+        tuner::drift(
+            &tuner_bins(&cal.edges, &recent_bins),
+            &recent_cuts,
+            &tuner_bins(&cal.edges, &older_bins),
+            running,
+            target,
+            &setup.evidence,
+        )
+    });
+    if let Some(why) = &fired {
+        // Forget what came before the change: the bound re-certifies from what follows.
+        cal.windows.drain(..split);
+        cal.drift_alarms += 1;
+        cal.last_drift = Some(why.clone());
+        cal.offline_trusted = false;
+        tracing::warn!(device = %rec.device_id, %why, "drift: pushing the conservative threshold");
+    }
+    let (bins, cuts) = sum_windows(cal.windows.iter(), n);
+    cal.requests = cal.windows.iter().map(|w| w.requests).sum();
+    cal.bins = bins;
+    cal.cuts = cuts;
+    let tb = tuner_bins(&cal.edges, &cal.bins);
+    cal.certificate = tune(setup, &tb, &cal.cuts, latest);
+    let violation = fired.is_none()
+        && target_of(&setup.policy).is_some_and(|target| {
+            running < tuner::ALWAYS_ESCALATE
+                && cal.requests >= setup.limits.min_requests
+                && tuner::agreement_upper_bound(&tb, &cal.cuts, running, setup.evidence.drift_delta)
+                    < target
+        });
+    if violation {
+        cal.offline_trusted = false;
+    }
+    if let (Some(o), false, false) = (&cal.offline, cal.offline_trusted, violation) {
+        let online_as_low =
+            !cal.certificate.insufficient_evidence && cal.certificate.threshold <= o.threshold;
+        let back = fired.is_none()
+            && target_of(&setup.policy).is_some_and(|target| {
+                tuner::matches_calibration(
+                    &tuner_bins(&cal.edges, &recent_bins),
+                    &recent_cuts,
+                    o,
+                    target,
+                    &setup.evidence,
+                )
+            });
+        if online_as_low || back {
+            cal.offline_trusted = true;
+        }
+    }
+    let offline = cal.offline.as_ref().filter(|_| cal.offline_trusted);
+    cal.in_force = tuner::in_force(
+        &Situation {
+            online: &cal.certificate,
+            offline,
+            running,
+            violation,
+            drift: fired.as_deref(),
+        },
+        &setup.limits,
+    );
 }
 
-/// The tuner's latest proposal for the device, with the threshold the device runs.
-pub(super) fn proposal(rec: &DeviceRecord) -> Option<(Certificate, f32)> {
+/// What the device should run and why, with the threshold it runs.
+pub(super) fn proposal(rec: &DeviceRecord) -> Option<Proposal> {
     let c = rec.calibration.as_ref()?;
-    Some((c.certificate.clone(), rec.latest.threshold))
+    Some(Proposal {
+        in_force: c.in_force.clone(),
+        certificate: c.certificate.clone(),
+        offline: c.offline.clone(),
+        running: rec.latest.threshold,
+    })
+}
+
+/// The threshold a device should run, the certificates behind it, and what it runs now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proposal {
+    pub in_force: InForce,
+    /// The online certificate.
+    pub certificate: Certificate,
+    pub offline: Option<Offline>,
+    pub running: f32,
 }
 
 #[cfg(test)]
@@ -246,6 +463,8 @@ mod tests {
             edges: (0..n).map(|i| i as f32 / n as f32).collect(),
             bins,
             audit_rate: 0.5,
+            // The windows below escalate bins 0-2 and answer bin 3 locally.
+            thresholds: vec![0.75],
         }
     }
 
@@ -284,7 +503,9 @@ mod tests {
                 ..Default::default()
             },
         ];
-        for seq in 1..=(CALIBRATION_WINDOWS as u64 + 5) {
+        // 1,000 requests a window: the default 20,000-request window keeps the last 20.
+        let kept = 20;
+        for seq in 1..=(kept + 5) {
             telemetry(&mut f, seq, 1000);
             let mut c = calibration("a", window.clone());
             c.seq = seq;
@@ -294,8 +515,10 @@ mod tests {
             .get("a")
             .and_then(|d| d.calibration.clone())
             .expect("calibration");
-        // Only the last CALIBRATION_WINDOWS windows count.
-        assert_eq!(cal.bins[3].local, 700 * CALIBRATION_WINDOWS as u64);
+        // Only the last 20 windows count.
+        assert_eq!(cal.bins[3].local, 700 * kept);
+        assert_eq!(cal.requests, 1000 * kept);
+        assert_eq!(cal.cuts, Cuts::Known(vec![0.75]));
         let c = &cal.certificate;
         assert!(!c.insufficient_evidence, "{c:?}");
         // From 0.5 up the edge disagrees on 1 % of a tenth of the traffic: certified at 0.99.

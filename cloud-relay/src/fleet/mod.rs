@@ -40,10 +40,10 @@ use std::collections::BTreeMap;
 use thiserror::Error;
 use tierd_protocol::{CalibrationReport, DeviceStatus, TelemetryReport, TierCounts};
 
-use crate::tuner::{Certificate, Setup};
+use crate::tuner::Setup;
 use streams::Streams;
 
-pub use evidence::{device_costs, tuner_bins, Calibration, CALIBRATION_WINDOWS};
+pub use evidence::{device_costs, tuner_bins, Calibration, Proposal, MAX_WINDOWS};
 
 /// How far ahead of the relay's clock a `boot_id` (Unix ms at the agent's start) may be.
 pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
@@ -143,6 +143,9 @@ pub struct Fleet {
     devices: BTreeMap<String, DeviceEntry>,
     max_devices: usize,
     setup: Setup,
+    /// `name@version` of the model this relay answers with: offline certificates must be
+    /// against it.
+    reference: Option<String>,
 }
 
 impl Fleet {
@@ -151,7 +154,14 @@ impl Fleet {
             devices: BTreeMap::new(),
             max_devices,
             setup: Setup::default(),
+            reference: None,
         }
+    }
+
+    /// Offline certificates are believed only against `model` (`name@version`).
+    pub fn with_reference(mut self, model: impl Into<String>) -> Self {
+        self.reference = Some(model.into());
+        self
     }
 
     /// Tunes with `setup` instead of the default (99 % agreement, 95 % confidence).
@@ -260,25 +270,27 @@ impl Fleet {
             return Err(FleetError::BadCalibration(c.device_id));
         }
         let setup = self.setup;
-        let Some(rec) = self
+        let reference = self.reference.clone();
+        let Some((rec, status)) = self
             .devices
             .get_mut(topic_device)
-            .and_then(|e| e.record.as_mut())
+            .and_then(|e| e.record.as_mut().map(|r| (r, e.status.as_ref())))
         else {
             return Err(FleetError::NoTelemetry(c.device_id));
         };
+        let model = status.and_then(|s| s.model.clone());
         if let Err(why) = evidence::plausible(rec, &c, configured_audit_rate) {
             return Err(FleetError::Implausible {
                 device: c.device_id,
                 why,
             });
         }
-        evidence::add_window(rec, c, &setup);
+        evidence::add_window(rec, c, &setup, model.as_ref(), reference.as_deref());
         Ok(())
     }
 
-    /// The tuner's latest proposal for a device, with the threshold the device runs.
-    pub fn proposal(&self, device_id: &str) -> Option<(Certificate, f32)> {
+    /// The threshold a device should run and the certificates behind it.
+    pub fn proposal(&self, device_id: &str) -> Option<Proposal> {
         self.get(device_id).and_then(evidence::proposal)
     }
 
@@ -352,6 +364,7 @@ pub(crate) mod testing {
             online: true,
             boot_id: boot,
             reason: String::new(),
+            model: None,
         };
         f.set_status(device, status, boot).expect("status");
     }
@@ -445,6 +458,7 @@ mod tests {
             online: false,
             boot_id,
             reason: "forged".into(),
+            model: None,
         };
         assert!(f.set_status("a", offline(u64::MAX), now).is_err());
         assert!(f.set_status("a", offline(now), now).is_err());
@@ -478,7 +492,8 @@ mod tests {
                 DeviceStatus {
                     online: true,
                     boot_id: 1,
-                    reason: String::new()
+                    reason: String::new(),
+                    model: None,
                 },
                 0
             ),

@@ -75,6 +75,8 @@ pub struct StatusRecord {
     pub reason: String,
     /// Relay clock, Unix ms, when it arrived.
     pub since_ms: u64,
+    /// The model and offline certificate its last online status announced.
+    pub model: Option<tierd_protocol::ModelCalibration>,
 }
 
 impl DeviceRecord {
@@ -156,11 +158,18 @@ pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus,
     {
         return;
     }
+    // An offline status (the last will, set before the model was known) keeps the model.
+    let model = if status.online {
+        status.model
+    } else {
+        slot.as_ref().and_then(|s| s.model.clone())
+    };
     *slot = Some(StatusRecord {
         online: status.online,
         boot_id: status.boot_id,
         reason: status.reason,
         since_ms: now_ms,
+        model,
     });
 }
 
@@ -241,6 +250,7 @@ mod tests {
             online,
             boot_id,
             reason: if online { "" } else { "connection lost" }.into(),
+            model: None,
         };
         f.set_status("a", st(true, 1), 0).expect("online");
         f.set_status("a", st(false, 1), 1).expect("will");
