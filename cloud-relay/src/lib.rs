@@ -111,7 +111,7 @@ impl Relay {
             .client_mqtt()
             .options(&format!("cloud-relay-{}", config.relay_id))?;
         let link = Link::open(options, 1024);
-        let state = shared_state(&config)?;
+        let state = shared_state(&config, &model.id())?;
         let (stop, stop_rx) = watch::channel(false);
         let access = http_access(&config, http_addr)?;
 
@@ -220,7 +220,7 @@ fn http_access(
 
 /// The fleet view and the config controller, with the operators' overrides restored from the
 /// state directory.
-fn shared_state(config: &RelayConfig) -> Result<RelayState, RelayError> {
+fn shared_state(config: &RelayConfig, reference: &str) -> Result<RelayState, RelayError> {
     let state_dir = config.state_dir();
     let operator = control::load_overrides(&state_dir)?;
     if !operator.is_empty() {
@@ -237,7 +237,9 @@ fn shared_state(config: &RelayConfig) -> Result<RelayState, RelayError> {
         "config documents are signed with this key; pin it in every agent's [remote_config] trusted_keys"
     );
     Ok(RelayState::new(
-        fleet::Fleet::new(config.http.max_devices).with_tuner(config.tuner_setup()),
+        fleet::Fleet::new(config.http.max_devices)
+            .with_tuner(config.tuner_setup())
+            .with_reference(reference),
         control::Control::new(
             config.tuning.push,
             config.push_rules(),

@@ -61,6 +61,7 @@
 //! - escalations that got no cloud answer (fallbacks) are missing at random; timeouts of
 //!   harder inputs would make the bound optimistic by at most their share of the stratum;
 //! - the cloud model is the reference ("agreement", not accuracy).
+//!
 //! With fewer than `min_requests` in the window the current threshold is kept and the
 //! certificate says so.
 //!

@@ -36,9 +36,10 @@ struct Args {
     /// Requests in flight at once (like several local apps).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Escalation threshold on the max softmax probability.
-    #[arg(long, default_value_t = 0.9)]
-    threshold: f32,
+    /// Pin the escalation threshold (max softmax probability) as an operator override.
+    /// Default: the model's offline-certified threshold, moved by the relay's tuner.
+    #[arg(long)]
+    threshold: Option<f32>,
     /// Escalation timeout in milliseconds.
     #[arg(long, default_value_t = 250)]
     timeout_ms: u64,
@@ -87,10 +88,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let broker_port = free_port()?;
     let state = std::env::temp_dir().join(format!("tierd-demo-{}", std::process::id()));
     let mut relay_cfg = inproc::relay_config(broker_port, state.join("relay"));
-    // The demo measures one fixed threshold, so the tuner proposes (printed at the end) but
-    // does not push; an answer that disagrees with the cloud is priced at 0.2 cents so the
-    // cost report weighs accuracy too (illustrative: set your own in [prices]).
-    relay_cfg.tuning.push = false;
+    // The relay's default tuning steers the threshold (unless --threshold pins one); an answer
+    // that disagrees with the cloud is priced at 0.2 cents so the cost report weighs accuracy
+    // too (illustrative: set your own in [prices]).
     relay_cfg.prices.per_disagreement = 0.002;
     let prices = relay_cfg.prices.clone();
     let delta = relay_cfg.tuning.delta;
@@ -113,7 +113,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     // The agent applies only config documents signed by a relay key it pins.
     inproc::trust_relay(&mut agent_cfg, &relay_cfg_for_trust)
         .context("loading the relay's config-signing key")?;
-    agent_cfg.cascade.threshold = args.threshold;
+    agent_cfg.cascade.threshold = None;
     agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
     let agent = Agent::start(agent_cfg)
         .await
@@ -135,6 +135,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the relay's API token {}", token_file.display()))?;
     push_signed_config(relay_http, token.trim(), args.threshold).await?;
+
     println!(
         "tierd demo: relay + embedded broker on 127.0.0.1:{broker_port}, agent on http://{addr}"
     );
@@ -149,7 +150,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         "replaying {} images from {} (threshold {}, timeout {} ms, {} in flight)",
         records.len(),
         args.stream.display(),
-        args.threshold,
+        args.threshold.map_or_else(
+            || "the model's offline-certified one, tuned by the relay".to_string(),
+            |t| format!("{t}, pinned")
+        ),
         args.timeout_ms,
         args.concurrency
     );
@@ -316,9 +320,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         None => println!("relay fleet view    no telemetry from demo-pi reached the relay"),
     }
     if let Some(d) = &record {
-        if let Some(c) = d.calibration.as_ref().map(|c| &c.certificate) {
+        if let Some(cal) = d.calibration.as_ref() {
+            let c = &cal.certificate;
             println!(
-                "tuner proposal      threshold {} for {} % agreement with the cloud: lower bound {:.4} (estimate {:.4}), escalation rate {:.1} %, from {} requests ({} audited){}",
+                "online certificate  threshold {} for {} % agreement with the cloud: lower bound {:.4} (estimate {:.4}), escalation rate {:.1} %, from {} requests ({} audited){}",
                 c.threshold,
                 100.0 * target,
                 c.agreement_lower_bound,
@@ -327,6 +332,21 @@ async fn demo(args: Args) -> anyhow::Result<()> {
                 c.requests,
                 c.audited,
                 if c.insufficient_evidence { " [insufficient evidence]" } else { "" }
+            );
+            if let Some(o) = &cal.offline {
+                println!(
+                    "offline certificate threshold {} for {} % agreement: lower bound {:.4} from {} of {} held-out samples disagreeing ({})",
+                    o.threshold,
+                    100.0 * o.target,
+                    o.agreement_lower_bound,
+                    o.disagreements,
+                    o.samples,
+                    o.model
+                );
+            }
+            println!(
+                "threshold in force  {} ({:?}: {}); the device ran {}",
+                cal.in_force.threshold, cal.in_force.basis, cal.in_force.why, d.latest.threshold
             );
         }
         let report = cloud_relay::report::build(&[cloud_relay::report::usage(d, delta)], &prices);
@@ -347,19 +367,30 @@ fn argmax(p: &[f32]) -> usize {
     edge_agent::cascade::top1(p)
 }
 
-/// The relay pins the demo's threshold as an operator document (signed with its key) and the
-/// agent applies it: the demo runs on a config the agent verified.
+/// The relay sends an operator document (signed with its key; the threshold if one is pinned,
+/// else the default audit rate) and the agent applies it: the demo runs on a config the
+/// agent verified.
 async fn push_signed_config(
     relay_http: std::net::SocketAddr,
     token: &str,
-    threshold: f32,
+    threshold: Option<f32>,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().no_proxy().build()?;
     let url = format!("http://{relay_http}/api/devices/demo-pi/config");
+    let body = match threshold {
+        Some(t) => serde_json::json!({ "threshold": t }),
+        None => serde_json::json!({
+            "audit_rate": edge_agent::config::CascadeConfig::default().audit_rate
+        }),
+    };
+    let what = match threshold {
+        Some(t) => format!("threshold {t}"),
+        None => "the default audit rate".to_string(),
+    };
     let resp = client
         .put(&url)
         .bearer_auth(token)
-        .json(&serde_json::json!({ "threshold": threshold }))
+        .json(&body)
         .send()
         .await
         .context("pushing the demo's config through the relay")?;
@@ -381,7 +412,7 @@ async fn push_signed_config(
         let published = &view["published"]["version"];
         if view["last_ack"]["applied"] == true && &view["last_ack"]["version"] == published {
             println!(
-                "remote config: the relay's signed document (version {published}, threshold {threshold}) applied by the agent"
+                "remote config: the relay's signed document (version {published}, {what}) applied by the agent"
             );
             return Ok(());
         }

@@ -110,9 +110,8 @@ impl Calibration {
                 self.threshold
             )));
         }
-        if !(unit(self.target) && self.target > 0.0 && self.target < 1.0)
-            || !(unit(self.delta) && self.delta > 0.0 && self.delta < 1.0)
-        {
+        let open_unit = |v: f64| unit(v) && v > 0.0 && v < 1.0;
+        if !(open_unit(self.target) && open_unit(self.delta)) {
             return Err(ManifestInvalid::from(
                 "calibration.target and calibration.delta must be within (0, 1)",
             ));

@@ -21,7 +21,8 @@ pub struct AgentOptions {
     pub device_id: String,
     /// Broker port on 127.0.0.1.
     pub mqtt_port: u16,
-    pub threshold: f32,
+    /// `cascade.threshold`; `None` leaves it unset (the manifest's certified threshold).
+    pub threshold: Option<f32>,
     pub escalation_timeout_ms: u64,
     pub max_body_bytes: Option<usize>,
     /// Wait for the agent's "connected to MQTT broker" before returning from start.
@@ -50,7 +51,7 @@ impl AgentOptions {
         AgentOptions {
             device_id: device_id.to_owned(),
             mqtt_port,
-            threshold: 0.9,
+            threshold: Some(0.9),
             escalation_timeout_ms: 5000,
             max_body_bytes: None,
             wait_for_mqtt: true,
@@ -98,6 +99,12 @@ impl AgentOptions {
     }
 
     /// Audit this fraction of local answers, with no per-second cap in the way.
+    /// `cascade.threshold` (`None`: unset, so the manifest's certified threshold).
+    pub fn threshold(mut self, t: Option<f32>) -> Self {
+        self.threshold = t;
+        self
+    }
+
     pub fn audit_rate(mut self, rate: f64) -> Self {
         self.audit_rate = rate;
         self
@@ -138,7 +145,7 @@ impl AgentOptions {
             "device_id = \"{}\"\nstate_dir = {state}\n\n\
              [http]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n\
              [model]\nmanifest = {}\ntrusted_keys = {:?}\n\n\
-             [cascade]\nthreshold = {:?}\nsignal = \"max_prob\"\nescalation_timeout_ms = {}\n\
+             [cascade]\n{}signal = \"max_prob\"\nescalation_timeout_ms = {}\n\
              audit_rate = {:?}\nmax_audits_per_second = 10000\n\n\
              [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n{}\n\
              [telemetry]\ninterval_s = {:?}\n\n\
@@ -146,7 +153,8 @@ impl AgentOptions {
             self.device_id,
             toml_path(self.manifest.as_deref().unwrap_or(&edge_manifest())),
             self.model_keys,
-            self.threshold,
+            self.threshold
+                .map_or_else(String::new, |t| format!("threshold = {t:?}\n")),
             self.escalation_timeout_ms,
             self.audit_rate,
             self.mqtt_port,

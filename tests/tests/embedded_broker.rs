@@ -133,7 +133,7 @@ async fn metadata_and_health() {
     let (status, m) = agent.get(&format!("/v2/models/{EDGE_MODEL}")).await;
     assert_eq!(status, 200, "{m}");
     assert_eq!(m["name"], EDGE_MODEL);
-    assert_eq!(m["versions"], serde_json::json!(["1.0.0"]));
+    assert_eq!(m["versions"], serde_json::json!(["2.0.0"]));
     assert_eq!(m["inputs"][0]["name"], "input");
     assert_eq!(m["inputs"][0]["datatype"], "UINT8");
     assert_eq!(m["inputs"][0]["shape"], serde_json::json!([1, 64]));

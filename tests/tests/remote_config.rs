@@ -30,7 +30,7 @@ async fn the_relay_tunes_pushes_and_the_agent_applies_acks_and_keeps_it() {
         .audit_rate(1.0)
         .state_dir(state.path());
     // Start by escalating everything: the tuner must find the threshold from the evidence.
-    options.threshold = 1.01;
+    options.threshold = Some(1.01);
     let mut agent = AgentProc::start(options.clone()).await;
     let confident = confident_examples();
     let unsure = unsure_examples();

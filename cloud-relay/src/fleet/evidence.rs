@@ -20,6 +20,15 @@ use crate::tuner::{
 /// fewest requests merge (memory stays bounded however slow the device's traffic).
 pub const MAX_WINDOWS: usize = 64;
 
+/// See [`Calibration::offline_trust`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfflineTrust {
+    Trusted,
+    AfterDrift,
+    AfterViolation,
+}
+
 /// One calibration window (or several merged): counts per bin and the thresholds in force.
 #[derive(Debug, Clone)]
 struct Window {
@@ -47,9 +56,10 @@ pub struct Calibration {
     /// The model's offline certificate, once re-derived; `offline_refused` says why not.
     pub offline: Option<Offline>,
     pub offline_refused: Option<String>,
-    /// False after a violation or drift, until the online window certifies at or below the
-    /// offline threshold again.
-    pub offline_trusted: bool,
+    /// Whether the offline certificate stands in for an online one: not after a drift alarm
+    /// (until traffic looks like its calibration set again) or a certified violation (until
+    /// the online window certifies at or below it).
+    pub offline_trust: OfflineTrust,
     /// Times the drift test fired, and the last reason.
     pub drift_alarms: u64,
     pub last_drift: Option<String>,
@@ -303,7 +313,7 @@ pub(super) fn add_window(
             certificate,
             offline: None,
             offline_refused: None,
-            offline_trusted: true,
+            offline_trust: OfflineTrust::Trusted,
             drift_alarms: 0,
             last_drift: None,
             windows: VecDeque::new(),
@@ -327,7 +337,7 @@ pub(super) fn add_window(
     match model.map(|m| tuner::check_offline(m, &setup.policy, reference)) {
         Some(Ok(o)) => {
             if cal.offline.as_ref().is_none_or(|old| old.model != o.model) {
-                cal.offline_trusted = true;
+                cal.offline_trust = OfflineTrust::Trusted;
             }
             cal.offline = Some(o);
             cal.offline_refused = None;
@@ -371,8 +381,29 @@ pub(super) fn add_window(
         cal.windows.drain(..split);
         cal.drift_alarms += 1;
         cal.last_drift = Some(why.clone());
-        cal.offline_trusted = false;
+        cal.offline_trust = OfflineTrust::AfterDrift;
         tracing::warn!(device = %rec.device_id, %why, "drift: pushing the conservative threshold");
+    }
+    // Discredited, but the newest traffic looks like the calibration set again: another
+    // change, so the evidence before it goes as after a drift alarm, and the offline
+    // certificate is trusted again (the violation test below still checks it).
+    let back = fired.is_none()
+        && cal.offline_trust == OfflineTrust::AfterDrift
+        && cal.offline.as_ref().is_some_and(|o| {
+            target_of(&setup.policy).is_some_and(|target| {
+                tuner::matches_calibration(
+                    &tuner_bins(&cal.edges, &recent_bins),
+                    &recent_cuts,
+                    o,
+                    target,
+                    &setup.evidence,
+                )
+            })
+        });
+    if back {
+        cal.windows.drain(..split);
+        cal.offline_trust = OfflineTrust::Trusted;
+        tracing::info!(device = %rec.device_id, "traffic looks like the model's calibration set again");
     }
     let (bins, cuts) = sum_windows(cal.windows.iter(), n);
     cal.requests = cal.windows.iter().map(|w| w.requests).sum();
@@ -388,26 +419,16 @@ pub(super) fn add_window(
                     < target
         });
     if violation {
-        cal.offline_trusted = false;
-    }
-    if let (Some(o), false, false) = (&cal.offline, cal.offline_trusted, violation) {
-        let online_as_low =
-            !cal.certificate.insufficient_evidence && cal.certificate.threshold <= o.threshold;
-        let back = fired.is_none()
-            && target_of(&setup.policy).is_some_and(|target| {
-                tuner::matches_calibration(
-                    &tuner_bins(&cal.edges, &recent_bins),
-                    &recent_cuts,
-                    o,
-                    target,
-                    &setup.evidence,
-                )
-            });
-        if online_as_low || back {
-            cal.offline_trusted = true;
+        cal.offline_trust = OfflineTrust::AfterViolation;
+    } else if let Some(o) = &cal.offline {
+        if !cal.certificate.insufficient_evidence && cal.certificate.threshold <= o.threshold {
+            cal.offline_trust = OfflineTrust::Trusted;
         }
     }
-    let offline = cal.offline.as_ref().filter(|_| cal.offline_trusted);
+    let offline = cal
+        .offline
+        .as_ref()
+        .filter(|_| cal.offline_trust == OfflineTrust::Trusted);
     cal.in_force = tuner::in_force(
         &Situation {
             online: &cal.certificate,
@@ -610,5 +631,121 @@ mod tests {
         // 1,000 local answers at 2 %: mean 20, cap 20 + 6·4.47 + 10 = 57.
         assert_eq!(max_plausible_audits(1000, 0.02), 57);
         assert!(max_plausible_audits(100_000, 0.5) < 52_000);
+    }
+
+    fn offline_cert() -> ModelCalibration {
+        ModelCalibration {
+            model: "edge@2".into(),
+            threshold: 0.9,
+            target: 0.99,
+            delta: 0.05,
+            samples: 20_000,
+            disagreements: 129,
+            agreement_lower_bound: 1.0 - tuner::clopper_pearson_upper(129, 20_000, 0.05),
+            escalation_rate: 0.1,
+            reference: "cloud@1".into(),
+        }
+    }
+
+    /// 1,000 requests at threshold 0.9 over bins [0, 0.5), [0.5, 0.9), [0.9, 1]: `low` of
+    /// them below 0.9 (escalated, four in five agreeing), the rest local with 2 % audited,
+    /// `wrong` of those audits disagreeing.
+    fn window_at_09(seq: u64, low: u64, wrong: u64) -> CalibrationReport {
+        let local = 1000 - low;
+        let audited = local / 50;
+        let esc = |n: u64| BinCounts {
+            escalated: n,
+            escalated_labelled: n,
+            escalated_agree: n * 4 / 5,
+            ..Default::default()
+        };
+        CalibrationReport {
+            device_id: "a".into(),
+            boot_id: 1,
+            seq,
+            signal: Signal::MaxProb,
+            edges: vec![0.0, 0.5, 0.9],
+            bins: vec![
+                esc(low / 2),
+                esc(low - low / 2),
+                BinCounts {
+                    local,
+                    audited,
+                    audited_agree: audited - wrong,
+                    ..Default::default()
+                },
+            ],
+            audit_rate: 0.02,
+            thresholds: vec![0.9],
+        }
+    }
+
+    #[test]
+    fn drift_pushes_the_conservative_threshold_and_a_return_restores_the_offline_one() {
+        let mut f = Fleet::new(10).with_reference("cloud@1");
+        let status = tierd_protocol::DeviceStatus {
+            online: true,
+            boot_id: 1,
+            reason: String::new(),
+            model: Some(offline_cert()),
+        };
+        f.set_status("a", status, 1).expect("status");
+        let mut seq = 0;
+        let mut file = |f: &mut Fleet, low, wrong| {
+            seq += 1;
+            telemetry(f, seq, 1000);
+            f.ingest_calibration("a", window_at_09(seq, low, wrong), None)
+                .expect("plausible");
+            f.proposal("a").expect("proposal")
+        };
+        // Clean traffic like the calibration set: the offline certificate is in force, not
+        // "escalate everything" on thin online evidence.
+        for _ in 0..3 {
+            let p = file(&mut f, 100, 0);
+            assert_eq!(
+                (p.in_force.basis, p.in_force.threshold),
+                (Basis::Offline, 0.9)
+            );
+        }
+        // Half the traffic below 0.9: drift, at once.
+        let p = file(&mut f, 500, 0);
+        assert_eq!(p.in_force.basis, Basis::Drift, "{p:?}");
+        assert_eq!(p.in_force.threshold, tuner::ALWAYS_ESCALATE);
+        let cal = f.get("a").and_then(|d| d.calibration.clone()).expect("cal");
+        assert_eq!(cal.drift_alarms, 1);
+        assert_eq!(cal.requests, 1000, "evidence cut back to the newest window");
+        assert_eq!(cal.offline_trust, OfflineTrust::AfterDrift);
+        // Still drifted: the offline certificate stays discredited.
+        let p = file(&mut f, 500, 0);
+        assert_ne!(p.in_force.basis, Basis::Offline, "{p:?}");
+        // Back to the calibration set's shape: trusted again, older evidence forgotten.
+        let p = file(&mut f, 100, 0);
+        assert_eq!(
+            (p.in_force.basis, p.in_force.threshold),
+            (Basis::Offline, 0.9),
+            "{p:?}"
+        );
+        let cal = f.get("a").and_then(|d| d.calibration.clone()).expect("cal");
+        assert_eq!(cal.requests, 1000);
+        // A forged certificate (bound not following from its counts) is refused, with why.
+        let mut forged = offline_cert();
+        forged.agreement_lower_bound = 0.9999;
+        forged.disagreements = 400;
+        let status = tierd_protocol::DeviceStatus {
+            online: true,
+            boot_id: 1,
+            reason: String::new(),
+            model: Some(forged),
+        };
+        f.set_status("a", status, 2).expect("status");
+        let p = file(&mut f, 100, 0);
+        assert!(p.offline.is_none());
+        let cal = f.get("a").and_then(|d| d.calibration.clone()).expect("cal");
+        assert!(
+            cal.offline_refused
+                .as_deref()
+                .is_some_and(|w| w.contains("does not follow")),
+            "{cal:?}"
+        );
     }
 }

@@ -43,7 +43,7 @@ use tierd_protocol::{CalibrationReport, DeviceStatus, TelemetryReport, TierCount
 use crate::tuner::Setup;
 use streams::Streams;
 
-pub use evidence::{device_costs, tuner_bins, Calibration, Proposal, MAX_WINDOWS};
+pub use evidence::{device_costs, tuner_bins, Calibration, OfflineTrust, Proposal, MAX_WINDOWS};
 
 /// How far ahead of the relay's clock a `boot_id` (Unix ms at the agent's start) may be.
 pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
