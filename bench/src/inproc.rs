@@ -1,6 +1,11 @@
 //! Benchmarks against a relay and an agent started in this process (the demo's setup), on their
 //! own multi-thread runtime so they keep the daemons' threading while the client drives the load
 //! from a separate single-threaded runtime.
+//!
+//! The threshold is pinned: the relay runs with `tuning.push = false` (its tuner proposes, never
+//! pushes), so what the bench measures cannot change mid-run because the tuner learned from the
+//! bench's own traffic (a pushed threshold once turned the `confident` example into an
+//! escalation: "expected tier edge, got cloud"). [`Servers::check_threshold`] proves it held.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -42,12 +47,15 @@ pub struct Servers {
     pub agent_off_addr: SocketAddr,
     /// The telemetry agent's latest report, to measure its encoded size.
     pub latest: LatestReport,
+    /// The threshold both agents had in force at start; the relay never pushes another.
+    pub threshold: f32,
     agents: Vec<Running<Result<(), AgentError>>>,
     relay: Running<()>,
 }
 
 struct Started {
     addr: SocketAddr,
+    threshold: f32,
     latest: LatestReport,
     running: Running<Result<(), AgentError>>,
 }
@@ -73,6 +81,7 @@ async fn start_agent(
         .await
         .with_context(|| format!("starting agent {device_id}"))?;
     let addr = agent.local_addr()?;
+    let threshold = agent.policy().threshold;
     let latest = agent.latest_report();
     let escalator = agent.escalator();
     let running = inproc::serve_agent(agent);
@@ -84,15 +93,24 @@ async fn start_agent(
     }
     Ok(Started {
         addr,
+        threshold,
         latest,
         running,
     })
 }
 
+/// The in-process relay's config: the devkit's, with tuning pushes off so the threshold the
+/// agents start with stays in force for the whole run.
+pub fn relay_config(broker_port: u16) -> cloud_relay::config::RelayConfig {
+    let mut cfg = inproc::relay_config(broker_port, scratch("relay"));
+    cfg.tuning.push = false;
+    cfg
+}
+
 /// Must run on the server runtime: the relay and agent spawn their tasks onto the current one.
 pub async fn start_servers() -> anyhow::Result<Servers> {
     let broker_port = free_port()?;
-    let relay_cfg = inproc::relay_config(broker_port, scratch("relay"));
+    let relay_cfg = relay_config(broker_port);
     let relay = Relay::start(relay_cfg.clone())
         .await
         .context("starting the relay")?;
@@ -100,11 +118,20 @@ pub async fn start_servers() -> anyhow::Result<Servers> {
 
     let on = start_agent("bench-edge", &relay_cfg, broker_port, true).await?;
     let off = start_agent("bench-edge-notel", &relay_cfg, broker_port, false).await?;
+    if on.threshold != off.threshold {
+        bail!(
+            "the two agents start at different thresholds ({} and {}): the telemetry comparison \
+             would not compare like with like",
+            on.threshold,
+            off.threshold
+        );
+    }
     Ok(Servers {
         broker_port,
         agent_addr: on.addr,
         agent_off_addr: off.addr,
         latest: on.latest,
+        threshold: on.threshold,
         agents: vec![on.running, off.running],
         relay,
     })
@@ -117,6 +144,23 @@ impl Servers {
 
     pub fn infer_url_without_telemetry(&self) -> String {
         format!("http://{}/v2/models/digits-edge/infer", self.agent_off_addr)
+    }
+
+    /// Fails unless both agents still run the threshold they started with, read from their
+    /// `tierd_threshold` metric (what the cascade uses, not what a config file says).
+    pub async fn check_threshold(&self, client: &reqwest::Client) -> anyhow::Result<()> {
+        for addr in [self.agent_addr, self.agent_off_addr] {
+            let now = threshold_in_force(client, addr).await?;
+            // The gauge is the f32 widened to f64: compare as f32.
+            if now as f32 != self.threshold {
+                bail!(
+                    "the agent at {addr} runs threshold {now}, not the {} it started with: \
+                     something pushed a threshold although the bench pins it",
+                    self.threshold
+                );
+            }
+        }
+        Ok(())
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
@@ -132,6 +176,35 @@ impl Servers {
             .context("the relay did not stop")??;
         Ok(())
     }
+}
+
+/// The agent's `tierd_threshold` gauge from its `/metrics`.
+pub async fn threshold_in_force(client: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<f64> {
+    let url = format!("http://{addr}/metrics");
+    let text = tokio::time::timeout(STEP_TIMEOUT, async {
+        client
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await
+    })
+    .await
+    .with_context(|| format!("GET {url} timed out"))?
+    .with_context(|| format!("GET {url}"))?;
+    parse_gauge(&text, "tierd_threshold").with_context(|| format!("no tierd_threshold in {url}"))
+}
+
+/// The value of the first sample of metric `name` in Prometheus text.
+fn parse_gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Sends `body` until the agent answers it from `tier` (the relay subscribes a moment after it
@@ -429,4 +502,44 @@ pub async fn throughput(
         elapsed: started.elapsed(),
         cloud: cloud.load(Ordering::Relaxed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_benchs_relay_never_pushes_a_threshold() {
+        let cfg = relay_config(18_830);
+        assert!(!cfg.tuning.push);
+        // Everything else is the devkit's in-process relay.
+        let devkit = inproc::relay_config(18_830, scratch("relay"));
+        assert_eq!(cfg.embedded_broker.listen, devkit.embedded_broker.listen);
+        assert_eq!(cfg.model.manifest, devkit.model.manifest);
+        assert!(
+            devkit.tuning.push,
+            "the devkit default pushes; the bench turns it off"
+        );
+    }
+
+    #[test]
+    fn the_threshold_gauge_is_read_from_prometheus_text() {
+        let text = "# HELP tierd_threshold Escalation threshold in force.\n\
+                    # TYPE tierd_threshold gauge\n\
+                    tierd_thresholds_total 3\n\
+                    tierd_threshold{signal=\"max_prob\"} 0.8999999761581421\n";
+        assert_eq!(
+            parse_gauge(text, "tierd_threshold"),
+            Some(0.8999999761581421)
+        );
+        assert_eq!(
+            parse_gauge(text, "tierd_threshold").map(|v| v as f32),
+            Some(0.9)
+        );
+        assert_eq!(
+            parse_gauge("tierd_threshold_x 1\n", "tierd_threshold"),
+            None
+        );
+        assert_eq!(parse_gauge("", "tierd_threshold"), None);
+    }
 }

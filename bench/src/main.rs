@@ -89,6 +89,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let servers = server_rt.block_on(inproc::start_servers())?;
+    eprintln!(
+        "threshold pinned at {} (relay tuning.push = false: the tuner proposes, never pushes)",
+        servers.threshold
+    );
     let result = client_rt.block_on(run(&args, servers, server_rt.handle()));
     server_rt.shutdown_timeout(Duration::from_secs(2));
     let report = result?;
@@ -150,6 +154,8 @@ async fn run(
         tput.report_bytes = tierd_protocol::encode(&r).ok().map(|b| b.len());
         tput.reports_seen = r.seq;
     }
+    servers.check_threshold(&client).await?;
+    let threshold = servers.threshold;
     echo.stop().await?;
     servers.stop().await?;
 
@@ -172,7 +178,7 @@ async fn run(
     };
     let sizes = sizes::collect()?;
     let signing = signing::run(args.rounds, args.iterations)?;
-    Ok(report(args, &latency, &tput, rss.as_ref(), &sizes) + &signing)
+    Ok(report(args, threshold, &latency, &tput, rss.as_ref(), &sizes) + &signing)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -361,6 +367,7 @@ fn latency_table(
 
 fn report(
     args: &Args,
+    threshold: f32,
     l: &Latency,
     t: &Tput,
     rss: Option<&rss::RssReport>,
@@ -377,6 +384,12 @@ fn report(
         o,
         "Values are medians over {} interleaved rounds of {} timed samples per side.\n",
         args.rounds, args.iterations
+    );
+    let _ = writeln!(
+        o,
+        "Threshold pinned at {threshold} for the whole run: the in-process relay runs with \
+         `tuning.push = false` (its tuner proposes, never pushes), and both agents still ran \
+         {threshold} at the end (`tierd_threshold` on their /metrics).\n"
     );
 
     let _ = writeln!(o, "### 1. Local path overhead\n");

@@ -145,7 +145,9 @@ pub async fn run(
     std::fs::write(
         &relay_cfg,
         format!(
-            "[embedded_broker]\nlisten = \"127.0.0.1:{broker_port}\"\n\n[model]\nmanifest = {:?}\n",
+            // No tuning pushes: the load's tiers must not change mid-run (see `inproc`).
+            "[embedded_broker]\nlisten = \"127.0.0.1:{broker_port}\"\n\n[model]\nmanifest = {:?}\n\n\
+             [tuning]\npush = false\n",
             abs("models/cloud/digits-cloud.toml")?
         ),
     )?;
