@@ -254,8 +254,9 @@ impl Control {
         self.slot(device)?.tuned_threshold = Some(target);
         // The certificate behind the threshold, with which one it is.
         let mut certificate = match (proposal.in_force.basis, &proposal.offline) {
-            (Basis::Offline, Some(o)) => serde_json::to_value(o).ok(),
-            _ => serde_json::to_value(&proposal.certificate).ok(),
+            // Through text, so an f32 reads 0.9 and not 0.8999999761581421.
+            (Basis::Offline, Some(o)) => crate::api::to_json(o).ok(),
+            _ => crate::api::to_json(&proposal.certificate).ok(),
         };
         if let Some(serde_json::Value::Object(m)) = certificate.as_mut() {
             if let Ok(basis) = serde_json::to_value(proposal.in_force.basis) {
@@ -501,6 +502,11 @@ mod tests {
         let cert = doc.certificate.expect("certificate");
         assert_eq!(cert["basis"], "drift");
         assert_eq!(cert["why"], "drift: test");
+        assert_eq!(
+            cert["threshold"].to_string(),
+            "0.8",
+            "no float noise: {cert}"
+        );
         // A lowering within the interval waits.
         assert!(c
             .on_proposal("d", &prop(0.7, false, 1.01), 1_002_000)

@@ -345,7 +345,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "threshold in force  {} ({:?}: {}); the device ran {}",
+                "threshold in force  {} ({}: {}); the device ran {}",
                 cal.in_force.threshold, cal.in_force.basis, cal.in_force.why, d.latest.threshold
             );
         }
