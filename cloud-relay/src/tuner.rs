@@ -757,7 +757,9 @@ pub fn in_force(s: &Situation<'_>, limits: &Limits) -> InForce {
     }
     match s.offline {
         Some(o) if !(online_ok && s.online.threshold <= o.threshold) => InForce {
-            threshold: o.threshold.clamp(limits.min_threshold, limits.max_threshold),
+            threshold: o
+                .threshold
+                .clamp(limits.min_threshold, limits.max_threshold),
             basis: Basis::Offline,
             why: format!(
                 "{}'s offline certificate ({} of {} samples disagree, agreement ≥ {:.4}); the \
