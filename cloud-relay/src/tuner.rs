@@ -697,6 +697,19 @@ pub enum Basis {
     Kept,
 }
 
+impl std::fmt::Display for Basis {
+    /// The name the API and pushed documents use (`offline`, `drift`, …).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Basis::Online => "online",
+            Basis::Offline => "offline",
+            Basis::Violation => "violation",
+            Basis::Drift => "drift",
+            Basis::Kept => "kept",
+        })
+    }
+}
+
 /// The threshold a device should run, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InForce {
@@ -1282,6 +1295,11 @@ mod tests {
         assert_eq!((r.threshold, r.basis), (thin.threshold, Basis::Violation));
         let r = in_force(&s(&low, Some(&offline), false, Some("shift")), &limits);
         assert_eq!((r.threshold, r.basis), (ALWAYS_ESCALATE, Basis::Drift));
+        // Displayed as the API spells it.
+        assert_eq!(
+            serde_json::to_value(r.basis).ok(),
+            Some(serde_json::Value::from(r.basis.to_string()))
+        );
         // Too little evidence and no offline certificate: keep what runs.
         let (tiny, cuts) = window(10, 0.9, 1);
         let none = tune(
