@@ -141,7 +141,7 @@ async fn metadata_and_health() {
     assert_eq!(m["outputs"][0]["shape"], serde_json::json!([1, 10]));
 
     let (status, body) = agent
-        .get(&format!("/v2/models/{EDGE_MODEL}/versions/1.0.0"))
+        .get(&format!("/v2/models/{EDGE_MODEL}/versions/2.0.0"))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["name"], EDGE_MODEL);
