@@ -585,21 +585,9 @@ pub fn drift(
     None
 }
 
-/// A model's threshold certified offline ([`check_offline`] re-derived its bound).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Offline {
-    /// `name@version` of the edge model it certifies.
-    pub model: String,
-    pub threshold: f32,
-    pub target: f64,
-    pub delta: f64,
-    pub samples: u64,
-    pub disagreements: u64,
-    /// Re-derived here: `1 − ClopperPearsonUpper(disagreements, samples, delta)`.
-    pub agreement_lower_bound: f64,
-    pub escalation_rate: f64,
-    pub reference: String,
-}
+/// A model's threshold certified offline, as its device's status announced it, once
+/// [`check_offline`] has re-derived `agreement_lower_bound` from its counts.
+pub type Offline = tierd_protocol::ModelCalibration;
 
 /// Whether a model's offline certificate can stand in for an online one under `policy`: only
 /// for `target_agreement`, with a target and confidence at least the policy's, against the
@@ -647,15 +635,8 @@ pub fn check_offline(
         ));
     }
     Ok(Offline {
-        model: c.model.clone(),
-        threshold: c.threshold,
-        target: c.target,
-        delta: c.delta,
-        samples: c.samples,
-        disagreements: c.disagreements,
         agreement_lower_bound: lb,
-        escalation_rate: c.escalation_rate,
-        reference: c.reference.clone(),
+        ..c.clone()
     })
 }
 
