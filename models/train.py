@@ -137,14 +137,14 @@ def to_input(px_u8):
 
 
 # ----------------------------------------------------------------------------- onnx
-def export_mlp(clf, graph_name):
+def export_mlp(clf, graph_name, n_features=64):
     """sklearn MLP -> ONNX with only the `probabilities` output.
 
-    ZipMap and the label branch (ArgMax + ai.onnx.ml.ArrayFeatureExtractor) are
-    dropped because tract rejects the ai.onnx.ml ops and the runtime only reads
-    probabilities anyway.
+    ZipMap is off (tract does not run it; `model init` says so). The label branch
+    (ArgMax + ai.onnx.ml.ArrayFeatureExtractor) is dropped only to keep the files small
+    and reproducible: the runtime reads the probabilities output alone.
     """
-    m = convert_sklearn(clf, initial_types=[("input", FloatTensorType([None, 64]))],
+    m = convert_sklearn(clf, initial_types=[("input", FloatTensorType([None, n_features]))],
                         options={id(clf): {"zipmap": False}},
                         target_opset={"": OPSET, "ai.onnx.ml": 1})
     g = m.graph
@@ -233,7 +233,7 @@ def write_manifest(path, name, description, onnx_file, golden_px, golden_p, vers
         f'file = "{onnx_file.name}"', f'sha256 = "{sha}"', "",
         "[input]", 'name = "input"', "shape = [1, 64]", 'dtype = "FP32"', "",
         "[preprocess]", 'wire_dtype = "UINT8"', "scale = 0.003921569", "offset = 0.0", "",
-        "[output]", 'name = "probabilities"',
+        "[output]", 'name = "probabilities"', 'kind = "probabilities"',
         "labels = [" + ", ".join(f'"{l}"' for l in LABELS) + "]",
     ]
     if calibration is not None:
@@ -245,7 +245,7 @@ def write_manifest(path, name, description, onnx_file, golden_px, golden_p, vers
                   f"escalation_rate = {c['escalation_rate']!r}",
                   f'reference = "{c["reference"]}"', f'set = "{c["set"]}"']
     for px, p in zip(golden_px, golden_p):
-        lines += ["", "[[golden]]", f"pixels = {iarr(px)}", f"probabilities = {farr(p)}",
+        lines += ["", "[[golden]]", f"input = {iarr(px)}", f"outputs = {farr(p)}",
                   "tolerance = 0.0001"]
     path.write_text("\n".join(lines) + "\n")
 
@@ -500,5 +500,130 @@ def main():
             print(hashlib.sha256(f.read_bytes()).hexdigest()[:16], f.stat().st_size, f.relative_to(HERE))
 
 
+# ----------------------------------------------------------------------------- tabular pair
+# A second sample pair with another shape and wire type, to show nothing is digits-specific:
+# scikit-learn's breast-cancer data (30 FP32 features, 2 classes), clients send the raw
+# features (no [preprocess]). The edge model outputs logits (a linear model, int8 QDQ);
+# the cloud model is an fp32 MLP. Both manifests are written by `edge-agent model init`
+# from the committed .onnx files and sample rows, exactly as a user would.
+TAB_EDGE, TAB_CLOUD = "breast-edge", "breast-cloud"
+TAB_STREAM_N, TAB_NOISE = 5_000, 0.35
+
+
+def tabular_data():
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    x, y = d.data.astype(np.float32), d.target.astype(np.int64)
+    x_tr, x_ev, y_tr, y_ev = train_test_split(x, y, test_size=0.4, stratify=y, random_state=0)
+    return x_tr, x_ev, y_tr, y_ev, [str(n) for n in d.target_names]
+
+
+def tabular_noisy(x, y, n, rng, sd):
+    """n draws of eval rows with Gaussian noise of `TAB_NOISE` feature standard deviations
+    (measurement noise: what a sensor in the field adds), clipped at 0 (no feature is
+    negative in this data set)."""
+    i = rng.integers(0, len(x), n)
+    noisy = x[i] + rng.normal(0.0, 1.0, (n, x.shape[1])).astype(np.float32) * (TAB_NOISE * sd)
+    return np.maximum(noisy, 0.0).astype(np.float32), y[i]
+
+
+def linear_logits_model(mean, inv_sd, w, b, graph_name):
+    """logits = ((x - mean) * inv_sd) @ w + b as a plain ONNX graph: raw features in, a logits
+    output, no Softmax. The standardization stays in float (Sub, Mul are not quantized): raw
+    features span 1e-3 to 4e3, which one int8 scale cannot hold."""
+    from onnx import TensorProto, helper, numpy_helper
+    g = helper.make_graph(
+        [helper.make_node("Sub", ["input", "mean"], ["centred"]),
+         helper.make_node("Mul", ["centred", "inv_sd"], ["z_in"]),
+         helper.make_node("MatMul", ["z_in", "w"], ["z"]),
+         helper.make_node("Add", ["z", "b"], ["logits"])],
+        graph_name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, w.shape[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, w.shape[1]])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+         ((mean, "mean"), (inv_sd, "inv_sd"), (w, "w"), (b, "b"))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def ort_run(model_bytes, output, x):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    s = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return s.run([output], {"input": x})[0]
+
+
+def model_init(edge_agent, onnx_path, samples, labels, name, description):
+    import subprocess
+    out = onnx_path.with_suffix(".toml")
+    subprocess.run([edge_agent, "model", "init", str(onnx_path), "--samples", str(samples),
+                    "--out", str(out), "--name", name, "--labels", ",".join(labels),
+                    "--description", description, "--golden", "6", "--force"], check=True)
+    return out
+
+
+def tabular(edge_agent):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    x_tr, x_ev, y_tr, y_ev, labels = tabular_data()
+    sc = StandardScaler().fit(x_tr)
+    mean, sd = sc.mean_.astype(np.float32), sc.scale_.astype(np.float32)
+    z_tr = sc.transform(x_tr).astype(np.float32)
+
+    # Cloud: MLP on standardized features, the standardization folded into the first layer
+    # (clients send raw features; tract has no ai.onnx.ml Scaler).
+    cloud = MLPClassifier(hidden_layer_sizes=(64, 32), alpha=1e-3, max_iter=2000, random_state=0)
+    cloud.fit(z_tr, y_tr)
+    w0, b0 = cloud.coefs_[0], cloud.intercepts_[0]
+    cloud.coefs_[0] = (w0 / sd[:, None]).astype(np.float64)
+    cloud.intercepts_[0] = b0 - (mean / sd) @ w0
+    cloud_path = CLOUD_DIR / f"{TAB_CLOUD}.onnx"
+    onnx.save(export_mlp(cloud, "breast_cloud", n_features=x_tr.shape[1]), cloud_path)
+
+    # Edge: a strongly regularized logistic regression, as logits [-z/2, z/2] (softmax of
+    # them is the sigmoid of z); int8 QDQ.
+    lr = LogisticRegression(C=0.01, max_iter=1000).fit(z_tr, y_tr)
+    w, b = lr.coef_[0], lr.intercept_[0]
+    W = np.stack([-w / 2, w / 2], axis=1)
+    B = np.array([-b / 2, b / 2])
+    fp32 = linear_logits_model(mean, 1.0 / sd, W, B, "breast_edge_fp32")
+    edge_q = quantize_int8(fp32, x_tr, "breast_edge")
+    edge_path = EDGE_DIR / f"{TAB_EDGE}.onnx"
+    onnx.save(edge_q, edge_path)
+
+    # Evaluation stream: noisy draws of the eval rows (features float32, labels int64).
+    xs, ys = tabular_noisy(x_ev, y_ev, TAB_STREAM_N, np.random.default_rng(4001), sd)
+    np.save(EVAL_DIR / "breast-stream.npy", xs)
+    np.save(EVAL_DIR / "breast-stream-labels.npy", ys)
+
+    model_init(edge_agent, edge_path, EVAL_DIR / "breast-stream.npy", labels, TAB_EDGE,
+               "int8 QDQ logistic regression (30 raw features, logits) for breast-cancer data; edge tier")
+    model_init(edge_agent, cloud_path, EVAL_DIR / "breast-stream.npy", labels, TAB_CLOUD,
+               "fp32 MLP (30-64-32-2) for breast-cancer data; cloud tier")
+
+    pe = ort_run(edge_path.read_bytes(), "logits", xs)
+    pe = np.exp(pe - pe.max(1, keepdims=True)); pe /= pe.sum(1, keepdims=True)
+    pc = ort_run(cloud_path.read_bytes(), "probabilities", xs)
+    acc = lambda p: float((p.argmax(1) == ys).mean())
+    print(f"{TAB_EDGE}: {edge_path.stat().st_size} B, ops {ops(edge_q)}, stream acc {acc(pe):.4f}")
+    print(f"{TAB_CLOUD}: {cloud_path.stat().st_size} B, stream acc {acc(pc):.4f}; "
+          f"disagreement {float((pe.argmax(1) != pc.argmax(1)).mean()):.4f}")
+    for t in (0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
+        esc = pe.max(1) < t
+        agr = np.where(esc, pc.argmax(1), pe.argmax(1)) == pc.argmax(1)
+        print(f"  t={t}: escalation {esc.mean():.4f}, cloud agreement {agr.mean():.4f}")
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["digits", "tabular"], help="regenerate one pair only")
+    ap.add_argument("--edge-agent", default="target/debug/edge-agent",
+                    help="the edge-agent binary whose `model init` writes the tabular manifests")
+    args = ap.parse_args()
+    if args.only != "tabular":
+        main()
+    if args.only != "digits":
+        tabular(args.edge_agent)

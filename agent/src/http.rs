@@ -303,7 +303,7 @@ fn metadata(
         platform: "onnx_tract",
         inputs: vec![TensorMetadata {
             name: m.input.name.clone(),
-            datatype: m.preprocess.wire_dtype.as_str(),
+            datatype: m.wire_dtype().as_str(),
             shape,
         }],
         outputs: vec![TensorMetadata {

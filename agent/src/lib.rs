@@ -29,6 +29,7 @@ pub mod forward;
 pub mod http;
 pub mod link;
 pub mod metrics;
+pub mod model_init;
 pub mod oip;
 pub mod policy;
 pub mod remote_config;

@@ -1,5 +1,5 @@
-//! `edge-agent`: the daemon (`run`), a model checker (`check-model`), model-release signing
-//! (`model keygen`, `model sign`) and an energy meter probe (`energy probe`).
+//! `edge-agent`: the daemon (`run`), a model checker (`check-model`), manifests for any ONNX
+//! classifier (`model init`), model-release signing (`model keygen`, `model sign`) and an energy meter probe (`energy probe`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +54,53 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelCmd {
+    /// Write a manifest for an ONNX classifier: names, shapes and types from the graph, the
+    /// sha256, and golden vectors computed here from sample inputs. `check-model` and `run`
+    /// accept what it writes.
+    Init {
+        /// The ONNX file (one FP32 input; an output with one value per class).
+        model: PathBuf,
+        /// Sample inputs in wire values, one per row: `.npy` ([rows, features]) or CSV.
+        #[arg(long)]
+        samples: PathBuf,
+        /// Where to write the manifest (`file` is relative to its folder when the model is in it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Model name (default: the file name without `.onnx`).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "1.0.0")]
+        version: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Class labels in output order, comma-separated (default 0, 1, ...).
+        #[arg(long, value_delimiter = ',', conflicts_with = "labels_file")]
+        labels: Option<Vec<String>>,
+        /// Class labels, one per line.
+        #[arg(long)]
+        labels_file: Option<PathBuf>,
+        /// What the output holds (default: detected from the samples' outputs).
+        #[arg(long, value_parser = parse_output_kind)]
+        output: Option<tierd_runtime::OutputKind>,
+        /// The graph output to use when it has several FP32 outputs.
+        #[arg(long)]
+        output_name: Option<String>,
+        /// Clients send UINT8 values: model input = x * scale + offset (the samples are then
+        /// raw 0..=255 values). Without it clients send the model's FP32 input as it is.
+        #[arg(long)]
+        input_scale: Option<f32>,
+        #[arg(long, default_value_t = 0.0, requires = "input_scale")]
+        input_offset: f32,
+        /// Golden vectors to write (the first sample rows).
+        #[arg(long, default_value_t = 5)]
+        golden: usize,
+        /// Largest difference per output the agent tolerates on a golden vector.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
+        /// Overwrite an existing manifest.
+        #[arg(long)]
+        force: bool,
+    },
     /// Create a model-release key pair (PKCS#8, mode 0600; never overwrites) and print its
     /// public key for agents' `[model] trusted_keys`.
     Keygen {
@@ -94,6 +141,43 @@ fn main() -> ExitCode {
             cmd: ModelCmd::Keygen { out },
         } => model_keygen(&out),
         Command::Model {
+            cmd:
+                ModelCmd::Init {
+                    model,
+                    samples,
+                    out,
+                    name,
+                    version,
+                    description,
+                    labels,
+                    labels_file,
+                    output,
+                    output_name,
+                    input_scale,
+                    input_offset,
+                    golden,
+                    tolerance,
+                    force,
+                },
+        } => read_labels(labels, labels_file.as_deref()).and_then(|labels| {
+            model_init(&edge_agent::model_init::InitOptions {
+                model,
+                samples,
+                out,
+                name,
+                version,
+                description,
+                labels,
+                output,
+                output_name,
+                input_scale,
+                input_offset,
+                golden,
+                tolerance,
+                force,
+            })
+        }),
+        Command::Model {
             cmd: ModelCmd::Sign { manifest, key },
         } => model_sign(&manifest, &key),
         Command::Energy {
@@ -129,6 +213,58 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             .await?;
         Ok(())
     })
+}
+
+fn parse_output_kind(s: &str) -> Result<tierd_runtime::OutputKind, String> {
+    match s {
+        "probabilities" => Ok(tierd_runtime::OutputKind::Probabilities),
+        "logits" => Ok(tierd_runtime::OutputKind::Logits),
+        _ => Err(format!("{s:?}: say probabilities or logits")),
+    }
+}
+
+fn read_labels(
+    labels: Option<Vec<String>>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let Some(file) = file else {
+        return Ok(labels);
+    };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Ok(Some(
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    ))
+}
+
+fn model_init(opts: &edge_agent::model_init::InitOptions) -> anyhow::Result<()> {
+    let (m, notes) = edge_agent::model_init::init(opts)?;
+    println!("wrote      {}", opts.out.display());
+    println!("model      {}", m.id());
+    println!(
+        "file       {} (sha256 {})",
+        m.file.display(),
+        &m.sha256[..16]
+    );
+    print!("{}", describe_io(&m));
+    println!(
+        "golden     {} vectors (tolerance {}), verified by loading the model as the agent does",
+        m.golden.len(),
+        opts.tolerance
+    );
+    for n in notes {
+        println!("note       {n}");
+    }
+    println!(
+        "next       edge-agent check-model {}; then [model] manifest = {:?} in agent.toml",
+        opts.out.display(),
+        opts.out.display().to_string()
+    );
+    Ok(())
 }
 
 fn model_keygen(out: &std::path::Path) -> anyhow::Result<()> {
@@ -183,21 +319,7 @@ fn check_model(
         m.model_path().display(),
         model.file_bytes()
     );
-    println!(
-        "input      {} {:?} {} (clients send {}; x * {} + {})",
-        m.input.name,
-        m.input.shape,
-        m.input.dtype.as_str(),
-        m.preprocess.wire_dtype.as_str(),
-        m.preprocess.scale,
-        m.preprocess.offset
-    );
-    println!(
-        "output     {} ({} labels: {})",
-        m.output.name,
-        m.output.labels.len(),
-        m.output.labels.join(",")
-    );
+    print!("{}", describe_io(m));
     println!("golden     {} vectors match", m.golden.len());
     let (mean, p99) = model.time_forward(runs)?;
     println!(
@@ -206,4 +328,28 @@ fn check_model(
         p99.as_secs_f64() * 1e6
     );
     Ok(())
+}
+
+/// The `input`, `output` lines of `check-model` and `model init`.
+fn describe_io(m: &tierd_runtime::Manifest) -> String {
+    let wire = match &m.preprocess {
+        Some(p) => format!(
+            "clients send UINT8 (model input = x * {} + {}) or FP32 (the model's input as is)",
+            p.scale, p.offset
+        ),
+        None => "clients send FP32: the model's input as is".into(),
+    };
+    let kind = match m.output.kind {
+        tierd_runtime::OutputKind::Probabilities => "probabilities",
+        tierd_runtime::OutputKind::Logits => "logits, softmaxed before confidence",
+    };
+    format!(
+        "input      {} {:?} {} ({wire})\noutput     {}: {kind} ({} labels: {})\n",
+        m.input.name,
+        m.input.shape,
+        m.input.dtype.as_str(),
+        m.output.name,
+        m.output.labels.len(),
+        m.output.labels.join(",")
+    )
 }

@@ -195,8 +195,8 @@ async fn latency_rounds(
     let input_name = &edge.manifest().input.name;
     let confident_body = inputs::infer_body("confident", input_name, &confident.pixels);
     let unsure_body = inputs::infer_body("unsure", input_name, &unsure.pixels);
-    let confident_input = edge.manifest().wire_input(confident.pixels.clone());
-    let unsure_input = edge.manifest().wire_input(unsure.pixels.clone());
+    let confident_input = edge.manifest().wire_input(&to_f32(&confident.pixels));
+    let unsure_input = edge.manifest().wire_input(&to_f32(&unsure.pixels));
     let unsure_edge_probs = edge.predict(&unsure_input)?.probabilities;
     let edge_id = edge.id();
     // Request ids seeded from the clock like the agent's, so the varint-encoded id (and with it
@@ -553,4 +553,9 @@ fn report(
         }
     }
     o
+}
+
+/// Pixels as the wire values a manifest's golden vectors and `wire_input` take.
+fn to_f32(pixels: &[u8]) -> Vec<f32> {
+    pixels.iter().map(|&p| f32::from(p)).collect()
 }

@@ -220,7 +220,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let cloud = Model::load(&cloud_manifest)?;
     let (mut edge_ok, mut cloud_ok) = (0u64, 0u64);
     for r in &records {
-        let t = edge.manifest().wire_input(r.pixels.clone());
+        let t = edge.manifest().wire_input(&to_f32(&r.pixels));
         edge_ok += u64::from(argmax(&edge.predict(&t)?.probabilities) == usize::from(r.label));
         cloud_ok += u64::from(argmax(&cloud.predict(&t)?.probabilities) == usize::from(r.label));
     }
@@ -427,4 +427,9 @@ async fn push_signed_config(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Pixels as the wire values a manifest's golden vectors and `wire_input` take.
+fn to_f32(pixels: &[u8]) -> Vec<f32> {
+    pixels.iter().map(|&p| f32::from(p)).collect()
 }

@@ -72,7 +72,7 @@ fn items(
     records
         .iter()
         .map(|r| {
-            let t = edge.manifest().wire_input(r.pixels.clone());
+            let t = edge.manifest().wire_input(&to_f32(&r.pixels));
             let e = edge.predict(&t)?.probabilities;
             let c = cloud.predict(&t)?.probabilities;
             Ok(Item {
@@ -462,4 +462,9 @@ fn plot(rows: &[sim::Row], target: f64, drift_start: usize, drift_len: usize) ->
         oracle = line(&|r| r.oracle_rate, &y_rate),
     );
     s
+}
+
+/// Pixels as the wire values a manifest's golden vectors and `wire_input` take.
+fn to_f32(pixels: &[u8]) -> Vec<f32> {
+    pixels.iter().map(|&p| f32::from(p)).collect()
 }

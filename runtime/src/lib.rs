@@ -18,8 +18,14 @@ pub mod state;
 pub mod stream;
 pub mod systemd;
 
-pub use manifest::{Dtype, Golden, InputSpec, Manifest, OutputSpec, Preprocess};
-pub use model::{signature_path, InputError, Model, ModelError, Prediction};
+pub use manifest::{
+    not_probabilities, softmax, Dtype, Golden, InputSpec, Manifest, OutputKind, OutputSpec,
+    Preprocess,
+};
+pub use model::{
+    inspect_graph, sha256_hex, signature_path, Graph, GraphTensor, InputError, Model, ModelError,
+    Prediction,
+};
 
 /// Wall-clock time as Unix milliseconds (0 if the clock is before 1970): the timestamps and
 /// boot ids both daemons put on the wire.

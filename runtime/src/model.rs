@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tierd_protocol::{Tensor, TensorData, TensorError};
+use tierd_protocol::{Tensor, TensorError};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, OutputKind};
 
 /// Why a model could not be loaded.
 #[derive(Debug, Error)]
@@ -41,6 +43,12 @@ pub enum ModelError {
         diff: f32,
         tolerance: f32,
     },
+    #[error("{model}: output.kind = \"probabilities\" but the model's output for golden vector {index} {why}; if the model outputs unnormalized scores, set output.kind = \"logits\" in the manifest")]
+    NotProbabilities {
+        model: String,
+        index: usize,
+        why: String,
+    },
     #[error("{model}: golden vector {index} failed to run: {reason}")]
     GoldenRun {
         model: String,
@@ -71,7 +79,7 @@ pub enum InputError {
     Runtime(String),
 }
 
-fn accepted(wire: &str) -> String {
+fn accepted(wire: &'static str) -> String {
     if wire == "FP32" {
         "FP32".into()
     } else {
@@ -159,6 +167,14 @@ impl Model {
 
     /// Verifies the file's sha256, compiles it, and checks every golden vector.
     pub fn from_manifest(manifest: Manifest) -> Result<Self, ModelError> {
+        let model = Self::compile_unverified(manifest)?;
+        model.verify_golden()?;
+        Ok(model)
+    }
+
+    /// [`Model::from_manifest`] without the golden vectors: for `edge-agent model init`, which
+    /// computes them. Never serve a model loaded this way.
+    pub fn compile_unverified(manifest: Manifest) -> Result<Self, ModelError> {
         let path = manifest.model_path();
         let bytes = std::fs::read(&path).map_err(|e| ModelError::Io {
             path: path.clone(),
@@ -174,31 +190,39 @@ impl Model {
         }
         let plan = compile(&bytes, &manifest).map_err(|e| ModelError::Compile {
             path: path.clone(),
-            reason: format!("{e:#}"),
+            reason: with_hint(format!("{e:#}")),
         })?;
-        let model = Model {
+        Ok(Model {
             manifest: Arc::new(manifest),
             plan,
             file_bytes: bytes.len() as u64,
-        };
-        model.verify_golden()?;
-        Ok(model)
+        })
     }
 
     /// Runs every golden vector through the compiled model; the watchdog self-check uses it too.
+    /// Compares the graph's raw output (probabilities or logits, per `output.kind`).
     pub fn verify_golden(&self) -> Result<(), ModelError> {
         let m = &self.manifest;
         for (index, g) in m.golden.iter().enumerate() {
-            let input = m.wire_input(g.pixels.clone());
+            let input = m.wire_input(&g.input);
             let got = self
-                .predict(&input)
+                .forward(&input)
                 .map_err(|e| ModelError::GoldenRun {
                     model: m.id(),
                     index,
                     reason: e.to_string(),
                 })?
-                .probabilities;
-            for (class, (&expected, &actual)) in g.probabilities.iter().zip(&got).enumerate() {
+                .0;
+            if m.output.kind == OutputKind::Probabilities {
+                if let Some(why) = crate::manifest::not_probabilities(&got) {
+                    return Err(ModelError::NotProbabilities {
+                        model: m.id(),
+                        index,
+                        why,
+                    });
+                }
+            }
+            for (class, (&expected, &actual)) in g.outputs.iter().zip(&got).enumerate() {
                 let diff = (expected - actual).abs();
                 // NaN compares false to everything, so test "within tolerance" and negate.
                 if diff.is_nan() || diff > g.tolerance {
@@ -235,65 +259,44 @@ impl Model {
         &self.manifest.output.labels
     }
 
-    /// Checks dtype and shape. Accepted shapes: the manifest's (`[1, 64]`) or the same without the
-    /// batch dimension (`[64]`).
+    /// Checks dtype and shape; see [`Manifest::check_input`].
     pub fn check_input(&self, input: &Tensor) -> Result<(), InputError> {
-        input.validate()?;
-        let m = &self.manifest;
-        let wire = m.preprocess.wire_dtype.as_str();
-        let dtype = input.data.dtype_name();
-        if dtype != wire && dtype != "FP32" {
-            return Err(InputError::Dtype { got: dtype, wire });
-        }
-        let expected = &m.input.shape;
-        let unbatched = &expected[1..];
-        let got: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
-        if got == *expected || got == unbatched {
-            return Ok(());
-        }
-        if got.len() == expected.len() && got[1..] == *unbatched && got[0] > 1 {
-            return Err(InputError::Batch(input.shape[0]));
-        }
-        Err(InputError::Shape {
-            got: input.shape.clone(),
-            expected: expected.clone(),
-            unbatched: unbatched.to_vec(),
-        })
+        self.manifest.check_input(input)
     }
 
-    /// Runs the model on one input. Raw values are preprocessed per the manifest; FP32 values are
-    /// taken as already in the model's input space.
+    /// Runs the model on one input: class probabilities (a logits output softmaxed). 8-bit
+    /// values are scaled per `[preprocess]`; FP32 values go to the graph as they are.
     pub fn predict(&self, input: &Tensor) -> Result<Prediction, InputError> {
-        self.check_input(input)?;
-        let p = &self.manifest.preprocess;
-        let values: Vec<f32> = match &input.data {
-            TensorData::U8(v) => v
-                .iter()
-                .map(|&x| f32::from(x) * p.scale + p.offset)
-                .collect(),
-            TensorData::F32(v) => v.clone(),
-        };
-        let started = Instant::now();
-        let probabilities = self
-            .run(values)
-            .map_err(|e| InputError::Runtime(format!("{e:#}")))?;
-        let compute = started.elapsed();
-        if probabilities.len() != self.labels().len() {
-            return Err(InputError::Runtime(format!(
-                "model returned {} values for {} labels",
-                probabilities.len(),
-                self.labels().len()
-            )));
-        }
-        if let Some(i) = probabilities.iter().position(|x| !x.is_finite()) {
-            return Err(InputError::Runtime(format!(
-                "model returned a non-finite probability for class {i}"
-            )));
-        }
+        let (outputs, compute) = self.forward(input)?;
+        let probabilities = self.manifest.probabilities(outputs);
         Ok(Prediction {
             probabilities,
             compute,
         })
+    }
+
+    /// The graph's raw output for one input (probabilities or logits, per `output.kind`), and
+    /// the forward pass's wall time.
+    pub fn forward(&self, input: &Tensor) -> Result<(Vec<f32>, Duration), InputError> {
+        let values = self.manifest.model_input(input)?;
+        let started = Instant::now();
+        let outputs = self
+            .run(values)
+            .map_err(|e| InputError::Runtime(format!("{e:#}")))?;
+        let compute = started.elapsed();
+        if outputs.len() != self.labels().len() {
+            return Err(InputError::Runtime(format!(
+                "model returned {} values for {} labels",
+                outputs.len(),
+                self.labels().len()
+            )));
+        }
+        if let Some(i) = outputs.iter().position(|x| !x.is_finite()) {
+            return Err(InputError::Runtime(format!(
+                "model returned a non-finite output for class {i}"
+            )));
+        }
+        Ok((outputs, compute))
     }
 
     fn run(&self, values: Vec<f32>) -> TractResult<Vec<f32>> {
@@ -309,12 +312,12 @@ impl Model {
     /// Mean and p99 forward time over `n` runs of the first golden input (or zeros).
     pub fn time_forward(&self, n: usize) -> Result<(Duration, Duration), InputError> {
         let m = &self.manifest;
-        let pixels = m
+        let values = m
             .golden
             .first()
-            .map(|g| g.pixels.clone())
-            .unwrap_or_else(|| vec![0; m.input_elements()]);
-        let input = m.wire_input(pixels);
+            .map(|g| g.input.clone())
+            .unwrap_or_else(|| vec![0.0; m.input_elements()]);
+        let input = m.wire_input(&values);
         let mut times = Vec::with_capacity(n.max(1));
         for _ in 0..n.max(1) {
             times.push(self.predict(&input)?.compute);
@@ -323,6 +326,119 @@ impl Model {
         let mean = times.iter().sum::<Duration>() / times.len() as u32;
         let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
         Ok((mean, p99))
+    }
+}
+
+/// The hex sha256 of `bytes` (what a manifest's `sha256` holds).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// One input or output of an ONNX graph as declared (`None`: a symbolic or unknown dimension).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphTensor {
+    pub name: String,
+    /// tract's element type (`F32`, `I64`, ...), or `?` when the graph does not say.
+    pub dtype: String,
+    pub shape: Option<Vec<Option<usize>>>,
+}
+
+impl GraphTensor {
+    pub fn is_f32(&self) -> bool {
+        self.dtype == "F32"
+    }
+}
+
+/// What an ONNX graph takes and gives.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub inputs: Vec<GraphTensor>,
+    pub outputs: Vec<GraphTensor>,
+}
+
+/// Reads an ONNX graph's inputs and outputs with tract. With `input_shape`, the (single) input
+/// is fixed to it and the outputs' shapes are the ones tract infers from it.
+pub fn inspect_graph(bytes: &[u8], input_shape: Option<&[usize]>) -> Result<Graph, String> {
+    let run = || -> TractResult<Graph> {
+        let model = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .model_for_read(&mut std::io::Cursor::new(bytes))?;
+        let name_of = |m: &InferenceModel, o: OutletId| {
+            m.outlet_label(o)
+                .map(str::to_owned)
+                .unwrap_or_else(|| m.node(o.node).name.clone())
+        };
+        let declared = |m: &InferenceModel, o: OutletId| -> TractResult<GraphTensor> {
+            let fact = m.outlet_fact(o)?;
+            let shape = if fact.shape.is_open() {
+                None
+            } else {
+                Some(
+                    fact.shape
+                        .dims()
+                        .map(|d| d.concretize().and_then(|d| d.to_usize().ok()))
+                        .collect(),
+                )
+            };
+            Ok(GraphTensor {
+                name: name_of(m, o),
+                dtype: fact
+                    .datum_type
+                    .concretize()
+                    .map(|t| format!("{t:?}"))
+                    .unwrap_or_else(|| "?".into()),
+                shape,
+            })
+        };
+        let inputs = model
+            .input_outlets()?
+            .iter()
+            .map(|&o| declared(&model, o))
+            .collect::<TractResult<Vec<_>>>()?;
+        let Some(shape) = input_shape else {
+            let outputs = model
+                .output_outlets()?
+                .iter()
+                .map(|&o| declared(&model, o))
+                .collect::<TractResult<Vec<_>>>()?;
+            return Ok(Graph { inputs, outputs });
+        };
+        let names: Vec<String> = model
+            .output_outlets()?
+            .iter()
+            .map(|&o| name_of(&model, o))
+            .collect();
+        let typed = model
+            .with_input_fact(0, f32::fact(shape).into())?
+            .into_typed()?;
+        let outputs = typed
+            .output_outlets()?
+            .iter()
+            .zip(names)
+            .map(|(&o, name)| {
+                let fact = typed.outlet_fact(o)?;
+                Ok(GraphTensor {
+                    name,
+                    dtype: format!("{:?}", fact.datum_type),
+                    shape: Some(fact.shape.iter().map(|d| d.to_usize().ok()).collect()),
+                })
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        Ok(Graph { inputs, outputs })
+    };
+    run().map_err(|e| with_hint(format!("{e:#}")))
+}
+
+/// A tract error, with what to do about the ones users meet most.
+pub(crate) fn with_hint(reason: String) -> String {
+    if reason.contains("ZipMap") {
+        format!(
+            "{reason}; skl2onnx adds a ZipMap (a list of dicts tract does not run) unless told \
+             not to: convert with options={{id(model): {{\"zipmap\": False}}}} (or \
+             options={{\"zipmap\": False}})"
+        )
+    } else {
+        reason
     }
 }
 

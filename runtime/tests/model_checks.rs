@@ -6,7 +6,7 @@ use tierd_protocol::top1;
 
 use serde::Deserialize;
 use tierd_protocol::{Tensor, TensorData, TensorError};
-use tierd_runtime::{InputError, Manifest, Model, ModelError};
+use tierd_runtime::{InputError, Model, ModelError};
 
 const TOL: f32 = 1e-4;
 
@@ -119,9 +119,11 @@ fn edited_golden_probability_is_a_golden_mismatch_naming_the_vector() {
     let path = dir.path().join("digits-edge.toml");
     let mut t = read_toml(&path);
     let golden = t["golden"].as_array_mut().unwrap();
-    let probs = golden[2]["probabilities"].as_array_mut().unwrap();
-    let v = probs[3].as_float().unwrap();
-    probs[3] = toml::Value::Float(v + 0.5);
+    let probs = golden[2]["outputs"].as_array_mut().unwrap();
+    // Move half the mass from class 2 to class 3: still probabilities, no longer this model's.
+    let (v2, v3) = (probs[2].as_float().unwrap(), probs[3].as_float().unwrap());
+    probs[2] = toml::Value::Float(v2 - 0.5);
+    probs[3] = toml::Value::Float(v3 + 0.5);
     write_toml(&path, &t);
 
     let err = Model::load(&path).unwrap_err();
@@ -136,7 +138,7 @@ fn edited_golden_probability_is_a_golden_mismatch_naming_the_vector() {
         } => {
             assert_eq!(model, "digits-edge@2.0.0");
             assert_eq!(*index, 2);
-            assert_eq!(*class, 3);
+            assert_eq!(*class, 2);
             assert!(*diff > 0.49 && *diff < 0.51, "{diff}");
             assert!(*tolerance < 0.01);
         }
@@ -144,7 +146,7 @@ fn edited_golden_probability_is_a_golden_mismatch_naming_the_vector() {
     }
     let msg = err.to_string();
     assert!(msg.contains("golden vector 2"), "{msg}");
-    assert!(msg.contains("class 3"), "{msg}");
+    assert!(msg.contains("class 2"), "{msg}");
 }
 
 #[test]
@@ -168,24 +170,15 @@ fn the_wrong_model_file_for_a_manifest_is_a_golden_mismatch() {
 }
 
 #[test]
-fn manifest_without_golden_vectors_still_verifies_the_checksum() {
+fn a_manifest_without_golden_vectors_is_refused() {
     let dir = copy_models();
     let path = dir.path().join("digits-edge.toml");
     let mut t = read_toml(&path);
     t.remove("golden");
     write_toml(&path, &t);
-    let m = Manifest::from_path(&path).unwrap();
-    assert!(m.golden.is_empty());
-    Model::from_manifest(m).expect("loads without golden vectors");
-
-    let onnx = dir.path().join("digits-edge.onnx");
-    let mut bytes = std::fs::read(&onnx).unwrap();
-    bytes[100] ^= 0x01;
-    std::fs::write(&onnx, &bytes).unwrap();
-    assert!(matches!(
-        Model::load(&path),
-        Err(ModelError::Checksum { .. })
-    ));
+    let err = Model::load(&path).unwrap_err().to_string();
+    assert!(err.contains("no [[golden]] vectors"), "{err}");
+    assert!(err.contains("model init"), "{err}");
 }
 
 #[test]
@@ -248,12 +241,16 @@ fn a_wire_dtype_the_manifest_does_not_accept_is_refused() {
     let dir = copy_models();
     let path = dir.path().join("digits-edge.toml");
     let mut t = read_toml(&path);
-    t["preprocess"]
-        .as_table_mut()
-        .unwrap()
-        .insert("wire_dtype".into(), "FP32".into());
-    // Golden vectors are raw pixels; they are fed as UINT8, which this manifest now refuses.
-    t.remove("golden");
+    // An FP32-wire model has no [preprocess]: its golden inputs are the model's own input.
+    let scale = t["preprocess"]["scale"].as_float().unwrap();
+    t.remove("preprocess");
+    for g in t["golden"].as_array_mut().unwrap() {
+        let input = g["input"].as_array_mut().unwrap();
+        for v in input.iter_mut() {
+            let x = v.as_float().or(v.as_integer().map(|i| i as f64)).unwrap();
+            *v = toml::Value::Float(x * scale);
+        }
+    }
     write_toml(&path, &t);
     let model = Model::load(&path).expect("loads");
     let px = examples()[0].pixels.clone();
@@ -272,7 +269,7 @@ fn a_wire_dtype_the_manifest_does_not_accept_is_refused() {
 fn predictions_match_the_recorded_examples() {
     let edge = Model::load(&models_dir().join("edge/digits-edge.toml")).unwrap();
     let cloud = Model::load(&models_dir().join("cloud/digits-cloud.toml")).unwrap();
-    let scale = edge.manifest().preprocess.scale;
+    let scale = edge.manifest().preprocess.as_ref().unwrap().scale;
     let mut confident = 0;
     for ex in examples() {
         let input = u8_tensor(&[1, 64], ex.pixels.clone());
