@@ -24,6 +24,8 @@ pub enum InvalidConfig {
     Toml(#[from] toml::de::Error),
     #[error("relay_id {0:?} must be 1-64 of [A-Za-z0-9_.-]")]
     RelayId(String),
+    #[error("model.oip.url {0:?} must be an http:// or https:// URL (the server's base, e.g. http://127.0.0.1:8000)")]
+    OipUrl(String),
     #[error("{key} must be within {range}")]
     OutOfRange {
         key: &'static str,
@@ -165,6 +167,61 @@ pub struct ModelConfig {
     /// Edge model names (without version) this cloud model answers for; empty = any whose
     /// input fits.
     pub serves: Vec<String>,
+    /// Forward escalations to an existing Open Inference Protocol v2 server (Triton, KServe,
+    /// MLServer) instead of running the model here. The manifest still says what the model
+    /// takes and gives; its `file` need not exist on this host.
+    pub oip: Option<OipConfig>,
+}
+
+/// `[model.oip]`: the OIP v2 server serving the cloud model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OipConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8000` (requests go to
+    /// `{url}/v2/models/{model}/versions/{version}/infer`).
+    pub url: String,
+    /// The model's name on the server; default the manifest's `name`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The version on the server; default the manifest's `version`; `""` for the server's
+    /// default version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Per request (connect included); past it the agent falls back to its own answer.
+    #[serde(default = "OipConfig::default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests in flight at most (the size of the worker pool for this backend).
+    #[serde(default = "OipConfig::default_concurrency")]
+    pub concurrency: usize,
+}
+
+impl OipConfig {
+    fn default_timeout_ms() -> u64 {
+        1000
+    }
+    fn default_concurrency() -> usize {
+        16
+    }
+
+    fn validate(&self) -> Result<(), InvalidConfig> {
+        let url = self.url.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+            return Err(InvalidConfig::OipUrl(self.url.clone()));
+        }
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Err(InvalidConfig::OutOfRange {
+                key: "model.oip.timeout_ms",
+                range: "[1, 60000]",
+            });
+        }
+        if !(1..=1024).contains(&self.concurrency) {
+            return Err(InvalidConfig::OutOfRange {
+                key: "model.oip.concurrency",
+                range: "[1, 1024]",
+            });
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,6 +307,7 @@ impl Default for ModelConfig {
         ModelConfig {
             manifest: PathBuf::from("models/cloud/digits-cloud.toml"),
             serves: Vec::new(),
+            oip: None,
         }
     }
 }
@@ -319,6 +377,9 @@ impl RelayConfig {
         }
         if let Some(m) = &self.mqtt {
             m.validate()?;
+        }
+        if let Some(o) = &self.model.oip {
+            o.validate()?;
         }
         let t = &self.tuning;
         let unit = |v: f64| v.is_finite() && v > 0.0 && v < 1.0;

@@ -21,14 +21,15 @@ use tierd_protocol::{
     TopicError, TopicKind,
 };
 
+use crate::backend::Backend;
 use crate::state::{RelayState, RelayStats};
 use tierd_runtime::link::{Publisher, Routes};
-use tierd_runtime::{InputError, Model};
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, warn};
 
-/// Decides the reply to one decoded request. Pure apart from running the model.
-pub fn answer(model: &Model, serves: &[String], req: &EscalationRequest) -> ReplyOutcome {
+/// Decides the reply to one decoded request: refused when the relay does not serve its edge
+/// model, else the backend's answer.
+pub async fn answer(backend: &Backend, serves: &[String], req: &EscalationRequest) -> ReplyOutcome {
     let edge_name = req.edge_model.split('@').next().unwrap_or_default();
     if !serves.is_empty() && !serves.iter().any(|s| s == edge_name) {
         return ReplyOutcome::Error {
@@ -39,21 +40,7 @@ pub fn answer(model: &Model, serves: &[String], req: &EscalationRequest) -> Repl
             ),
         };
     }
-    match model.predict(&req.input) {
-        Ok(p) => ReplyOutcome::Answer {
-            model: model.id(),
-            probabilities: p.probabilities,
-            compute_us: p.compute.as_micros().min(u128::from(u32::MAX)) as u32,
-        },
-        Err(InputError::Runtime(m)) => ReplyOutcome::Error {
-            code: ReplyErrorCode::Internal,
-            message: m,
-        },
-        Err(e) => ReplyOutcome::Error {
-            code: ReplyErrorCode::BadShape,
-            message: e.to_string(),
-        },
-    }
+    backend.answer(&req.input).await
 }
 
 /// One unit of work for a worker.
@@ -136,7 +123,7 @@ fn enqueue(job: Job, tx: &mpsc::Sender<Job>, stats: &RelayStats, client: &Publis
 }
 
 async fn work(
-    model: Model,
+    backend: Backend,
     serves: Arc<Vec<String>>,
     client: Publisher,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
@@ -158,7 +145,7 @@ async fn work(
                     debug!(device = %job.device_id, request_id = req.request_id, "deadline passed in queue; dropped");
                     continue;
                 }
-                (req.request_id, answer(&model, &serves, &req))
+                (req.request_id, answer(&backend, &serves, &req).await)
             }
             Err(e) => {
                 stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -221,7 +208,7 @@ async fn publish_reply(client: &Publisher, job: &Job, request_id: u64, outcome: 
 
 /// What the escalation service needs besides its MQTT connection.
 pub struct Service {
-    pub model: Model,
+    pub backend: Backend,
     /// Edge model names answered for; empty = any.
     pub serves: Vec<String>,
     pub workers: usize,
@@ -246,7 +233,7 @@ impl Escalations {
     /// Starts `workers` workers and routes [`TopicKind::Escalate`] to them.
     pub fn start(service: Service, publisher: Publisher, routes: &mut Routes) -> Self {
         let Service {
-            model,
+            backend,
             serves,
             workers,
             queue,
@@ -259,7 +246,7 @@ impl Escalations {
         let pool = (0..workers)
             .map(|_| {
                 tokio::spawn(work(
-                    model.clone(),
+                    backend.clone(),
                     serves.clone(),
                     publisher.clone(),
                     rx.clone(),

@@ -24,6 +24,7 @@
 //! - [`config`]: the `relay.toml` schema.
 
 pub mod api;
+pub mod backend;
 pub mod broker;
 pub mod config;
 pub mod control;
@@ -41,6 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backend::Backend;
 use thiserror::Error;
 use tierd_runtime::link::{Link, LinkOptions, Publisher, Routes, Unstarted};
 use tierd_runtime::systemd::AliveGuard;
@@ -61,6 +63,8 @@ pub enum RelayError {
     Invalid(config::InvalidConfig),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("cloud model backend: {0}")]
+    Backend(String),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
@@ -85,7 +89,7 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     mqtt: Mqtt,
     http_task: tokio::task::JoinHandle<()>,
-    model: Model,
+    backend: Backend,
     http_alive: Arc<AtomicBool>,
 }
 
@@ -101,8 +105,8 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
         config.validate().map_err(RelayError::Invalid)?;
         tierd_runtime::mqtt::install_crypto_provider();
-        let model = Model::load(&config.model.manifest)?;
-        info!(model = %model.id(), "cloud model verified");
+        let backend = load_backend(&config.model).await?;
+        info!(model = %backend.id(), backend = %backend.describe(), "cloud model ready");
         if config.mqtt.is_none() {
             broker::start(config.embedded_broker.listen)?;
         }
@@ -111,7 +115,7 @@ impl Relay {
             .client_mqtt()
             .options(&format!("cloud-relay-{}", config.relay_id))?;
         let link = Link::open(options, 1024);
-        let state = shared_state(&config, &model.id())?;
+        let state = shared_state(&config, &backend.id())?;
         let (stop, stop_rx) = watch::channel(false);
         let access = http_access(&config, http_addr)?;
 
@@ -129,10 +133,15 @@ impl Relay {
         let (http_task, http_alive) = spawn_http(listener, app, stop_rx.clone());
         info!(addr = %http_addr, "serving /metrics and /api/devices");
 
+        let workers = match &config.model.oip {
+            // I/O-bound: one worker per request in flight.
+            Some(o) => o.concurrency,
+            None => config.workers,
+        };
         let service = Service {
-            model: model.clone(),
+            backend: backend.clone(),
             serves: config.model.serves.clone(),
-            workers: config.workers,
+            workers,
             queue: config.queue,
             state: state.clone(),
         };
@@ -143,7 +152,7 @@ impl Relay {
             stop,
             mqtt,
             http_task,
-            model,
+            backend,
             http_alive,
         })
     }
@@ -163,7 +172,7 @@ impl Relay {
 
     /// Runs until `shutdown` resolves, then stops taking escalations and disconnects.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
-        let (model, addr) = (self.model.clone(), self.http_addr);
+        let (model, addr) = (self.backend.clone(), self.http_addr);
         let (link, http) = (self.mqtt.link.publisher(), self.http_alive.clone());
         let watchdog = tokio::spawn(tierd_runtime::systemd::run_watchdog(
             move || {
@@ -311,10 +320,33 @@ enum Unhealthy {
     Probe(#[from] tierd_runtime::systemd::ProbeError),
 }
 
-/// The watchdog's self-check: both tasks running, the model still reproduces its golden
-/// vectors, and the HTTP API answers.
+/// The cloud model's backend: tract in process (the model verified: sha256, golden vectors),
+/// or an OIP server (the manifest checked; its golden vectors run on the server when it is
+/// reachable, and a server answering differently is refused).
+async fn load_backend(config: &config::ModelConfig) -> Result<Backend, RelayError> {
+    let Some(oip) = &config.oip else {
+        return Ok(Backend::Tract(Model::load(&config.manifest)?));
+    };
+    let manifest = tierd_runtime::Manifest::from_path(&config.manifest)?;
+    let client = backend::Oip::new(manifest, oip).map_err(|e| {
+        RelayError::Backend(format!("cannot build the HTTP client for {}: {e}", oip.url))
+    })?;
+    match client.verify_golden().await {
+        Ok(true) => info!(url = %client.infer_url(), "OIP server answers the golden vectors"),
+        Ok(false) => tracing::warn!(
+            url = %client.infer_url(),
+            "OIP server unreachable at start; escalations fall back on the devices until it answers"
+        ),
+        Err(e) => return Err(RelayError::Backend(e)),
+    }
+    Ok(Backend::Oip(Arc::new(client)))
+}
+
+/// The watchdog's self-check: both tasks running, an in-process model still reproduces its
+/// golden vectors, and the HTTP API answers. (An OIP server being down is not the relay's
+/// fault: agents fall back, and the relay answers again when it is back.)
 async fn self_check(
-    model: &Model,
+    model: &Backend,
     link: &Publisher,
     http: &AtomicBool,
     addr: SocketAddr,
@@ -325,7 +357,9 @@ async fn self_check(
     if !http.load(Ordering::Relaxed) {
         return Err(Unhealthy::HttpStopped);
     }
-    model.verify_golden().map_err(Unhealthy::Model)?;
+    if let Backend::Tract(model) = model {
+        model.verify_golden().map_err(Unhealthy::Model)?;
+    }
     tierd_runtime::systemd::probe_http(addr, "/health")
         .await
         .map_err(Unhealthy::Probe)

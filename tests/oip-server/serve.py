@@ -4,7 +4,7 @@
     python3 tests/oip-server/serve.py --model models/cloud/digits-cloud.onnx \
         --name digits-cloud --version 1.0.0 --http-port 8085 --grpc-port 8086 --dir /tmp/m
 
-Writes MLServer's settings into --dir and execs `mlserver start` there (so a signal to this
+Writes MLServer's settings into --dir and execs `mlserver start` on it (so a signal to this
 process reaches MLServer). Used by the e2e suites (tests/src/oip_server.rs) and the bench.
 """
 import argparse
@@ -46,5 +46,9 @@ shutil.copy(HERE / "onnx_runtime.py", root / "onnx_runtime.py")
 }))
 os.chdir(root)
 sys.path.insert(0, str(root))
-mlserver = shutil.which("mlserver") or "mlserver"
-os.execvp(mlserver, [mlserver, "start", str(root)])
+# The `mlserver` console script's entry point, run by this very interpreter (so it does not
+# matter whether pip put the script on PATH).
+os.execv(sys.executable, [sys.executable, "-c",
+                          "import sys; from mlserver.cli import main; "
+                          "sys.argv = ['mlserver', 'start', sys.argv[1]]; sys.exit(main())",
+                          str(root)])

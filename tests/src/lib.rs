@@ -15,6 +15,7 @@ pub mod agent;
 pub mod brokers;
 pub mod clients;
 pub mod fixtures;
+pub mod oip_server;
 pub mod processes;
 pub mod relay;
 pub mod signing;
@@ -32,6 +33,7 @@ pub use fixtures::{
     repo_root, unsure_examples, Example, AGENT_MQTT_READY, EDGE_MODEL, HTTP_TIMEOUT, READY_TIMEOUT,
     RELAY_READY, RUST_LOG, SKIP_MOSQUITTO_ENV,
 };
+pub use oip_server::OipServer;
 pub use processes::{bin_path, daemon_command, free_port, rss_bytes, Proc};
 pub use relay::RelayProc;
 pub use tierd_devkit::port_accepts;

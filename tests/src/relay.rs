@@ -35,7 +35,17 @@ impl RelayProc {
     /// Like [`RelayProc::start`], with `extra` appended to relay.toml (whole sections, e.g.
     /// `[tuning]`), and `http_port` chosen by the caller if given.
     pub async fn start_with(relay_id: &str, broker: RelayBroker, extra: &str) -> RelayProc {
-        Self::start_inner(relay_id, broker, "", extra).await
+        Self::start_inner(relay_id, broker, "", &cloud_manifest(), extra).await
+    }
+
+    /// Like [`RelayProc::start_with`], serving the cloud model `manifest` describes.
+    pub async fn start_serving(
+        relay_id: &str,
+        broker: RelayBroker,
+        manifest: &std::path::Path,
+        extra: &str,
+    ) -> RelayProc {
+        Self::start_inner(relay_id, broker, "", manifest, extra).await
     }
 
     /// Joins the broker at 127.0.0.1:`port` with `mqtt_keys` added to its `[mqtt]` section
@@ -46,13 +56,21 @@ impl RelayProc {
         mqtt_keys: &str,
         extra: &str,
     ) -> RelayProc {
-        Self::start_inner(relay_id, RelayBroker::External(port), mqtt_keys, extra).await
+        Self::start_inner(
+            relay_id,
+            RelayBroker::External(port),
+            mqtt_keys,
+            &cloud_manifest(),
+            extra,
+        )
+        .await
     }
 
     async fn start_inner(
         relay_id: &str,
         broker: RelayBroker,
         mqtt_keys: &str,
+        manifest: &std::path::Path,
         extra: &str,
     ) -> RelayProc {
         // A port found free may be taken by the time the relay binds it; try a few.
@@ -78,7 +96,7 @@ impl RelayProc {
             let config = format!(
                 "relay_id = \"{relay_id}\"\nstate_dir = \"state\"\n\n[model]\nmanifest = {}\n\n\
                  [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{broker_section}\n{extra}\n",
-                toml_path(&cloud_manifest())
+                toml_path(manifest)
             );
             crate::signing::install_relay_key(&dir.path().join("state"));
             let config_path = dir.path().join("relay.toml");

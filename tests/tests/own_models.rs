@@ -1,0 +1,305 @@
+//! Your own models, end to end on the real binaries: a relay whose cloud model is served by a
+//! real Open Inference Protocol server that tierd did not write (MLServer + onnxruntime), the
+//! agent falling back while that server is dead and using it again once it is back; an edge
+//! model whose output is logits escalating on its softmax confidence; and the README's
+//! walkthrough (a stock skl2onnx export, `edge-agent model init`, the stock tritonclient).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tierd_e2e::{
+    assert_probs_close, bin_path, cloud_manifest, repo_root, unsure_examples, AgentOptions,
+    AgentProc, OipServer, RelayBroker, RelayProc,
+};
+use tierd_runtime::Model;
+
+const TIMEOUT_MS: u64 = 800;
+
+fn models(p: &str) -> PathBuf {
+    repo_root().join("models").join(p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalations_go_through_a_real_oip_server_and_fall_back_while_it_is_down() {
+    let mut server = OipServer::start(
+        &models("cloud/digits-cloud.onnx"),
+        "digits-cloud",
+        "probabilities",
+    )
+    .await;
+    let relay = RelayProc::start_with(
+        "oip-relay",
+        RelayBroker::Embedded,
+        &format!(
+            "[model.oip]\nurl = \"{}\"\ntimeout_ms = 500\nconcurrency = 4\n",
+            server.url()
+        ),
+    )
+    .await;
+    assert!(
+        relay
+            .proc
+            .log()
+            .contains("OIP server answers the golden vectors"),
+        "{}",
+        relay.proc.log_tail(20)
+    );
+    let agent = AgentProc::start(
+        AgentOptions::new("oip-dev", relay.broker_port).escalation_timeout_ms(TIMEOUT_MS),
+    )
+    .await;
+    let unsure = unsure_examples();
+
+    // Through MLServer: the cloud model's answer, as tract would give it.
+    for ex in &unsure {
+        let r = agent.infer(&ex.pixels).await;
+        r.assert_ok_from("cloud", &ex.name);
+        assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, 1e-4, &ex.name);
+    }
+
+    // The server hangs (SIGSTOP: connections accepted, nothing answered): the relay's
+    // [model.oip] timeout (500 ms) answers with an error, so the agent falls back before its own.
+    let pid = server.proc.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let r = agent.infer(&unsure[0].pixels).await;
+    signal("-CONT");
+    r.assert_ok_from("edge_fallback", "with the OIP server hung");
+    assert_eq!(
+        r.fallback_reason(),
+        Some("relay_error:internal"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.elapsed >= Duration::from_millis(450) && r.elapsed < Duration::from_millis(TIMEOUT_MS),
+        "fell back after {:?}, not at the relay's 500 ms timeout",
+        r.elapsed
+    );
+    assert!(relay.proc.log().contains("did not answer within 500 ms"));
+
+    // The server dies: every escalation falls back within the timeout, none fails.
+    server.kill();
+    for ex in &unsure {
+        let r = agent.infer(&ex.pixels).await;
+        r.assert_ok_from(
+            "edge_fallback",
+            &format!("{} with the OIP server dead", ex.name),
+        );
+        assert_eq!(
+            r.fallback_reason(),
+            Some("relay_error:internal"),
+            "{}",
+            r.body
+        );
+        assert!(
+            r.elapsed < Duration::from_millis(TIMEOUT_MS + 300),
+            "fell back after {:?}",
+            r.elapsed
+        );
+    }
+    assert!(
+        relay.proc.log().contains("unreachable"),
+        "the relay says why: {}",
+        relay.proc.log_tail(20)
+    );
+
+    // Back up on the same port: escalations reach it again (a pooled connection to the dead
+    // server may cost one more fallback).
+    server.restart().await;
+    let start = Instant::now();
+    let ex = &unsure[0];
+    loop {
+        let r = agent.infer(&ex.pixels).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if r.tier() == "cloud" {
+            assert_probs_close(
+                &r.probabilities(),
+                &ex.cloud_probabilities,
+                1e-4,
+                "after restart",
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no cloud answer 10 s after the OIP server came back: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refuses_an_oip_server_that_serves_another_model() {
+    // MLServer serves the edge model under the cloud model's name: the golden vectors differ.
+    let server = OipServer::start(
+        &models("edge/digits-edge.onnx"),
+        "digits-cloud",
+        "probabilities",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nmanifest = {:?}\n[model.oip]\nurl = \"{}\"\n[embedded_broker]\nlisten = \"127.0.0.1:{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            cloud_manifest().display().to_string(),
+            server.url(),
+            tierd_e2e::free_port()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(bin_path("cloud-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .expect("cloud-relay runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("does not serve the model this manifest describes"),
+        "{stderr}"
+    );
+}
+
+/// The breast-cancer stream's rows (FP32 features).
+fn breast_rows() -> Vec<Vec<f32>> {
+    let bytes = std::fs::read(models("eval/breast-stream.npy")).expect("stream");
+    let npy = npyz::NpyFile::new(&bytes[..]).expect("npy");
+    let n = npy.shape()[1] as usize;
+    let flat: Vec<f32> = npy.into_vec().expect("f32");
+    flat.chunks(n).map(<[f32]>::to_vec).collect()
+}
+
+fn fp32_body(row: &[f32]) -> serde_json::Value {
+    json!({ "inputs": [{ "name": "input", "shape": [1, row.len()], "datatype": "FP32", "data": row }] })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logits_edge_model_escalates_when_its_softmax_confidence_is_low() {
+    let edge_manifest = models("edge/breast-edge.toml");
+    let edge = Model::load(&edge_manifest).expect("edge");
+    let cloud = Model::load(&models("cloud/breast-cloud.toml")).expect("cloud");
+    assert_eq!(
+        edge.manifest().output.kind,
+        tierd_runtime::OutputKind::Logits
+    );
+    let relay = RelayProc::start_serving(
+        "logits-relay",
+        RelayBroker::Embedded,
+        &models("cloud/breast-cloud.toml"),
+        "",
+    )
+    .await;
+    let agent = AgentProc::start(
+        AgentOptions::new("logits-dev", relay.broker_port)
+            .model(&edge_manifest, Vec::new())
+            .threshold(Some(0.9)),
+    )
+    .await;
+    let rows = breast_rows();
+    let (mut unsure, mut sure) = (0, 0);
+    for row in rows.iter().take(200) {
+        let input = edge.manifest().wire_input(row);
+        let local = edge.predict(&input).expect("edge").probabilities;
+        let conf = local.iter().copied().fold(0.0f32, f32::max);
+        if (conf - 0.9).abs() < 1e-3 {
+            continue; // too close to the threshold to call
+        }
+        let r = agent
+            .post_json("/v2/models/breast-edge/infer", &fp32_body(row))
+            .await;
+        let p = r.probabilities();
+        assert!(
+            (p.iter().sum::<f32>() - 1.0).abs() < 1e-4,
+            "softmaxed: {p:?}"
+        );
+        if conf < 0.9 {
+            // Raw logits would have read as confidence ~1.4 and never escalated.
+            r.assert_ok_from("cloud", "softmax confidence under 0.9");
+            let want = cloud.predict(&input).expect("cloud").probabilities;
+            assert_probs_close(&p, &want, 1e-4, "cloud answer");
+            unsure += 1;
+        } else {
+            r.assert_ok_from("edge", "softmax confidence over 0.9");
+            assert_probs_close(&p, &local, 1e-5, "edge answer");
+            assert!(
+                (r.confidence() - f64::from(conf)).abs() < 1e-4,
+                "{}",
+                r.body
+            );
+            sure += 1;
+        }
+    }
+    assert!(unsure >= 10 && sure >= 10, "unsure {unsure}, sure {sure}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_skl2onnx_export_goes_through_model_init_and_answers_tritonclient() {
+    let dir = tempfile::tempdir().expect("dir");
+    let script = repo_root().join("tests/clients/own_model.py");
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{what} failed:\n{text}");
+        text
+    };
+    run(
+        Command::new("python3")
+            .arg(&script)
+            .arg("export")
+            .arg(dir.path()),
+        "export",
+    );
+    let manifest = dir.path().join("iris.toml");
+    let init = run(
+        Command::new(bin_path("edge-agent"))
+            .args(["model", "init"])
+            .arg(dir.path().join("iris.onnx"))
+            .arg("--samples")
+            .arg(dir.path().join("iris-samples.npy"))
+            .arg("--out")
+            .arg(&manifest)
+            .args(["--labels", "setosa,versicolor,virginica"]),
+        "model init",
+    );
+    assert!(init.contains("probabilities"), "{init}");
+    let check = run(
+        Command::new(bin_path("edge-agent"))
+            .arg("check-model")
+            .arg(&manifest)
+            .args(["--runs", "10"]),
+        "check-model",
+    );
+    assert!(check.contains("golden     5 vectors match"), "{check}");
+    let agent = AgentProc::start(
+        AgentOptions::new("iris-dev", tierd_e2e::free_port())
+            .without_broker()
+            .model(&manifest, Vec::new()),
+    )
+    .await;
+    let out = run(
+        Command::new("python3")
+            .arg(&script)
+            .arg("query")
+            .arg(format!("127.0.0.1:{}", agent.http_port))
+            .arg(dir.path()),
+        "tritonclient",
+    );
+    assert!(out.contains("rows match scikit-learn"), "{out}");
+}
