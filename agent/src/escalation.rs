@@ -136,6 +136,7 @@ impl Escalator {
         publisher: Publisher,
         replies: Arc<Replies>,
         device_id: &str,
+        edge_model: &str,
         max_in_flight: usize,
     ) -> Result<Self, tierd_protocol::TopicError> {
         // Request ids start from the clock so a restarted agent never matches an old reply.
@@ -145,9 +146,7 @@ impl Escalator {
             .unwrap_or(1);
         Ok(Escalator {
             publisher,
-            request_topic: Topic::new(device_id, TopicKind::Escalate)?
-                .to_string()
-                .into(),
+            request_topic: Topic::escalate(device_id, edge_model)?.to_string().into(),
             reply_topic: Topic::new(device_id, TopicKind::EscalateReply)?
                 .to_string()
                 .into(),

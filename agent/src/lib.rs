@@ -239,6 +239,7 @@ impl Agent {
         let mqtt = link::start(
             options,
             &config.device_id,
+            &model.manifest().name,
             config.cascade.max_in_flight,
             boot_id,
             link::model_calibration(model.manifest()),

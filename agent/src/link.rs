@@ -4,7 +4,7 @@
 //!
 //! | topic (`tierd/v1/{device}/…`) | QoS | goes to |
 //! |---|---|---|
-//! | `escalate/reply` | 0 | [`Replies::deliver`] on the link's task (no hop: latency) |
+//! | `reply` | 0 | [`Replies::deliver`] on the link's task (no hop: latency) |
 //! | `config` | 1 | [`AgentLink::config`] → the remote-config task |
 //! | `ack` | 1 | [`AgentLink::acks`] → the spool forwarder |
 
@@ -73,10 +73,12 @@ impl AgentLink {
     }
 }
 
-/// Opens the agent's link (it connects in the background).
+/// Opens the agent's link (it connects in the background); escalations for `edge_model` go
+/// to its own topic (`tierd/v1/{device}/escalate/{edge_model}`).
 pub fn start(
     mut options: MqttOptions,
     device_id: &str,
+    edge_model: &str,
     max_in_flight: usize,
     boot_id: u64,
     model: Option<ModelCalibration>,
@@ -133,7 +135,13 @@ pub fn start(
         ready_line: "connected to MQTT broker",
         lost_line: "MQTT connection lost; escalations fall back to the edge until it returns",
     });
-    let escalator = Escalator::new(link.publisher(), replies, device_id, max_in_flight)?;
+    let escalator = Escalator::new(
+        link.publisher(),
+        replies,
+        device_id,
+        edge_model,
+        max_in_flight,
+    )?;
     // The systemd STATUS= line follows the connection.
     let mut connection = link.publisher().connection();
     tokio::spawn(async move {

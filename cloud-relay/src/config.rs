@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use thiserror::Error;
-use tierd_protocol::{Settings, TopicError};
+use tierd_protocol::{Settings, Topic, TopicError};
 use tierd_runtime::mqtt::{MqttConfig, MqttSetupError};
 
 use crate::report::{Prices, PricesError};
@@ -24,6 +24,8 @@ pub enum InvalidConfig {
     Toml(#[from] toml::de::Error),
     #[error("relay_id {0:?} must be 1-64 of [A-Za-z0-9_.-]")]
     RelayId(String),
+    #[error("model.serves: {0} (edge model names, without version)")]
+    Serves(String),
     #[error("model.oip.url {0:?} must be an http:// or https:// URL (the server's base, e.g. http://127.0.0.1:8000)")]
     OipUrl(String),
     #[error("{key} must be within {range}")]
@@ -380,6 +382,9 @@ impl RelayConfig {
         }
         if let Some(o) = &self.model.oip {
             o.validate()?;
+        }
+        if let Err(e) = Topic::relay_escalation_filters(&self.model.serves) {
+            return Err(InvalidConfig::Serves(e.to_string()));
         }
         let t = &self.tuning;
         let unit = |v: f64| v.is_finite() && v > 0.0 && v < 1.0;

@@ -46,6 +46,8 @@ pub async fn answer(backend: &Backend, serves: &[String], req: &EscalationReques
 /// One unit of work for a worker.
 struct Job {
     device_id: String,
+    /// The edge model the topic names.
+    model: String,
     reply_topic: String,
     correlation: Option<Bytes>,
     payload: Bytes,
@@ -83,6 +85,7 @@ fn route(parsed: &Topic, publish: &Publish) -> Result<Job, RouteError> {
     }
     Ok(Job {
         device_id: parsed.device_id.clone(),
+        model: parsed.model.clone().unwrap_or_default(),
         reply_topic: own_reply,
         correlation: props.and_then(|p| p.correlation_data.clone()),
         payload: publish.payload.clone(),
@@ -145,7 +148,20 @@ async fn work(
                     debug!(device = %job.device_id, request_id = req.request_id, "deadline passed in queue; dropped");
                     continue;
                 }
-                (req.request_id, answer(&backend, &serves, &req).await)
+                let edge_name = req.edge_model.split('@').next().unwrap_or_default();
+                let outcome = if edge_name == job.model {
+                    answer(&backend, &serves, &req).await
+                } else {
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    ReplyOutcome::Error {
+                        code: ReplyErrorCode::BadRequest,
+                        message: format!(
+                            "the topic is for edge model {:?} but the request is from {:?}",
+                            job.model, req.edge_model
+                        ),
+                    }
+                };
+                (req.request_id, outcome)
             }
             Err(e) => {
                 stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -223,10 +239,13 @@ pub struct Escalations {
     pool: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The shared-subscription filter escalations arrive on (QoS 0: see the topic table in
-/// tierd-protocol).
-pub fn subscription() -> Filter {
-    Filter::new(Topic::relay_escalation_filter(), QoS::AtMostOnce)
+/// The shared-subscription filters escalations for the edge models `serves` arrive on, one
+/// group per model (QoS 0: see the topic table in tierd-protocol).
+pub fn subscriptions(serves: &[String]) -> Result<Vec<Filter>, TopicError> {
+    Ok(Topic::relay_escalation_filters(serves)?
+        .into_iter()
+        .map(|f| Filter::new(f, QoS::AtMostOnce))
+        .collect())
 }
 
 impl Escalations {
@@ -313,17 +332,17 @@ mod tests {
     #[test]
     fn routes_replies_to_the_sender_only() {
         let job = routed(&publish(
-            "tierd/v1/pi-1/escalate",
-            Some("tierd/v1/pi-1/escalate/reply"),
+            "tierd/v1/pi-1/escalate/m",
+            Some("tierd/v1/pi-1/reply"),
         ))
         .unwrap();
-        assert_eq!(job.device_id, "pi-1");
-        assert_eq!(job.reply_topic, "tierd/v1/pi-1/escalate/reply");
-        let job = routed(&publish("tierd/v1/pi-1/escalate", None)).unwrap();
-        assert_eq!(job.reply_topic, "tierd/v1/pi-1/escalate/reply");
+        assert_eq!((job.device_id.as_str(), job.model.as_str()), ("pi-1", "m"));
+        assert_eq!(job.reply_topic, "tierd/v1/pi-1/reply");
+        let job = routed(&publish("tierd/v1/pi-1/escalate/m", None)).unwrap();
+        assert_eq!(job.reply_topic, "tierd/v1/pi-1/reply");
         let err = routed(&publish(
-            "tierd/v1/pi-1/escalate",
-            Some("tierd/v1/pi-2/escalate/reply"),
+            "tierd/v1/pi-1/escalate/m",
+            Some("tierd/v1/pi-2/reply"),
         ))
         .err()
         .unwrap()

@@ -211,6 +211,7 @@ impl Intake {
         let ack_topic = Topic {
             device_id: device,
             kind: TopicKind::SpoolAck,
+            model: None,
         }
         .to_string();
         if let Ok(payload) = encode(&ack) {

@@ -65,6 +65,8 @@ pub enum RelayError {
     Model(#[from] ModelError),
     #[error("cloud model backend: {0}")]
     Backend(String),
+    #[error("model.serves: {0}")]
+    Serves(#[from] tierd_protocol::TopicError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
@@ -145,7 +147,8 @@ impl Relay {
             queue: config.queue,
             state: state.clone(),
         };
-        let mqtt = start_mqtt(link, service, state.clone());
+        let filters = escalations::subscriptions(&config.model.serves)?;
+        let mqtt = start_mqtt(link, service, filters, state.clone());
         Ok(Relay {
             state,
             http_addr,
@@ -288,12 +291,17 @@ fn spawn_http(
 
 /// Routes escalations to the worker pool and everything else devices send to intake, then
 /// starts the link: one SUBSCRIBE for the shared escalation filter and intake's topics.
-fn start_mqtt(link: Unstarted, service: Service, state: RelayState) -> Mqtt {
+fn start_mqtt(
+    link: Unstarted,
+    service: Service,
+    escalation_filters: Vec<rumqttc::v5::mqttbytes::v5::Filter>,
+    state: RelayState,
+) -> Mqtt {
     let publisher: Publisher = link.publisher();
     let mut routes = Routes::new();
     let escalations = Escalations::start(service, publisher.clone(), &mut routes);
     Intake::new(state, publisher).route(&mut routes);
-    let mut subscriptions = vec![escalations::subscription()];
+    let mut subscriptions = escalation_filters;
     // Not shared: see `intake` for why every replica takes all of these.
     subscriptions.extend(intake::subscriptions());
     let link = link.start(LinkOptions {

@@ -100,7 +100,7 @@ pub enum EscalationKind {
     Audit,
 }
 
-/// Agent → relay on `tierd/v1/{device}/escalate`.
+/// Agent → relay on `tierd/v1/{device}/escalate/{edge model name}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EscalationRequest {
     /// Unique per agent process and echoed in the reply (also sent as MQTT v5 correlation data).
@@ -147,7 +147,7 @@ pub enum ReplyOutcome {
     },
 }
 
-/// Relay → agent on `tierd/v1/{device}/escalate/reply` (or the request's MQTT v5 response topic).
+/// Relay → agent on `tierd/v1/{device}/reply` (or the request's MQTT v5 response topic).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EscalationReply {
     pub request_id: u64,

@@ -686,7 +686,7 @@ mod tests {
         let publish = |topic: &str| Publish::new(topic, QoS::AtLeastOnce, "x", None);
         io.route(publish("tierd/v1/dev-1/config"));
         io.route(publish("tierd/v1/dev-1/config"));
-        io.route(publish("tierd/v1/dev-1/escalate/reply"));
+        io.route(publish("tierd/v1/dev-1/reply"));
         io.route(publish("tierd/v1/dev-1/nonsense"));
         io.route(publish("elsewhere"));
         assert_eq!(

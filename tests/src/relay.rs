@@ -11,6 +11,21 @@ use crate::clients::http_client;
 use crate::fixtures::{cloud_manifest, toml_path, READY_TIMEOUT, RELAY_READY};
 use crate::processes::{daemon_command, free_port, Proc};
 
+/// The relay's `[model]`: its cloud model and the edge models it answers for.
+struct Model {
+    manifest: std::path::PathBuf,
+    serves: Vec<String>,
+}
+
+impl Model {
+    fn default_cloud() -> Self {
+        Model {
+            manifest: cloud_manifest(),
+            serves: Vec::new(),
+        }
+    }
+}
+
 /// A running `cloud-relay`.
 pub struct RelayProc {
     pub proc: Proc,
@@ -35,17 +50,23 @@ impl RelayProc {
     /// Like [`RelayProc::start`], with `extra` appended to relay.toml (whole sections, e.g.
     /// `[tuning]`), and `http_port` chosen by the caller if given.
     pub async fn start_with(relay_id: &str, broker: RelayBroker, extra: &str) -> RelayProc {
-        Self::start_inner(relay_id, broker, "", &cloud_manifest(), extra).await
+        Self::start_inner(relay_id, broker, "", &Model::default_cloud(), extra).await
     }
 
-    /// Like [`RelayProc::start_with`], serving the cloud model `manifest` describes.
+    /// Like [`RelayProc::start_with`], serving the cloud model `manifest` describes for the
+    /// edge models `serves` (`[model] serves`; empty: any).
     pub async fn start_serving(
         relay_id: &str,
         broker: RelayBroker,
         manifest: &std::path::Path,
+        serves: &[&str],
         extra: &str,
     ) -> RelayProc {
-        Self::start_inner(relay_id, broker, "", manifest, extra).await
+        let model = Model {
+            manifest: manifest.to_owned(),
+            serves: serves.iter().map(|s| s.to_string()).collect(),
+        };
+        Self::start_inner(relay_id, broker, "", &model, extra).await
     }
 
     /// Joins the broker at 127.0.0.1:`port` with `mqtt_keys` added to its `[mqtt]` section
@@ -60,7 +81,7 @@ impl RelayProc {
             relay_id,
             RelayBroker::External(port),
             mqtt_keys,
-            &cloud_manifest(),
+            &Model::default_cloud(),
             extra,
         )
         .await
@@ -70,7 +91,7 @@ impl RelayProc {
         relay_id: &str,
         broker: RelayBroker,
         mqtt_keys: &str,
-        manifest: &std::path::Path,
+        model: &Model,
         extra: &str,
     ) -> RelayProc {
         // A port found free may be taken by the time the relay binds it; try a few.
@@ -94,9 +115,10 @@ impl RelayProc {
             };
             let http_port = free_port();
             let config = format!(
-                "relay_id = \"{relay_id}\"\nstate_dir = \"state\"\n\n[model]\nmanifest = {}\n\n\
+                "relay_id = \"{relay_id}\"\nstate_dir = \"state\"\n\n[model]\nmanifest = {}\nserves = {:?}\n\n\
                  [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{broker_section}\n{extra}\n",
-                toml_path(manifest)
+                toml_path(&model.manifest),
+                model.serves
             );
             crate::signing::install_relay_key(&dir.path().join("state"));
             let config_path = dir.path().join("relay.toml");

@@ -424,8 +424,8 @@ async fn a_stranger_flooding_every_topic_breaks_nothing() {
     for round in 0..20 {
         for target in [device, "someone-else"] {
             for suffix in [
-                "escalate",
-                "escalate/reply",
+                "escalate/digits-edge",
+                "reply",
                 "telemetry",
                 "config",
                 "config/ack",

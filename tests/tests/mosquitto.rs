@@ -92,7 +92,7 @@ async fn two_relays_share_the_escalations() {
 
     // Mosquitto logs every PUBLISH it sends: each escalation went to exactly one relay, and the
     // shared subscription spread them over both.
-    let topic = "'tierd/v1/mq-share-dev/escalate'";
+    let topic = "'tierd/v1/mq-share-dev/escalate/digits-edge'";
     let to_a = mosquitto.publishes_sent_to("cloud-relay-mq-share-a", topic);
     let to_b = mosquitto.publishes_sent_to("cloud-relay-mq-share-b", topic);
     eprintln!("escalations delivered: {to_a} to relay a, {to_b} to relay b");
@@ -166,4 +166,100 @@ async fn status_is_online_then_last_will_on_kill_then_stopped_on_sigterm() {
     assert!(status.success(), "{status:?}\n{}", again.proc.log_tail(20));
     let stopped = wait_status(&relay, device, false, "stopped").await;
     assert_eq!(stopped["boot_id"], second["boot_id"]);
+}
+
+/// The breast-cancer stream's first rows (FP32 features).
+fn breast_rows(n: usize) -> Vec<Vec<f32>> {
+    let path = tierd_e2e::repo_root().join("models/eval/breast-stream.npy");
+    let bytes = std::fs::read(path).expect("stream");
+    let npy = npyz::NpyFile::new(&bytes[..]).expect("npy");
+    let k = npy.shape()[1] as usize;
+    let flat: Vec<f32> = npy.into_vec().expect("f32");
+    flat.chunks(k).take(n).map(<[f32]>::to_vec).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_pools_serve_two_models_behind_one_broker() {
+    let Some(mut mosquitto) = start_mosquitto(free_port()).await else {
+        return;
+    };
+    let root = tierd_e2e::repo_root().join("models");
+    let port = mosquitto.port;
+    // Pool "digits": two replicas; pool "breast": one. Each subscribes to its model only.
+    let _d1 = RelayProc::start_serving(
+        "pool-digits-1",
+        RelayBroker::External(port),
+        &root.join("cloud/digits-cloud.toml"),
+        &["digits-edge"],
+        "",
+    )
+    .await;
+    let _d2 = RelayProc::start_serving(
+        "pool-digits-2",
+        RelayBroker::External(port),
+        &root.join("cloud/digits-cloud.toml"),
+        &["digits-edge"],
+        "",
+    )
+    .await;
+    let _b1 = RelayProc::start_serving(
+        "pool-breast-1",
+        RelayBroker::External(port),
+        &root.join("cloud/breast-cloud.toml"),
+        &["breast-edge"],
+        "",
+    )
+    .await;
+    for r in ["pool-digits-1", "pool-digits-2", "pool-breast-1"] {
+        mosquitto.wait_for_suback(&format!("cloud-relay-{r}")).await;
+    }
+    let digits = Arc::new(AgentProc::start(AgentOptions::new("pool-dev-d", port)).await);
+    let breast = AgentProc::start(
+        AgentOptions::new("pool-dev-b", port)
+            .model(&root.join("edge/breast-edge.toml"), Vec::new())
+            .threshold(Some(1.01)), // escalate everything
+    )
+    .await;
+    mosquitto.wait_for_suback("edge-agent-pool-dev-d").await;
+    mosquitto.wait_for_suback("edge-agent-pool-dev-b").await;
+
+    assert_concurrent_cloud_answers(&digits, 20, TOL).await;
+    let cloud = tierd_runtime::Model::load(&root.join("cloud/breast-cloud.toml")).expect("cloud");
+    let rows = breast_rows(10);
+    for row in &rows {
+        let body = serde_json::json!({
+            "inputs": [{ "name": "input", "shape": [1, row.len()], "datatype": "FP32", "data": row }]
+        });
+        let r = breast
+            .post_json("/v2/models/breast-edge/infer", &body)
+            .await;
+        r.assert_ok_from("cloud", "breast escalation");
+        let want = cloud
+            .predict(&cloud.manifest().wire_input(row))
+            .expect("cloud")
+            .probabilities;
+        assert_probs_close(&r.probabilities(), &want, TOL, "breast-cloud's answer");
+    }
+
+    // Mosquitto's log: each model's escalations reached only its own pool.
+    let d_topic = "'tierd/v1/pool-dev-d/escalate/digits-edge'";
+    let b_topic = "'tierd/v1/pool-dev-b/escalate/breast-edge'";
+    let sent = |client: &str, topic: &str| mosquitto.publishes_sent_to(client, topic);
+    let (d1, d2) = (
+        sent("cloud-relay-pool-digits-1", d_topic),
+        sent("cloud-relay-pool-digits-2", d_topic),
+    );
+    let b_to_digits =
+        sent("cloud-relay-pool-digits-1", b_topic) + sent("cloud-relay-pool-digits-2", b_topic);
+    let (b_to_breast, d_to_breast) = (
+        sent("cloud-relay-pool-breast-1", b_topic),
+        sent("cloud-relay-pool-breast-1", d_topic),
+    );
+    eprintln!(
+        "digits escalations: {d1} + {d2} to the digits pool, {d_to_breast} to breast; \
+         breast escalations: {b_to_breast} to the breast pool, {b_to_digits} to digits"
+    );
+    assert_eq!(d1 + d2, 20);
+    assert_eq!(b_to_breast, rows.len());
+    assert_eq!((b_to_digits, d_to_breast), (0, 0));
 }

@@ -199,6 +199,7 @@ async fn a_logits_edge_model_escalates_when_its_softmax_confidence_is_low() {
         "logits-relay",
         RelayBroker::Embedded,
         &models("cloud/breast-cloud.toml"),
+        &[],
         "",
     )
     .await;
