@@ -14,6 +14,7 @@
 
 mod inproc;
 mod inputs;
+mod oip;
 mod rss;
 mod signing;
 mod sizes;
@@ -63,6 +64,10 @@ struct Args {
     /// Run only benchmark 7 (signed config documents: sign, verify, apply).
     #[arg(long)]
     signing_only: bool,
+    /// Run only benchmark 8 (escalations through the relay's OIP backend to a real MLServer,
+    /// next to the tract backend; needs scripts/install-test-deps).
+    #[arg(long)]
+    oip_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +81,16 @@ fn main() -> anyhow::Result<()> {
 
     if args.signing_only {
         println!("{}", signing::run(args.rounds, args.iterations)?);
+        return Ok(());
+    }
+    if args.oip_only {
+        // Relays and agents in process on a multi-threaded runtime, as the daemons run.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let report = rt.block_on(oip::run(args.rounds, args.iterations, args.warmup))?;
+        rt.shutdown_timeout(Duration::from_secs(2));
+        println!("{report}");
         return Ok(());
     }
 
