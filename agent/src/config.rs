@@ -23,6 +23,10 @@ pub struct AgentConfig {
     pub device_id: String,
     pub http: HttpConfig,
     pub model: ModelConfig,
+    /// More models served beside `[model]` (`[[models]]`), each with its own threshold and
+    /// escalation topic. `[model]` stays the primary: its evidence goes to the relay's tuner and
+    /// remote config sets its threshold; these run at their own fixed thresholds.
+    pub models: Vec<ExtraModelConfig>,
     pub cascade: CascadeConfig,
     pub mqtt: MqttConfig,
     pub telemetry: TelemetryConfig,
@@ -163,6 +167,34 @@ pub fn resolve_credential(path: &Path, base: &Path, credentials_dir: Option<&Pat
     }
 }
 
+/// One `[[models]]` entry: a further model the agent serves (a model repository in the way of
+/// Triton's, written as a list).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraModelConfig {
+    /// Its manifest; relative paths start at the config file's folder. Verified like
+    /// `[model]`'s (sha256, golden vectors, and the signature when `model.trusted_keys` is set).
+    pub manifest: PathBuf,
+    /// Answer locally iff confidence >= threshold; unset: the manifest's offline-certified
+    /// threshold, else 0.9 (as `cascade.threshold`).
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    /// Confidence signal; unset: `cascade.signal`.
+    #[serde(default)]
+    pub signal: Option<Signal>,
+}
+
+impl ExtraModelConfig {
+    /// The threshold it runs at, and where that came from.
+    pub fn start_threshold(&self, manifest: &tierd_runtime::Manifest) -> (f32, &'static str) {
+        CascadeConfig {
+            threshold: self.threshold,
+            ..CascadeConfig::default()
+        }
+        .start_threshold(manifest)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -195,12 +227,16 @@ pub struct CascadeConfig {
     pub max_audits_per_second: u32,
 }
 
+/// Most `[[models]]` entries: each holds a compiled plan in memory.
+pub const MAX_EXTRA_MODELS: usize = 16;
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             device_id: "edge-01".into(),
             http: HttpConfig::default(),
             model: ModelConfig::default(),
+            models: Vec::new(),
             cascade: CascadeConfig::default(),
             mqtt: MqttConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -282,6 +318,9 @@ impl AgentConfig {
             }
         };
         fix(&mut self.model.manifest);
+        for m in &mut self.models {
+            fix(&mut m.manifest);
+        }
         if let Some(t) = self.http.token_file.as_mut() {
             let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             *t = resolve_credential(t, base, creds.as_deref());
@@ -303,6 +342,22 @@ impl AgentConfig {
             .filter(|t| !(t.is_finite() && limits::THRESHOLD.contains(t)))
         {
             return bad(format!("cascade.threshold = {t} must be within [0, 1.01]"));
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if let Some(t) = m
+                .threshold
+                .filter(|t| !(t.is_finite() && limits::THRESHOLD.contains(t)))
+            {
+                return bad(format!(
+                    "models[{i}].threshold = {t} must be within [0, 1.01]"
+                ));
+            }
+        }
+        if self.models.len() > MAX_EXTRA_MODELS {
+            return bad(format!(
+                "{} [[models]]: at most {MAX_EXTRA_MODELS} besides [model]",
+                self.models.len()
+            ));
         }
         if !limits::ESCALATION_TIMEOUT_MS.contains(&c.escalation_timeout_ms) {
             return bad(format!(

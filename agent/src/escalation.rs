@@ -19,7 +19,7 @@ use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use tierd_protocol::{
     decode, encode, EscalationKind, EscalationReply, EscalationRequest, ReplyOutcome, Tensor,
-    Topic, TopicKind,
+    Topic, TopicError, TopicKind,
 };
 use tierd_runtime::link::Publisher;
 use tokio::sync::{oneshot, Semaphore};
@@ -163,6 +163,16 @@ impl Escalator {
     /// Whether the MQTT session is up with its subscriptions confirmed (escalations possible).
     pub fn is_connected(&self) -> bool {
         self.publisher.is_connected()
+    }
+
+    /// The same link, replies and in-flight bound, escalating for edge model `edge_model` on
+    /// its own topic (`tierd/v1/{device}/escalate/{edge_model}`): a further model the agent
+    /// serves reaches only the relay pool that serves it.
+    pub fn for_model(&self, device_id: &str, edge_model: &str) -> Result<Self, TopicError> {
+        Ok(Escalator {
+            request_topic: Topic::escalate(device_id, edge_model)?.to_string().into(),
+            ..self.clone()
+        })
     }
 }
 

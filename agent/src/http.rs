@@ -21,9 +21,16 @@ use crate::escalation::Escalator;
 use crate::oip::{self, InferResponse, ModelMetadata, ResponseOutput, TensorMetadata};
 use crate::telemetry::Recorder;
 
-/// What the HTTP handlers share: the cascade they call and the front end's own parts.
+/// The cascade over one served model.
+pub type ModelCascade = Cascade<tierd_runtime::Model, Escalator>;
+
+/// What the HTTP handlers share: the cascades they call (one per model served) and the front
+/// end's own parts.
 pub struct AppState {
-    pub cascade: Cascade<tierd_runtime::Model, Escalator>,
+    /// The primary model (`[model]`): its evidence feeds the relay's tuner.
+    pub cascade: ModelCascade,
+    /// Further models (`[[models]]`), each at its own threshold and escalation topic.
+    pub extra: Vec<ModelCascade>,
     pub admission: Admission,
     pub recorder: Arc<Recorder>,
     pub metrics: prometheus_client::registry::Registry,
@@ -156,6 +163,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route(
+            "/v2/repository/index",
+            get(repository_index).post(repository_index),
+        )
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route(
@@ -244,6 +255,20 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Triton's model repository index: every model served, each `READY` (a model that fails its
+/// checks stops the agent from starting, so a listed model is a verified one).
+async fn repository_index(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(Value::Array(
+        state
+            .cascades()
+            .map(|c| {
+                let m = c.model().manifest();
+                json!({ "name": m.name, "version": m.version, "state": "READY" })
+            })
+            .collect(),
+    ))
+}
+
 async fn live() -> Json<Value> {
     Json(json!({ "live": true }))
 }
@@ -253,14 +278,30 @@ async fn ready() -> Json<Value> {
     Json(json!({ "ready": true }))
 }
 
-fn check_model(state: &AppState, name: &str, version: Option<&str>) -> Result<(), ApiError> {
-    let m = state.cascade.model().manifest();
-    if name != m.name {
+impl AppState {
+    /// Every model served, the primary first.
+    pub fn cascades(&self) -> impl Iterator<Item = &ModelCascade> {
+        std::iter::once(&self.cascade).chain(&self.extra)
+    }
+}
+
+/// The cascade serving `name` (at `version`, if given), or a 404 naming what is served.
+fn check_model<'a>(
+    state: &'a AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<&'a ModelCascade, ApiError> {
+    let Some(cascade) = state.cascades().find(|c| c.model().manifest().name == name) else {
+        let served: Vec<&str> = state
+            .cascades()
+            .map(|c| c.model().manifest().name.as_str())
+            .collect();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("unknown model {name:?}; this agent serves {:?}", m.name),
+            format!("unknown model {name:?}; this agent serves {served:?}"),
         ));
-    }
+    };
+    let m = cascade.model().manifest();
     if let Some(v) = version {
         if v != m.version {
             return Err(ApiError::new(
@@ -272,7 +313,7 @@ fn check_model(state: &AppState, name: &str, version: Option<&str>) -> Result<()
             ));
         }
     }
-    Ok(())
+    Ok(cascade)
 }
 
 async fn model_metadata(
@@ -294,8 +335,7 @@ fn metadata(
     name: &str,
     version: Option<&str>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
-    check_model(state, name, version)?;
-    let m = state.cascade.model().manifest();
+    let m = check_model(state, name, version)?.model().manifest();
     let shape: Vec<i64> = m.input.shape.iter().map(|&d| d as i64).collect();
     Ok(Json(ModelMetadata {
         name: m.name.clone(),
@@ -380,7 +420,7 @@ async fn infer_checked(
 ) -> Result<Json<InferResponse>, ApiError> {
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
     // A request for a model we do not serve is refused before it takes a queue slot.
-    check_model(state, name, version)?;
+    let cascade = check_model(state, name, version)?;
     let Ok(_slot) = state.admission.slots.clone().try_acquire_owned() else {
         state
             .recorder
@@ -410,7 +450,7 @@ async fn infer_checked(
         ),
     };
     let (req, binary) = oip::parse_request(body, header_len).map_err(|e| bad(e.0))?;
-    let manifest = state.cascade.model().manifest();
+    let manifest = cascade.model().manifest();
     if let Some(outputs) = &req.outputs {
         if let Some(o) = outputs.iter().find(|o| o.name != manifest.output.name) {
             return Err(bad(format!(
@@ -420,17 +460,13 @@ async fn infer_checked(
         }
     }
     let input = oip::input_tensor(&req, binary, &manifest.input.name).map_err(|e| bad(e.0))?;
-    let outcome = state
-        .cascade
-        .infer(input, started)
-        .await
-        .map_err(|e| match e {
-            tierd_runtime::InputError::Runtime(m) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("edge model failed: {m}"),
-            ),
-            other => bad(other.to_string()),
-        })?;
+    let outcome = cascade.infer(input, started).await.map_err(|e| match e {
+        tierd_runtime::InputError::Runtime(m) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("edge model failed: {m}"),
+        ),
+        other => bad(other.to_string()),
+    })?;
     Ok(Json(response(manifest, req.id, outcome, started)))
 }
 

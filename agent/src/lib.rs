@@ -79,7 +79,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("invalid device id: {0}")]
+    /// A device id or model name that cannot be a topic level (the error says which).
+    #[error("{0}")]
     DeviceId(#[from] tierd_protocol::TopicError),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
@@ -139,11 +140,9 @@ impl Health {
         if !self.link.link_running() {
             return Err(HealthError::LinkStopped);
         }
-        self.state
-            .cascade
-            .model()
-            .verify_golden()
-            .map_err(HealthError::Model)?;
+        for c in self.state.cascades() {
+            c.model().verify_golden().map_err(HealthError::Model)?;
+        }
         tierd_runtime::systemd::probe_http(self.addr, "/v2/health/live").await?;
         Ok(())
     }
@@ -198,6 +197,33 @@ fn open_spool(state_dir: &Path, max_bytes: u64) -> Result<SpoolSink, AgentError>
     })
 }
 
+/// The `[[models]]` besides `primary`, each verified like it; names must be distinct (a name is
+/// the OIP route and the escalation topic).
+fn load_extra_models(
+    config: &AgentConfig,
+    primary: &Model,
+) -> Result<Vec<(crate::config::ExtraModelConfig, Model)>, AgentError> {
+    let mut names = vec![primary.manifest().name.clone()];
+    let mut out = Vec::with_capacity(config.models.len());
+    for m in &config.models {
+        let model = Model::load_trusted(&m.manifest, &config.model.trusted_keys)?;
+        let name = &model.manifest().name;
+        if names.contains(name) {
+            return Err(ConfigError::invalid(format!(
+                "[[models]] {}: a model named {name:?} is already served; each model needs its \
+                 own name (it is the OIP route and the escalation topic)",
+                m.manifest.display()
+            ))
+            .into());
+        }
+        tierd_protocol::topic::validate_model_name(name)?;
+        info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
+        names.push(name.clone());
+        out.push((m.clone(), model));
+    }
+    Ok(out)
+}
+
 /// The persisted remote config laid over `agent.toml`'s settings.
 fn restore_policy(config: &AgentConfig, state_dir: &Path, threshold: f32) -> RemoteConfig {
     let base = Policy {
@@ -229,6 +255,7 @@ impl Agent {
         tierd_runtime::mqtt::install_crypto_provider();
         let model = Model::load_trusted(&config.model.manifest, &config.model.trusted_keys)?;
         info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
+        let extra_models = load_extra_models(&config, &model)?;
         let boot_id = tierd_runtime::unix_ms();
         let state_dir = config.state_dir();
         let sink = open_spool(&state_dir, config.spool.max_bytes)?;
@@ -320,6 +347,28 @@ impl Agent {
             sink.clone(),
         );
         let escalator = mqtt.escalator.clone();
+        let mut extra = Vec::with_capacity(extra_models.len());
+        for (m, model) in extra_models {
+            let (threshold, from) = m.start_threshold(model.manifest());
+            info!(model = %model.id(), threshold, from, "serving a further model");
+            let policy = Policy {
+                threshold,
+                signal: m.signal.unwrap_or(config.cascade.signal),
+                escalation_timeout: config.escalation_timeout(),
+                // Its evidence does not reach the tuner yet, so audits would buy nothing.
+                audit_rate: 0.0,
+                telemetry_interval: config.telemetry_interval(),
+                config_version: 0,
+            };
+            let name = model.manifest().name.clone();
+            extra.push(Cascade::new(
+                model,
+                mqtt.escalator.for_model(&config.device_id, &name)?,
+                watch::channel(policy).1,
+                Arc::new(evidence::Evidence::new(0.0, 0)),
+                recorder.clone(),
+            ));
+        }
         let state = Arc::new(AppState {
             cascade: Cascade::new(
                 model,
@@ -328,6 +377,7 @@ impl Agent {
                 evidence,
                 recorder.clone(),
             ),
+            extra,
             admission: Admission::new(config.http.max_concurrent, config.http.max_queued),
             recorder,
             metrics,

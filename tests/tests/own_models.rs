@@ -304,3 +304,140 @@ async fn a_stock_skl2onnx_export_goes_through_model_init_and_answers_tritonclien
     );
     assert!(out.contains("rows match scikit-learn"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_serves_two_models_each_escalating_to_its_own_pool() {
+    // Pool "digits" embeds the broker; pool "breast" joins it. Each serves one edge model.
+    let digits_pool = RelayProc::start_serving(
+        "multi-digits",
+        RelayBroker::Embedded,
+        &cloud_manifest(),
+        &["digits-edge"],
+        "",
+    )
+    .await;
+    let breast_pool = RelayProc::start_serving(
+        "multi-breast",
+        RelayBroker::External(digits_pool.broker_port),
+        &models("cloud/breast-cloud.toml"),
+        &["breast-edge"],
+        "",
+    )
+    .await;
+    let agent = AgentProc::start(
+        AgentOptions::new("multi-dev", digits_pool.broker_port).extra(&format!(
+            "[[models]]\nmanifest = {:?}\nthreshold = 0.9\n",
+            models("edge/breast-edge.toml").display().to_string()
+        )),
+    )
+    .await;
+
+    // The repository and per-model metadata, as in the Open Inference Protocol.
+    let (status, index) = agent.get("/v2/repository/index").await;
+    assert_eq!(status, 200, "{index}");
+    let names: Vec<(&str, &str, &str)> = index
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or(""),
+                m["version"].as_str().unwrap_or(""),
+                m["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("digits-edge", "2.0.0", "READY"),
+            ("breast-edge", "1.0.0", "READY")
+        ]
+    );
+    let (status, meta) = agent.get("/v2/models/breast-edge/versions/1.0.0").await;
+    assert_eq!(status, 200, "{meta}");
+    assert_eq!(meta["inputs"][0]["datatype"], "FP32");
+    assert_eq!(meta["inputs"][0]["shape"], json!([1, 30]));
+    assert_eq!(meta["outputs"][0]["shape"], json!([1, 2]));
+    let (status, meta) = agent.get("/v2/models/digits-edge").await;
+    assert_eq!(
+        (status, &meta["inputs"][0]["datatype"]),
+        (200, &json!("UINT8"))
+    );
+    let (status, err) = agent.get("/v2/models/breast-edge/versions/9").await;
+    assert_eq!(status, 404, "{err}");
+    let (status, err) = agent.get("/v2/models/nope").await;
+    assert_eq!(status, 404);
+    assert!(err.to_string().contains("breast-edge"), "{err}");
+
+    // Each model escalates to its own pool and gets its own cloud model's answer.
+    for ex in unsure_examples() {
+        let r = agent.infer(&ex.pixels).await;
+        r.assert_ok_from("cloud", &ex.name);
+        assert_probs_close(&r.probabilities(), &ex.cloud_probabilities, 1e-4, &ex.name);
+    }
+    let edge = Model::load(&models("edge/breast-edge.toml")).expect("edge");
+    let cloud = Model::load(&models("cloud/breast-cloud.toml")).expect("cloud");
+    let (mut escalated, mut local) = (0, 0);
+    for row in breast_rows().iter().take(60) {
+        let input = edge.manifest().wire_input(row);
+        let conf = edge
+            .predict(&input)
+            .expect("edge")
+            .probabilities
+            .iter()
+            .copied()
+            .fold(0.0f32, f32::max);
+        if (conf - 0.9).abs() < 1e-3 {
+            continue;
+        }
+        let r = agent
+            .post_json("/v2/models/breast-edge/infer", &fp32_body(row))
+            .await;
+        if conf < 0.9 {
+            r.assert_ok_from("cloud", "breast escalation");
+            let want = cloud.predict(&input).expect("cloud").probabilities;
+            assert_probs_close(&r.probabilities(), &want, 1e-4, "breast-cloud's answer");
+            escalated += 1;
+        } else {
+            r.assert_ok_from("edge", "breast local");
+            local += 1;
+        }
+    }
+    assert!(
+        escalated > 0 && local > 0,
+        "{escalated} escalated, {local} local"
+    );
+    // The digits pool never saw a breast-cancer escalation, and the other way round.
+    for (pool, foreign) in [(&digits_pool, "breast-edge"), (&breast_pool, "digits-edge")] {
+        let log = pool.proc.log();
+        assert!(
+            !log.contains(foreign),
+            "{} saw {foreign}:\n{log}",
+            pool.relay_id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_models_with_one_name_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[model]\nmanifest = {m:?}\n[[models]]\nmanifest = {m:?}\n",
+            m = models("edge/digits-edge.toml").display().to_string()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(bin_path("edge-agent"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .expect("edge-agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("already served"), "{stderr}");
+}
