@@ -43,7 +43,18 @@ struct Args {
     /// Escalation timeout in milliseconds.
     #[arg(long, default_value_t = 250)]
     timeout_ms: u64,
+    /// Rows of models/eval/breast-stream.npy sent to the second model the agent serves
+    /// (breast-edge, escalating to its own relay pool with breast-cloud); 0 = skip.
+    #[arg(long, default_value_t = 1000)]
+    breast_limit: usize,
 }
+
+/// The second sample pair: FP32 features, a logits edge model, its own relay pool.
+const BREAST_EDGE: &str = "models/edge/breast-edge.toml";
+const BREAST_CLOUD: &str = "models/cloud/breast-cloud.toml";
+/// The breast-edge threshold for the demo: 0.8 escalates ~30 % of the stream at ~99.9 %
+/// agreement with breast-cloud (models/README.md).
+const BREAST_THRESHOLD: f32 = 0.8;
 
 #[derive(Default)]
 struct TierStats {
@@ -92,6 +103,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     // that disagrees with the cloud is priced at 0.2 cents so the cost report weighs accuracy
     // too (illustrative: set your own in [prices]).
     relay_cfg.prices.per_disagreement = 0.002;
+    // One pool per model behind the embedded broker: this relay answers digits-edge, a second
+    // one (below) breast-edge.
+    relay_cfg.model.serves = vec!["digits-edge".into()];
     let prices = relay_cfg.prices.clone();
     let delta = relay_cfg.tuning.delta;
     let target = relay_cfg.tuning.target;
@@ -106,6 +120,20 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let relay_http = relay.http_addr();
     let fleet = relay.fleet();
     let relay = inproc::serve_relay(relay);
+    let breast_relay = if args.breast_limit > 0 {
+        let mut cfg = inproc::relay_config(broker_port, state.join("relay-breast"));
+        cfg.relay_id = "relay-breast".into();
+        cfg.mqtt = Some(relay_cfg_for_trust.client_mqtt());
+        cfg.model.manifest = repo_path(BREAST_CLOUD);
+        cfg.model.serves = vec!["breast-edge".into()];
+        cfg.tuning.push = false;
+        let r = Relay::start(cfg)
+            .await
+            .context("starting the breast-cancer relay pool")?;
+        Some(inproc::serve_relay(r))
+    } else {
+        None
+    };
 
     // 2. The agent, speaking HTTP on a free port and MQTT to that broker; one report a second,
     //    so the relay's view is live while the replay runs.
@@ -115,6 +143,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         .context("loading the relay's config-signing key")?;
     agent_cfg.cascade.threshold = None;
     agent_cfg.cascade.escalation_timeout_ms = args.timeout_ms;
+    if args.breast_limit > 0 {
+        agent_cfg.models.push(edge_agent::config::ExtraModelConfig {
+            manifest: repo_path(BREAST_EDGE),
+            threshold: Some(BREAST_THRESHOLD),
+            signal: None,
+        });
+    }
     let agent = Agent::start(agent_cfg)
         .await
         .context("starting the agent")?;
@@ -214,6 +249,11 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         slot.1.record(predicted == Some(label), us);
     }
     let elapsed = started.elapsed();
+    let breast = if args.breast_limit > 0 {
+        Some(replay_breast(&client, addr, args.breast_limit).await?)
+    } else {
+        None
+    };
 
     // 4. Baselines from the same images: each model run directly.
     let edge = Model::load(&edge_manifest)?;
@@ -280,9 +320,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let record = loop {
         let rec = fleet.lock().ok().and_then(|f| f.get("demo-pi").cloned());
-        let done = rec
-            .as_ref()
-            .is_some_and(|r| r.latest.totals.answered() == total);
+        let done = rec.as_ref().is_some_and(|r| {
+            r.latest.totals.answered() == total + breast.as_ref().map_or(0, |b| b.sent)
+        });
         if done || Instant::now() > deadline {
             break rec;
         }
@@ -302,6 +342,12 @@ async fn demo(args: Args) -> anyhow::Result<()> {
                 r.totals.cloud,
                 r.totals.edge_fallback
             );
+            if let Some(b) = &breast {
+                println!(
+                    "                    (device totals: both models, the {} breast-edge requests below included)",
+                    b.sent
+                );
+            }
             println!(
                 "energy              meter {}{}: {:.3} J attributed to the agent in total{}",
                 e.meter,
@@ -355,12 +401,113 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             cloud_relay::report::render_text(&report)
         );
     }
+    if let Some(b) = &breast {
+        b.print();
+    }
+    if let Some(r) = breast_relay {
+        let _ = r.shutdown().await;
+    }
     let _ = relay.shutdown().await;
     let _ = std::fs::remove_dir_all(&state);
     if total != records.len() as u64 {
         bail!("{} requests sent but {total} answered", records.len());
     }
     Ok(())
+}
+
+/// What the second model did with the breast-cancer stream.
+struct Breast {
+    sent: u64,
+    tiers: std::collections::BTreeMap<String, u64>,
+    cascade_ok: u64,
+    edge_ok: u64,
+    cloud_ok: u64,
+}
+
+impl Breast {
+    fn print(&self) {
+        let n = self.sent as f64;
+        let pct = |k: u64| 100.0 * k as f64 / n;
+        println!("\n== second model on the same agent: breast-edge -> breast-cloud ==");
+        println!(
+            "FP32 features, logits softmaxed at the edge, threshold {BREAST_THRESHOLD} (fixed), \
+             escalations to their own relay pool"
+        );
+        let tiers: Vec<String> = self.tiers.iter().map(|(t, c)| format!("{t} {c}")).collect();
+        println!(
+            "{} rows of breast-stream.npy: {}",
+            self.sent,
+            tiers.join(" / ")
+        );
+        println!(
+            "accuracy vs labels  edge only {:.2}%, cloud only {:.2}%, cascade {:.2}%",
+            pct(self.edge_ok),
+            pct(self.cloud_ok),
+            pct(self.cascade_ok)
+        );
+    }
+}
+
+/// Sends the first `limit` rows of the breast-cancer stream to the agent's second model and
+/// scores the answers against the labels, next to each model run alone.
+async fn replay_breast(
+    client: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    limit: usize,
+) -> anyhow::Result<Breast> {
+    let read = |p: &str| -> anyhow::Result<(Vec<u64>, Vec<u8>)> {
+        let path = repo_path(p);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let npy = npyz::NpyFile::new(&bytes[..])?;
+        let shape = npy.shape().to_vec();
+        Ok((shape, bytes))
+    };
+    let (shape, x_bytes) = read("models/eval/breast-stream.npy")?;
+    let features = *shape.get(1).context("breast-stream.npy is not 2-D")? as usize;
+    let x: Vec<f32> = npyz::NpyFile::new(&x_bytes[..])?.into_vec()?;
+    let (_, y_bytes) = read("models/eval/breast-stream-labels.npy")?;
+    let y: Vec<i64> = npyz::NpyFile::new(&y_bytes[..])?.into_vec()?;
+    let edge = Model::load(&repo_path(BREAST_EDGE))?;
+    let cloud = Model::load(&repo_path(BREAST_CLOUD))?;
+    let url = format!("http://{addr}/v2/models/breast-edge/infer");
+    let mut out = Breast {
+        sent: 0,
+        tiers: Default::default(),
+        cascade_ok: 0,
+        edge_ok: 0,
+        cloud_ok: 0,
+    };
+    for (row, &label) in x.chunks(features).zip(&y).take(limit) {
+        let body = json!({
+            "inputs": [{"name": "input", "shape": [1, features], "datatype": "FP32", "data": row}],
+        });
+        let v: Value = client
+            .post(&url)
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let tier = v["parameters"]["tier"].as_str().unwrap_or("?").to_owned();
+        *out.tiers.entry(tier).or_default() += 1;
+        let label = usize::try_from(label).unwrap_or(usize::MAX);
+        let got = v["outputs"][0]["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_f64)
+                    .map(|f| f as f32)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        out.cascade_ok += u64::from(!got.is_empty() && argmax(&got) == label);
+        let t = edge.manifest().wire_input(row);
+        out.edge_ok += u64::from(argmax(&edge.predict(&t)?.probabilities) == label);
+        out.cloud_ok += u64::from(argmax(&cloud.predict(&t)?.probabilities) == label);
+        out.sent += 1;
+    }
+    Ok(out)
 }
 
 fn argmax(p: &[f32]) -> usize {
