@@ -57,50 +57,7 @@ enum ModelCmd {
     /// Write a manifest for an ONNX classifier: names, shapes and types from the graph, the
     /// sha256, and golden vectors computed here from sample inputs. `check-model` and `run`
     /// accept what it writes.
-    Init {
-        /// The ONNX file (one FP32 input; an output with one value per class).
-        model: PathBuf,
-        /// Sample inputs in wire values, one per row: `.npy` ([rows, features]) or CSV.
-        #[arg(long)]
-        samples: PathBuf,
-        /// Where to write the manifest (`file` is relative to its folder when the model is in it).
-        #[arg(long)]
-        out: PathBuf,
-        /// Model name (default: the file name without `.onnx`).
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long, default_value = "1.0.0")]
-        version: String,
-        #[arg(long, default_value = "")]
-        description: String,
-        /// Class labels in output order, comma-separated (default 0, 1, ...).
-        #[arg(long, value_delimiter = ',', conflicts_with = "labels_file")]
-        labels: Option<Vec<String>>,
-        /// Class labels, one per line.
-        #[arg(long)]
-        labels_file: Option<PathBuf>,
-        /// What the output holds (default: detected from the samples' outputs).
-        #[arg(long, value_parser = parse_output_kind)]
-        output: Option<tierd_runtime::OutputKind>,
-        /// The graph output to use when it has several FP32 outputs.
-        #[arg(long)]
-        output_name: Option<String>,
-        /// Clients send UINT8 values: model input = x * scale + offset (the samples are then
-        /// raw 0..=255 values). Without it clients send the model's FP32 input as it is.
-        #[arg(long)]
-        input_scale: Option<f32>,
-        #[arg(long, default_value_t = 0.0, requires = "input_scale")]
-        input_offset: f32,
-        /// Golden vectors to write (the first sample rows).
-        #[arg(long, default_value_t = 5)]
-        golden: usize,
-        /// Largest difference per output the agent tolerates on a golden vector.
-        #[arg(long, default_value_t = 1e-4)]
-        tolerance: f32,
-        /// Overwrite an existing manifest.
-        #[arg(long)]
-        force: bool,
-    },
+    Init(edge_agent::model_init::InitOptions),
     /// Create a model-release key pair (PKCS#8, mode 0600; never overwrites) and print its
     /// public key for agents' `[model] trusted_keys`.
     Keygen {
@@ -141,42 +98,8 @@ fn main() -> ExitCode {
             cmd: ModelCmd::Keygen { out },
         } => model_keygen(&out),
         Command::Model {
-            cmd:
-                ModelCmd::Init {
-                    model,
-                    samples,
-                    out,
-                    name,
-                    version,
-                    description,
-                    labels,
-                    labels_file,
-                    output,
-                    output_name,
-                    input_scale,
-                    input_offset,
-                    golden,
-                    tolerance,
-                    force,
-                },
-        } => read_labels(labels, labels_file.as_deref()).and_then(|labels| {
-            model_init(&edge_agent::model_init::InitOptions {
-                model,
-                samples,
-                out,
-                name,
-                version,
-                description,
-                labels,
-                output,
-                output_name,
-                input_scale,
-                input_offset,
-                golden,
-                tolerance,
-                force,
-            })
-        }),
+            cmd: ModelCmd::Init(opts),
+        } => model_init(&opts),
         Command::Model {
             cmd: ModelCmd::Sign { manifest, key },
         } => model_sign(&manifest, &key),
@@ -213,32 +136,6 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             .await?;
         Ok(())
     })
-}
-
-fn parse_output_kind(s: &str) -> Result<tierd_runtime::OutputKind, String> {
-    match s {
-        "probabilities" => Ok(tierd_runtime::OutputKind::Probabilities),
-        "logits" => Ok(tierd_runtime::OutputKind::Logits),
-        _ => Err(format!("{s:?}: say probabilities or logits")),
-    }
-}
-
-fn read_labels(
-    labels: Option<Vec<String>>,
-    file: Option<&std::path::Path>,
-) -> anyhow::Result<Option<Vec<String>>> {
-    let Some(file) = file else {
-        return Ok(labels);
-    };
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    Ok(Some(
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    ))
 }
 
 fn model_init(opts: &edge_agent::model_init::InitOptions) -> anyhow::Result<()> {

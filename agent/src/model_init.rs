@@ -22,26 +22,75 @@ use tierd_runtime::{
     OutputSpec, Preprocess,
 };
 
-/// What `model init` is told.
-#[derive(Debug, Clone)]
+/// What `model init` is told (its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct InitOptions {
+    /// The ONNX file (one FP32 input; an output with one value per class).
     pub model: PathBuf,
+    /// Sample inputs in wire values, one per row: `.npy` ([rows, features]) or CSV.
+    #[arg(long)]
     pub samples: PathBuf,
+    /// Where to write the manifest (`file` is relative to its folder when the model is in it).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Model name (default: the file name without `.onnx`).
+    #[arg(long)]
     pub name: Option<String>,
+    #[arg(long, default_value = "1.0.0")]
     pub version: String,
+    #[arg(long, default_value = "")]
     pub description: String,
+    /// Class labels in output order, comma-separated (default 0, 1, ...).
+    #[arg(long, value_delimiter = ',', conflicts_with = "labels_file")]
     pub labels: Option<Vec<String>>,
+    /// Class labels, one per line.
+    #[arg(long)]
+    pub labels_file: Option<PathBuf>,
+    /// What the output holds (default: detected from the samples' outputs).
+    #[arg(long, value_parser = parse_output_kind)]
     pub output: Option<OutputKind>,
+    /// The graph output to use when it has several FP32 outputs.
+    #[arg(long)]
     pub output_name: Option<String>,
-    /// With `input_scale`, clients send UINT8: `model_input = x * scale + offset`.
+    /// Clients send UINT8 values: model input = x * scale + offset (the samples are then raw
+    /// 0..=255 values). Without it clients send the model's FP32 input as it is.
+    #[arg(long)]
     pub input_scale: Option<f32>,
+    #[arg(long, default_value_t = 0.0, requires = "input_scale")]
     pub input_offset: f32,
-    /// Golden vectors written (the first rows of the samples).
+    /// Golden vectors to write (the first sample rows).
+    #[arg(long, default_value_t = 5)]
     pub golden: usize,
+    /// Largest difference per output the agent tolerates on a golden vector.
+    #[arg(long, default_value_t = 1e-4)]
     pub tolerance: f32,
     /// Overwrite an existing manifest.
+    #[arg(long)]
     pub force: bool,
+}
+
+fn parse_output_kind(s: &str) -> Result<OutputKind, String> {
+    match s {
+        "probabilities" => Ok(OutputKind::Probabilities),
+        "logits" => Ok(OutputKind::Logits),
+        _ => Err(format!("{s:?}: say probabilities or logits")),
+    }
+}
+
+/// `--labels`, or the lines of `--labels-file`.
+fn labels(opts: &InitOptions) -> anyhow::Result<Option<Vec<String>>> {
+    let Some(file) = &opts.labels_file else {
+        return Ok(opts.labels.clone());
+    };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Ok(Some(
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    ))
 }
 
 /// Most sample rows read: golden vectors need only a few, and the kind check a few more.
@@ -75,13 +124,13 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<(Manifest, Vec<String>)> {
     })?;
     let output = pick_output(&typed.outputs, opts.output_name.as_deref())?;
     let classes = class_count(output)?;
-    let labels = match &opts.labels {
+    let labels = match labels(opts)? {
         Some(l) if l.len() != classes => bail!(
             "{} labels given but output {:?} has {classes} classes",
             l.len(),
             output.name
         ),
-        Some(l) => l.clone(),
+        Some(l) => l,
         None => {
             notes.push(format!(
                 "labels 0..{} (pass --labels or --labels-file for names)",

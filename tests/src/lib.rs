@@ -29,9 +29,9 @@ pub use clients::{http_client, infer_body, InferResult, TestClient};
 /// Index of the largest value (first on ties): the agent's own function.
 pub use edge_agent::cascade::top1;
 pub use fixtures::{
-    assert_probs_close, cloud_manifest, confident_examples, edge_manifest, example, examples,
-    repo_root, unsure_examples, Example, AGENT_MQTT_READY, EDGE_MODEL, HTTP_TIMEOUT, READY_TIMEOUT,
-    RELAY_READY, RUST_LOG, SKIP_MOSQUITTO_ENV,
+    assert_probs_close, breast_rows, cloud_manifest, confident_examples, edge_manifest, example,
+    examples, repo_root, unsure_examples, Example, AGENT_MQTT_READY, EDGE_MODEL, HTTP_TIMEOUT,
+    READY_TIMEOUT, RELAY_READY, RUST_LOG, SKIP_MOSQUITTO_ENV,
 };
 pub use oip_server::OipServer;
 pub use processes::{bin_path, daemon_command, free_port, rss_bytes, Proc};

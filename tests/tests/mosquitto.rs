@@ -168,16 +168,6 @@ async fn status_is_online_then_last_will_on_kill_then_stopped_on_sigterm() {
     assert_eq!(stopped["boot_id"], second["boot_id"]);
 }
 
-/// The breast-cancer stream's first rows (FP32 features).
-fn breast_rows(n: usize) -> Vec<Vec<f32>> {
-    let path = tierd_e2e::repo_root().join("models/eval/breast-stream.npy");
-    let bytes = std::fs::read(path).expect("stream");
-    let npy = npyz::NpyFile::new(&bytes[..]).expect("npy");
-    let k = npy.shape()[1] as usize;
-    let flat: Vec<f32> = npy.into_vec().expect("f32");
-    flat.chunks(k).take(n).map(<[f32]>::to_vec).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_pools_serve_two_models_behind_one_broker() {
     let Some(mut mosquitto) = start_mosquitto(free_port()).await else {
@@ -225,7 +215,7 @@ async fn two_pools_serve_two_models_behind_one_broker() {
 
     assert_concurrent_cloud_answers(&digits, 20, TOL).await;
     let cloud = tierd_runtime::Model::load(&root.join("cloud/breast-cloud.toml")).expect("cloud");
-    let rows = breast_rows(10);
+    let rows: Vec<Vec<f32>> = tierd_e2e::breast_rows().into_iter().take(10).collect();
     for row in &rows {
         let body = serde_json::json!({
             "inputs": [{ "name": "input", "shape": [1, row.len()], "datatype": "FP32", "data": row }]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tierd_e2e::{
-    assert_probs_close, bin_path, cloud_manifest, repo_root, unsure_examples, AgentOptions,
-    AgentProc, OipServer, RelayBroker, RelayProc,
+    assert_probs_close, bin_path, breast_rows, cloud_manifest, repo_root, unsure_examples,
+    AgentOptions, AgentProc, OipServer, RelayBroker, RelayProc,
 };
 use tierd_runtime::Model;
 
@@ -19,6 +19,31 @@ const TIMEOUT_MS: u64 = 800;
 
 fn models(p: &str) -> PathBuf {
     repo_root().join("models").join(p)
+}
+
+/// The agent answered with its own model because the relay answered with an error.
+fn assert_relay_error_fallback(r: &tierd_e2e::InferResult, what: &str) {
+    r.assert_ok_from("edge_fallback", what);
+    assert_eq!(
+        r.fallback_reason(),
+        Some("relay_error:internal"),
+        "{what}: {}",
+        r.body
+    );
+}
+
+/// Runs `binary run --config config` (in the config's folder), which must exit non-zero at
+/// start; returns its stderr.
+fn refused_at_start(binary: &str, config: &std::path::Path) -> String {
+    let out = Command::new(bin_path(binary))
+        .args(["run", "--config"])
+        .arg(config)
+        .current_dir(config.parent().expect("a folder"))
+        .output()
+        .unwrap_or_else(|e| panic!("{binary} runs: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{binary} started: {stderr}");
+    stderr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,13 +97,7 @@ async fn escalations_go_through_a_real_oip_server_and_fall_back_while_it_is_down
     signal("-STOP");
     let r = agent.infer(&unsure[0].pixels).await;
     signal("-CONT");
-    r.assert_ok_from("edge_fallback", "with the OIP server hung");
-    assert_eq!(
-        r.fallback_reason(),
-        Some("relay_error:internal"),
-        "{}",
-        r.body
-    );
+    assert_relay_error_fallback(&r, "with the OIP server hung");
     assert!(
         r.elapsed >= Duration::from_millis(450) && r.elapsed < Duration::from_millis(TIMEOUT_MS),
         "fell back after {:?}, not at the relay's 500 ms timeout",
@@ -90,16 +109,7 @@ async fn escalations_go_through_a_real_oip_server_and_fall_back_while_it_is_down
     server.kill();
     for ex in &unsure {
         let r = agent.infer(&ex.pixels).await;
-        r.assert_ok_from(
-            "edge_fallback",
-            &format!("{} with the OIP server dead", ex.name),
-        );
-        assert_eq!(
-            r.fallback_reason(),
-            Some("relay_error:internal"),
-            "{}",
-            r.body
-        );
+        assert_relay_error_fallback(&r, &format!("{} with the OIP server dead", ex.name));
         assert!(
             r.elapsed < Duration::from_millis(TIMEOUT_MS + 300),
             "fell back after {:?}",
@@ -159,27 +169,11 @@ async fn a_relay_refuses_an_oip_server_that_serves_another_model() {
         ),
     )
     .expect("write");
-    let out = Command::new(bin_path("cloud-relay"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .output()
-        .expect("cloud-relay runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = refused_at_start("cloud-relay", &config);
     assert!(
         stderr.contains("does not serve the model this manifest describes"),
         "{stderr}"
     );
-}
-
-/// The breast-cancer stream's rows (FP32 features).
-fn breast_rows() -> Vec<Vec<f32>> {
-    let bytes = std::fs::read(models("eval/breast-stream.npy")).expect("stream");
-    let npy = npyz::NpyFile::new(&bytes[..]).expect("npy");
-    let n = npy.shape()[1] as usize;
-    let flat: Vec<f32> = npy.into_vec().expect("f32");
-    flat.chunks(n).map(<[f32]>::to_vec).collect()
 }
 
 fn fp32_body(row: &[f32]) -> serde_json::Value {
@@ -431,13 +425,6 @@ async fn two_models_with_one_name_are_refused_at_start() {
         ),
     )
     .expect("write");
-    let out = Command::new(bin_path("edge-agent"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .output()
-        .expect("edge-agent runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = refused_at_start("edge-agent", &config);
     assert!(stderr.contains("already served"), "{stderr}");
 }
