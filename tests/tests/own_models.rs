@@ -428,3 +428,44 @@ async fn two_models_with_one_name_are_refused_at_start() {
     let stderr = refused_at_start("edge-agent", &config);
     assert!(stderr.contains("already served"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_on_another_models_topic_is_refused_and_named() {
+    // A client that sends a breast-edge request on the digits-edge topic (to reach a pool that
+    // does not serve its model, or to slip past `model.serves`) gets a BadRequest, logged.
+    let relay = RelayProc::start_serving(
+        "cross-topic",
+        RelayBroker::Embedded,
+        &cloud_manifest(),
+        &["digits-edge"],
+        "",
+    )
+    .await;
+    let client = tierd_e2e::TestClient::connect(relay.broker_port, "cross-topic-client").await;
+    let req = tierd_protocol::EscalationRequest {
+        request_id: 7,
+        kind: tierd_protocol::EscalationKind::Escalation,
+        edge_model: "breast-edge@1.0.0".into(),
+        deadline_ms: 1000,
+        input: tierd_protocol::Tensor {
+            shape: vec![1, 64],
+            data: tierd_protocol::TensorData::U8(vec![0; 64]),
+        },
+        edge_probabilities: vec![0.5, 0.5],
+    };
+    let payload = tierd_protocol::encode(&req).expect("encode");
+    client
+        .publish("tierd/v1/intruder/escalate/digits-edge", payload, false)
+        .await;
+    let start = Instant::now();
+    let needle =
+        "the topic is for edge model \"digits-edge\" but the request is from \"breast-edge@1.0.0\"";
+    while !relay.proc.log().contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the relay did not refuse it by name:\n{}",
+            relay.proc.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
