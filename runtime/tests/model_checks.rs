@@ -306,3 +306,56 @@ fn predictions_match_the_recorded_examples() {
     }
     assert!(confident > 0);
 }
+
+#[test]
+fn a_logits_model_declared_as_probabilities_is_refused_with_a_hint() {
+    // breast-edge outputs logits. Declared as probabilities, with golden outputs that look
+    // like probabilities (its own softmaxed), the load must still refuse it: the model's real
+    // output does not sum to 1.
+    let dir = tempfile::tempdir().expect("dir");
+    for f in ["breast-edge.toml", "breast-edge.onnx"] {
+        std::fs::copy(models_dir().join("edge").join(f), dir.path().join(f)).expect("copy");
+    }
+    let path = dir.path().join("breast-edge.toml");
+    let mut t = read_toml(&path);
+    t["output"]
+        .as_table_mut()
+        .unwrap()
+        .insert("kind".into(), "probabilities".into());
+    for g in t["golden"].as_array_mut().unwrap() {
+        let logits: Vec<f32> = g["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_float().unwrap() as f32)
+            .collect();
+        let p = tierd_runtime::softmax(&logits);
+        g.as_table_mut().unwrap().insert(
+            "outputs".into(),
+            toml::Value::Array(
+                p.iter()
+                    .map(|&x| toml::Value::Float(f64::from(x)))
+                    .collect(),
+            ),
+        );
+    }
+    write_toml(&path, &t);
+    let err = Model::load(&path).unwrap_err();
+    assert!(
+        matches!(err, ModelError::NotProbabilities { index: 0, .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("set output.kind = \"logits\""), "{msg}");
+
+    // As shipped (kind = "logits") it loads, and answers softmaxed probabilities.
+    let m = Model::load(&models_dir().join("edge/breast-edge.toml")).expect("loads");
+    let g = &m.manifest().golden[0];
+    let p = m
+        .predict(&m.manifest().wire_input(&g.input))
+        .unwrap()
+        .probabilities;
+    assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{p:?}");
+    let want = tierd_runtime::softmax(&g.outputs);
+    assert_close(&p, &want, 1e-4, "softmax of the golden logits");
+}
