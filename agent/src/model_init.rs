@@ -233,13 +233,20 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<(Manifest, Vec<String>)> {
             OutputKind::Logits
         }
     };
-    manifest.golden = rows
+    let confidences: Vec<f32> = outputs
         .iter()
-        .zip(&outputs)
-        .take(opts.golden)
-        .map(|(input, outputs)| Golden {
-            input: input.clone(),
-            outputs: outputs.clone(),
+        .map(|o| {
+            manifest
+                .probabilities(o.clone())
+                .into_iter()
+                .fold(0.0f32, f32::max)
+        })
+        .collect();
+    manifest.golden = spread_by_confidence(&confidences, opts.golden)
+        .into_iter()
+        .map(|i| Golden {
+            input: rows[i].clone(),
+            outputs: outputs[i].clone(),
             tolerance: opts.tolerance,
         })
         .collect();
@@ -256,6 +263,28 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<(Manifest, Vec<String>)> {
     Model::from_manifest(checked.clone())?;
     write_atomically(&opts.out, &text)?;
     Ok((checked, notes))
+}
+
+/// Indices of `n` rows spread evenly over the range of confidence (lowest to highest, in
+/// sample order among equals), so the golden vectors check unsure inputs too, where a runtime
+/// that computes slightly wrong results flips answers, not only confident ones.
+fn spread_by_confidence(confidences: &[f32], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..confidences.len()).collect();
+    order.sort_by(|&a, &b| confidences[a].total_cmp(&confidences[b]).then(a.cmp(&b)));
+    let n = n.min(order.len());
+    let mut picked: Vec<usize> = (0..n)
+        .map(|k| {
+            let pos = if n == 1 {
+                0
+            } else {
+                k * (order.len() - 1) / (n - 1)
+            };
+            order[pos]
+        })
+        .collect();
+    picked.sort_unstable();
+    picked.dedup();
+    picked
 }
 
 fn single_input(inputs: &[GraphTensor]) -> anyhow::Result<&GraphTensor> {
@@ -535,6 +564,16 @@ fn read_text(path: &Path, elements: usize, max_rows: usize) -> anyhow::Result<Ve
 mod tests {
     use super::*;
     use npyz::WriterBuilder;
+
+    #[test]
+    fn golden_rows_span_the_confidence_range() {
+        let c = [0.99, 0.5, 0.97, 0.6, 1.0, 0.75, 0.98];
+        // Lowest (0.5, row 1), highest (1.0, row 4), and between; returned in sample order.
+        assert_eq!(spread_by_confidence(&c, 3), vec![1, 2, 4]);
+        assert_eq!(spread_by_confidence(&c, 1), vec![1]);
+        assert_eq!(spread_by_confidence(&c, 20).len(), 7);
+        assert!(spread_by_confidence(&[], 5).is_empty());
+    }
 
     #[test]
     fn text_samples_skip_a_header_and_name_a_bad_row() {
