@@ -198,9 +198,15 @@ impl Oip {
         let sent = self.client.post(url).json(&body).send().await;
         let resp = sent.map_err(|e| self.transport_error(e))?;
         let status = resp.status();
-        let bytes = read_capped(resp)
+        let Some(bytes) = read_capped(resp)
             .await
-            .map_err(|e| self.transport_error(e))?;
+            .map_err(|e| self.transport_error(e))?
+        else {
+            return Err(OipError::BadAnswer {
+                url: url.clone(),
+                reason: format!("the response is over {MAX_RESPONSE_BYTES} bytes"),
+            });
+        };
         if !status.is_success() {
             return Err(OipError::Status {
                 url: url.clone(),
@@ -290,13 +296,115 @@ impl Oip {
     }
 }
 
-async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+/// The body, or `None` when it is over [`MAX_RESPONSE_BYTES`] (not read further).
+async fn read_capped(mut resp: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
     let mut buf = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         if buf.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            break;
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(buf)
+    Ok(Some(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+
+    /// An OIP-shaped server on 127.0.0.1 answering every infer with `status` and `body`.
+    async fn fake_server(status: u16, body: String) -> String {
+        let app = axum::Router::new().route(
+            "/v2/models/{name}/versions/{v}/infer",
+            post(move || {
+                let body = body.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::from_u16(status).expect("status"),
+                        body,
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn client(url: String) -> Oip {
+        let manifest = Manifest::from_path(&cloud_manifest_path()).expect("manifest");
+        Oip::new(
+            manifest,
+            &OipConfig {
+                url,
+                model: None,
+                version: None,
+                timeout_ms: 500,
+                concurrency: 2,
+            },
+        )
+        .expect("client")
+    }
+
+    fn cloud_manifest_path() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cloud/digits-cloud.toml")
+    }
+
+    fn answer(data: &[f64]) -> String {
+        json!({"outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [1, data.len()], "data": data}]})
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn server_answers_are_checked_and_errors_say_what_went_wrong() {
+        let ten = [0.1f64; 10];
+        let ok = client(fake_server(200, answer(&ten)).await);
+        assert_eq!(ok.infer(vec![0.0; 64]).await.expect("ok").len(), 10);
+
+        let cases = [
+            (200, answer(&[0.5, 0.5]), "2 values for 10 labels"),
+            (
+                500,
+                "model exploded".to_string(),
+                "answered 500: model exploded",
+            ),
+            (200, "not json".to_string(), "not an OIP response"),
+            (
+                200,
+                "x".repeat(MAX_RESPONSE_BYTES + 10),
+                "over 1048576 bytes",
+            ),
+            (
+                200,
+                json!({"outputs": [{"name": "p", "datatype": "INT64", "data": ten}]}).to_string(),
+                "datatype INT64",
+            ),
+        ];
+        for (status, body, needle) in cases {
+            let c = client(fake_server(status, body).await);
+            let err = c.infer(vec![0.0; 64]).await.unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+        // Nobody listening: unreachable, and the golden check reports it as not reachable.
+        let port = free_port();
+        let dead = client(format!("http://127.0.0.1:{port}"));
+        let err = dead.infer(vec![0.0; 64]).await.unwrap_err();
+        assert!(matches!(err, OipError::Unreachable { .. }), "{err}");
+        assert_eq!(dead.verify_golden().await, Ok(false));
+        // A server answering other values is refused by the golden check.
+        let wrong = client(fake_server(200, answer(&ten)).await);
+        let why = wrong.verify_golden().await.unwrap_err();
+        assert!(why.contains("does not serve the model"), "{why}");
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    }
 }
