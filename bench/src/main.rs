@@ -64,7 +64,7 @@ struct Args {
     /// Run only benchmark 7 (signed config documents: sign, verify, apply).
     #[arg(long)]
     signing_only: bool,
-    /// Run only benchmark 8 (escalations through the relay's OIP backend to a real MLServer,
+    /// Run only benchmark 4d (escalations through the relay's OIP backend to a real MLServer,
     /// next to the tract backend; needs scripts/install-test-deps).
     #[arg(long)]
     oip_only: bool,

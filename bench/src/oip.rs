@@ -1,4 +1,4 @@
-//! Benchmark 8 (`--oip-only`): escalation latency through the relay's OIP backend (MLServer +
+//! Benchmark 4d (`--oip-only`): escalation latency through the relay's OIP backend (MLServer +
 //! onnxruntime serving the cloud model, `tests/oip-server/serve.py`) next to the built-in tract
 //! backend, in one run.
 //!
@@ -155,7 +155,7 @@ pub async fn run(rounds: usize, iterations: usize, warmup: usize) -> anyhow::Res
     }
     let (lo, hi) = round_ratio_range(&t, &o);
     Ok(format!(
-        "## 8. Escalation through the OIP backend (MLServer {url}) vs the built-in tract backend\n\
+        "### 4d. Escalation through the OIP backend (MLServer {url}) vs the built-in tract backend\n\
          {rounds} rounds x {iterations} sequential escalated requests per side (threshold 1.01, \
          input `unsure`), client-side HTTP round trip:\n\n\
          | backend | p50 | p99 |\n| --- | --- | --- |\n\
