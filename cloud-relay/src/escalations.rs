@@ -27,10 +27,25 @@ use tierd_runtime::link::{Publisher, Routes};
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, warn};
 
-/// Decides the reply to one decoded request: refused when the relay does not serve its edge
-/// model, else the backend's answer.
-pub async fn answer(backend: &Backend, serves: &[String], req: &EscalationRequest) -> ReplyOutcome {
+/// Decides the reply to one decoded request that arrived on the escalation topic of edge model
+/// `topic_model`: refused when the request is from another edge model than its topic says, or
+/// from one the relay does not serve; else the backend's answer.
+pub async fn answer(
+    backend: &Backend,
+    serves: &[String],
+    topic_model: &str,
+    req: &EscalationRequest,
+) -> ReplyOutcome {
     let edge_name = req.edge_model.split('@').next().unwrap_or_default();
+    if edge_name != topic_model {
+        return ReplyOutcome::Error {
+            code: ReplyErrorCode::BadRequest,
+            message: format!(
+                "the topic is for edge model {topic_model:?} but the request is from {:?}",
+                req.edge_model
+            ),
+        };
+    }
     if !serves.is_empty() && !serves.iter().any(|s| s == edge_name) {
         return ReplyOutcome::Error {
             code: ReplyErrorCode::UnknownModel,
@@ -148,19 +163,16 @@ async fn work(
                     debug!(device = %job.device_id, request_id = req.request_id, "deadline passed in queue; dropped");
                     continue;
                 }
-                let edge_name = req.edge_model.split('@').next().unwrap_or_default();
-                let outcome = if edge_name == job.model {
-                    answer(&backend, &serves, &req).await
-                } else {
-                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                let outcome = answer(&backend, &serves, &job.model, &req).await;
+                if matches!(
+                    outcome,
                     ReplyOutcome::Error {
                         code: ReplyErrorCode::BadRequest,
-                        message: format!(
-                            "the topic is for edge model {:?} but the request is from {:?}",
-                            job.model, req.edge_model
-                        ),
+                        ..
                     }
-                };
+                ) {
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
                 (req.request_id, outcome)
             }
             Err(e) => {
@@ -327,6 +339,42 @@ mod tests {
 
     fn routed(p: &Publish) -> Result<Job, RouteError> {
         route(&publish_topic(p)?, p)
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_only_on_their_own_models_topic_and_when_served() {
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/cloud/digits-cloud.toml");
+        let backend = Backend::Tract(tierd_runtime::Model::load(&manifest).expect("cloud"));
+        let req = EscalationRequest {
+            request_id: 1,
+            kind: tierd_protocol::EscalationKind::Escalation,
+            edge_model: "digits-edge@2.0.0".into(),
+            deadline_ms: 100,
+            input: tierd_protocol::Tensor {
+                shape: vec![1, 64],
+                data: tierd_protocol::TensorData::U8(vec![0; 64]),
+            },
+            edge_probabilities: vec![0.1; 10],
+        };
+        let serves = ["digits-edge".to_string()];
+        let code = |o: ReplyOutcome| match o {
+            ReplyOutcome::Error { code, .. } => Some(code),
+            ReplyOutcome::Answer { .. } => None,
+        };
+        assert_eq!(
+            code(answer(&backend, &serves, "digits-edge", &req).await),
+            None
+        );
+        assert_eq!(
+            code(answer(&backend, &serves, "breast-edge", &req).await),
+            Some(ReplyErrorCode::BadRequest)
+        );
+        let other = ["breast-edge".to_string()];
+        assert_eq!(
+            code(answer(&backend, &other, "digits-edge", &req).await),
+            Some(ReplyErrorCode::UnknownModel)
+        );
     }
 
     #[test]

@@ -455,18 +455,7 @@ async fn replay_breast(
     addr: std::net::SocketAddr,
     limit: usize,
 ) -> anyhow::Result<Breast> {
-    let read = |p: &str| -> anyhow::Result<(Vec<u64>, Vec<u8>)> {
-        let path = repo_path(p);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let npy = npyz::NpyFile::new(&bytes[..])?;
-        let shape = npy.shape().to_vec();
-        Ok((shape, bytes))
-    };
-    let (shape, x_bytes) = read("models/eval/breast-stream.npy")?;
-    let features = *shape.get(1).context("breast-stream.npy is not 2-D")? as usize;
-    let x: Vec<f32> = npyz::NpyFile::new(&x_bytes[..])?.into_vec()?;
-    let (_, y_bytes) = read("models/eval/breast-stream-labels.npy")?;
-    let y: Vec<i64> = npyz::NpyFile::new(&y_bytes[..])?.into_vec()?;
+    let (x, y) = tierd_devkit::breast_stream().context("reading models/eval/breast-stream*.npy")?;
     let edge = Model::load(&repo_path(BREAST_EDGE))?;
     let cloud = Model::load(&repo_path(BREAST_CLOUD))?;
     let url = format!("http://{addr}/v2/models/breast-edge/infer");
@@ -477,9 +466,9 @@ async fn replay_breast(
         edge_ok: 0,
         cloud_ok: 0,
     };
-    for (row, &label) in x.chunks(features).zip(&y).take(limit) {
+    for (row, &label) in x.iter().zip(&y).take(limit) {
         let body = json!({
-            "inputs": [{"name": "input", "shape": [1, features], "datatype": "FP32", "data": row}],
+            "inputs": [{"name": "input", "shape": [1, row.len()], "datatype": "FP32", "data": row}],
         });
         let v: Value = client
             .post(&url)

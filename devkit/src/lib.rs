@@ -18,7 +18,7 @@ pub mod net;
 pub mod paths;
 
 pub use net::{free_port, port_accepts};
-pub use paths::{repo_path, repo_root, CLOUD_MANIFEST, EDGE_MANIFEST};
+pub use paths::{breast_stream, repo_path, repo_root, CLOUD_MANIFEST, EDGE_MANIFEST};
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,19 @@ pub fn repo_path(rel: &str) -> PathBuf {
     repo_root().join(rel)
 }
 
+/// The breast-cancer evaluation stream (`models/eval/breast-stream.npy`, float32
+/// `[rows, features]`) as rows, and its labels (`breast-stream-labels.npy`, int64).
+pub fn breast_stream() -> std::io::Result<(Vec<Vec<f32>>, Vec<i64>)> {
+    let read = |name: &str| std::fs::read(repo_path(&format!("models/eval/{name}")));
+    let x = read("breast-stream.npy")?;
+    let npy = npyz::NpyFile::new(&x[..])?;
+    let features = npy.shape().get(1).copied().unwrap_or(1).max(1) as usize;
+    let flat: Vec<f32> = npy.into_vec()?;
+    let y = read("breast-stream-labels.npy")?;
+    let labels: Vec<i64> = npyz::NpyFile::new(&y[..])?.into_vec()?;
+    Ok((flat.chunks(features).map(<[f32]>::to_vec).collect(), labels))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

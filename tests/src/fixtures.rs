@@ -119,11 +119,7 @@ pub const SKIP_MOSQUITTO_ENV: &str = "TIERD_SKIP_MOSQUITTO";
 
 /// The rows (FP32 features) of the breast-cancer evaluation stream, in file order.
 pub fn breast_rows() -> Vec<Vec<f32>> {
-    let path = repo_root().join("models/eval/breast-stream.npy");
-    let bytes =
-        std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).expect("breast-stream.npy is a .npy file");
-    let n = npy.shape()[1] as usize;
-    let flat: Vec<f32> = npy.into_vec().expect("float32 rows");
-    flat.chunks(n).map(<[f32]>::to_vec).collect()
+    tierd_devkit::breast_stream()
+        .expect("models/eval/breast-stream*.npy")
+        .0
 }
