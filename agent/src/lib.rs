@@ -261,8 +261,16 @@ impl Agent {
         let sink = open_spool(&state_dir, config.spool.max_bytes)?;
         let (threshold, from) = config.cascade.start_threshold(model.manifest());
         info!(threshold, from, "starting threshold");
-        let remote = restore_policy(&config, &state_dir, threshold);
+        let remote =
+            restore_policy(&config, &state_dir, threshold).with_primary(&model.manifest().name);
         let options = config.mqtt.options(&config.default_client_id())?;
+        let served = extra_models
+            .iter()
+            .map(|(_, m)| tierd_protocol::ServedModel {
+                model: m.id(),
+                calibration: link::model_calibration(m.manifest()),
+            })
+            .collect();
         let mqtt = link::start(
             options,
             &config.device_id,
@@ -270,6 +278,7 @@ impl Agent {
             config.cascade.max_in_flight,
             boot_id,
             link::model_calibration(model.manifest()),
+            served,
         )?;
         let listener =
             TcpListener::bind(config.http.listen)
@@ -296,11 +305,47 @@ impl Agent {
             },
             reached(stage_rx.clone(), Stage::FlushSpool),
         ));
+        // Each further model: its own policy (its `[[models]]` settings under the remote
+        // document's entry for it) and its own evidence and audits for the relay's tuner.
+        let mut further = Vec::with_capacity(extra_models.len());
+        let mut further_cascades = Vec::with_capacity(extra_models.len());
+        for (m, model) in extra_models {
+            let (threshold, from) = m.start_threshold(model.manifest());
+            let name = model.manifest().name.clone();
+            let base = Policy {
+                threshold,
+                signal: m.signal.unwrap_or(config.cascade.signal),
+                ..remote.base()
+            };
+            let policy = remote.policy_of(&name, &base);
+            info!(model = %model.id(), threshold = policy.threshold, from, "serving a further model");
+            let (tx, rx) = watch::channel(policy);
+            let evidence = Arc::new(evidence::Evidence::new(
+                policy.audit_rate,
+                config.cascade.max_audits_per_second,
+            ));
+            further_cascades.push((model, rx, evidence.clone()));
+            further.push(remote_config::FurtherModel {
+                name,
+                base,
+                policy: tx,
+                evidence,
+            });
+        }
+        let further_evidence: Vec<telemetry::ModelEvidence> = further_cascades
+            .iter()
+            .map(|(model, rx, evidence)| telemetry::ModelEvidence {
+                model: model.id(),
+                evidence: evidence.clone(),
+                policy: rx.clone(),
+            })
+            .collect();
         let config_task = tokio::spawn(remote_config::run(
             remote,
             mqtt.config,
             policy_tx,
             evidence.clone(),
+            further,
             sink.clone(),
             reached(stage_rx.clone(), Stage::Disconnect),
         ));
@@ -323,6 +368,7 @@ impl Agent {
                 model: model.id(),
                 recorder: recorder.clone(),
                 evidence: evidence.clone(),
+                further: further_evidence,
                 mqtt: mqtt.escalator.stats().clone(),
                 policy: policy_rx.clone(),
                 sampler,
@@ -347,25 +393,14 @@ impl Agent {
             sink.clone(),
         );
         let escalator = mqtt.escalator.clone();
-        let mut extra = Vec::with_capacity(extra_models.len());
-        for (m, model) in extra_models {
-            let (threshold, from) = m.start_threshold(model.manifest());
-            info!(model = %model.id(), threshold, from, "serving a further model");
-            let policy = Policy {
-                threshold,
-                signal: m.signal.unwrap_or(config.cascade.signal),
-                escalation_timeout: config.escalation_timeout(),
-                // Its evidence does not reach the tuner yet, so audits would buy nothing.
-                audit_rate: 0.0,
-                telemetry_interval: config.telemetry_interval(),
-                config_version: 0,
-            };
+        let mut extra = Vec::with_capacity(further_cascades.len());
+        for (model, policy, evidence) in further_cascades {
             let name = model.manifest().name.clone();
             extra.push(Cascade::new(
                 model,
                 mqtt.escalator.for_model(&config.device_id, &name)?,
-                watch::channel(policy).1,
-                Arc::new(evidence::Evidence::new(0.0, 0)),
+                policy,
+                evidence,
                 recorder.clone(),
             ));
         }

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
-use tierd_protocol::{encode, DeviceStatus, ModelCalibration, Topic, TopicError, TopicKind};
+use tierd_protocol::{
+    encode, DeviceStatus, ModelCalibration, ServedModel, Topic, TopicError, TopicKind,
+};
 use tierd_runtime::link::{Link, LinkOptions, Message, Publisher, Routes};
 use tokio::sync::mpsc;
 
@@ -31,12 +33,14 @@ pub fn status_payload(
     boot_id: u64,
     reason: &str,
     model: Option<ModelCalibration>,
+    models: Vec<ServedModel>,
 ) -> Vec<u8> {
     encode(&DeviceStatus {
         online,
         boot_id,
         reason: reason.to_string(),
         model,
+        models,
     })
     .unwrap_or_default()
 }
@@ -74,7 +78,8 @@ impl AgentLink {
 }
 
 /// Opens the agent's link (it connects in the background); escalations for `edge_model` go
-/// to its own topic (`tierd/v1/{device}/escalate/{edge_model}`).
+/// to its own topic (`tierd/v1/{device}/escalate/{edge_model}`). The online status announces
+/// `model` (the primary's offline certificate) and the further `models`.
 pub fn start(
     mut options: MqttOptions,
     device_id: &str,
@@ -82,6 +87,7 @@ pub fn start(
     max_in_flight: usize,
     boot_id: u64,
     model: Option<ModelCalibration>,
+    models: Vec<ServedModel>,
 ) -> Result<AgentLink, TopicError> {
     let topic = |kind| Topic::new(device_id, kind).map(|t| t.to_string());
     let status_topic = topic(TopicKind::Status)?;
@@ -94,7 +100,7 @@ pub fn start(
     // a clean stop publishes its own "stopped" status instead.
     options.set_last_will(LastWill::new(
         status_topic.clone(),
-        status_payload(false, boot_id, "connection lost", None),
+        status_payload(false, boot_id, "connection lost", None, Vec::new()),
         QoS::AtLeastOnce,
         true,
         None,
@@ -119,6 +125,7 @@ pub fn start(
             boot_id,
             reason,
             online.then(|| model.clone()).flatten(),
+            if online { models.clone() } else { Vec::new() },
         )),
     };
     // The request queue only buffers our own publishes; in-flight escalations are bounded by the

@@ -31,7 +31,7 @@ use crate::telemetry::ReportSink;
 
 pub const APPLIED_FILE: &str = "applied-config.json";
 
-/// `base` (from `agent.toml`) with the document's settings laid over it. Pure.
+/// `base` (from `agent.toml`) with the document's top-level settings laid over it. Pure.
 pub fn overlay(base: &Policy, s: &Settings, version: u64) -> Policy {
     let signal = s.signal.unwrap_or(base.signal);
     Policy {
@@ -46,6 +46,44 @@ pub fn overlay(base: &Policy, s: &Settings, version: u64) -> Policy {
             .map_or(base.telemetry_interval, Duration::from_secs_f64),
         config_version: version,
     }
+}
+
+/// The policy of the model named `name`, whose `agent.toml` settings are `base`: the primary
+/// model takes the document's top-level settings, a further model only the shared ones (audit
+/// rate, timeout, interval); then the model's own entry in `models` wins. Pure.
+pub fn overlay_model(
+    base: &Policy,
+    s: &Settings,
+    version: u64,
+    name: &str,
+    primary: bool,
+) -> Policy {
+    let mut p = if primary {
+        overlay(base, s, version)
+    } else {
+        let shared = Settings {
+            threshold: None,
+            signal: None,
+            ..s.clone()
+        };
+        overlay(base, &shared, version)
+    };
+    if let Some(m) = s.models.get(name) {
+        p.threshold = m.threshold.unwrap_or(p.threshold);
+        p.signal = m.signal.unwrap_or(p.signal);
+        p.audit_rate = m.audit_rate.unwrap_or(p.audit_rate);
+    }
+    p
+}
+
+/// A further model's place in the remote config: its name, its `agent.toml` settings, where
+/// its policy is published and the evidence whose audit rate follows it.
+#[derive(Debug)]
+pub struct FurtherModel {
+    pub name: String,
+    pub base: Policy,
+    pub policy: watch::Sender<Policy>,
+    pub evidence: std::sync::Arc<Evidence>,
 }
 
 /// What became of one payload.
@@ -66,6 +104,8 @@ pub struct RemoteConfig {
     dir: PathBuf,
     trusted: Vec<PublicKey>,
     doc: Option<ConfigDocument>,
+    /// The primary model's name, whose `models` entry the document may also set.
+    primary: String,
 }
 
 impl RemoteConfig {
@@ -85,6 +125,7 @@ impl RemoteConfig {
             dir: dir.to_path_buf(),
             trusted,
             doc: None,
+            primary: String::new(),
         };
         let path = dir.join(APPLIED_FILE);
         let bytes = match std::fs::read(&path) {
@@ -132,6 +173,17 @@ impl RemoteConfig {
         }
     }
 
+    /// The primary's `agent.toml` settings, before any document.
+    pub fn base(&self) -> Policy {
+        self.base
+    }
+
+    /// Names the primary model, so a document's `models.<primary>` entry applies to it.
+    pub fn with_primary(mut self, name: &str) -> Self {
+        self.primary = name.to_string();
+        self
+    }
+
     pub fn version(&self) -> u64 {
         self.doc.as_ref().map_or(0, |d| d.version)
     }
@@ -149,11 +201,20 @@ impl RemoteConfig {
         self.doc.as_ref()
     }
 
-    /// The settings in force.
+    /// The settings in force for the primary model.
     pub fn policy(&self) -> Policy {
         match &self.doc {
-            Some(d) => overlay(&self.base, &d.settings, d.version),
+            Some(d) => overlay_model(&self.base, &d.settings, d.version, &self.primary, true),
             None => self.base,
+        }
+    }
+
+    /// The settings in force for the further model `name`, whose `agent.toml` settings are
+    /// `base`.
+    pub fn policy_of(&self, name: &str, base: &Policy) -> Policy {
+        match &self.doc {
+            Some(d) => overlay_model(base, &d.settings, d.version, name, false),
+            None => *base,
         }
     }
 
@@ -216,6 +277,7 @@ pub async fn run(
     mut documents: mpsc::Receiver<Publish>,
     policy: watch::Sender<Policy>,
     evidence: std::sync::Arc<Evidence>,
+    further: Vec<FurtherModel>,
     sink: SpoolSink,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -233,7 +295,14 @@ pub async fn run(
         };
         // An empty retained message is how an operator clears the topic: nothing to apply.
         if !publish.payload.is_empty() {
-            apply(&mut remote, &publish.payload, &policy, &evidence, &sink);
+            apply(
+                &mut remote,
+                &publish.payload,
+                &policy,
+                &evidence,
+                &further,
+                &sink,
+            );
         }
     }
 }
@@ -244,6 +313,7 @@ fn apply(
     payload: &[u8],
     policy_tx: &watch::Sender<Policy>,
     evidence: &Evidence,
+    further: &[FurtherModel],
     sink: &SpoolSink,
 ) {
     let ack = match remote.handle(payload) {
@@ -251,6 +321,12 @@ fn apply(
         Outcome::Applied(policy, ack) => {
             evidence.set_audit_rate(policy.audit_rate);
             policy_tx.send_replace(policy);
+            for m in further {
+                let p = remote.policy_of(&m.name, &m.base);
+                m.evidence.set_audit_rate(p.audit_rate);
+                m.policy.send_replace(p);
+                info!(model = %m.name, threshold = p.threshold, signal = p.signal.as_str(), audit_rate = p.audit_rate, "remote config applied to a further model");
+            }
             info!(
                 version = ack.version,
                 threshold = policy.threshold,
@@ -343,6 +419,38 @@ mod tests {
         );
         let (again, _) = load(dir.path());
         assert_eq!(again.policy(), p);
+    }
+
+    #[test]
+    fn each_model_takes_its_own_entry_and_the_shared_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rc, _) = load(dir.path());
+        let mut rc = rc.with_primary("digits-edge");
+        let further = Policy {
+            threshold: 0.5,
+            ..base()
+        };
+        let settings = r#"{"threshold":0.7,"audit_rate":0.1,"escalation_timeout_ms":900,
+            "models":{"breast-edge":{"threshold":0.6,"signal":"margin"}}}"#;
+        let Outcome::Applied(p, _) = rc.handle(&doc(3, settings)) else {
+            panic!("not applied");
+        };
+        assert_eq!((p.threshold, p.audit_rate), (0.7, 0.1));
+        let b = rc.policy_of("breast-edge", &further);
+        assert_eq!((b.threshold, b.signal), (0.6, Signal::Margin));
+        assert_eq!(b.audit_rate, 0.1, "the shared audit rate");
+        assert_eq!(b.escalation_timeout, Duration::from_millis(900));
+        assert_eq!(b.config_version, 3);
+        // A further model without an entry keeps its own threshold: the top-level one is the
+        // primary's.
+        let other = rc.policy_of("wine-edge", &further);
+        assert_eq!((other.threshold, other.signal), (0.5, Signal::MaxProb));
+        // The primary's own entry wins over the top level.
+        let settings = r#"{"threshold":0.7,"models":{"digits-edge":{"threshold":0.8}}}"#;
+        let Outcome::Applied(p, _) = rc.handle(&doc(4, settings)) else {
+            panic!("not applied");
+        };
+        assert_eq!(p.threshold, 0.8);
     }
 
     #[test]

@@ -388,12 +388,54 @@ pub struct Reporter {
     pub model: String,
     pub recorder: Arc<Recorder>,
     pub evidence: Arc<crate::evidence::Evidence>,
+    /// The further models' evidence, each sent as its own calibration report.
+    pub further: Vec<ModelEvidence>,
     pub mqtt: Arc<MqttStats>,
     pub policy: watch::Receiver<Policy>,
     pub sampler: Sampler,
     pub device: DeviceProbe,
     pub link: LinkModel,
     pub latest: LatestReport,
+}
+
+/// A further model's evidence and the policy it runs under.
+pub struct ModelEvidence {
+    /// `name@version`.
+    pub model: String,
+    pub evidence: Arc<crate::evidence::Evidence>,
+    pub policy: watch::Receiver<Policy>,
+}
+
+/// Takes `evidence`'s window as the calibration report of `model` and spools it.
+fn send_calibration(
+    sink: &impl ReportSink,
+    header: (&str, u64, u64),
+    model: &str,
+    evidence: &crate::evidence::Evidence,
+    policy: &Policy,
+) {
+    let (device_id, boot_id, seq) = header;
+    let window = evidence.take_window();
+    let calibration = tierd_protocol::CalibrationReport {
+        device_id: device_id.to_string(),
+        boot_id,
+        seq,
+        signal: policy.signal,
+        edges: crate::evidence::EDGES.to_vec(),
+        bins: window.bins,
+        audit_rate: evidence.audit_rate() as f32,
+        thresholds: window.thresholds,
+        model: model.to_string(),
+        threshold: policy.threshold,
+    };
+    match encode(&calibration) {
+        Ok(bytes) => {
+            if let Err(e) = sink.send(RecordKind::Calibration, bytes) {
+                warn!(seq, %model, error = %e, "calibration report not spooled");
+            }
+        }
+        Err(e) => warn!(seq, %model, error = %e, "calibration report cannot be encoded"),
+    }
 }
 
 /// Publishes one report per interval until `shutdown` resolves, then a last one covering the
@@ -471,24 +513,11 @@ pub async fn run(
             }
             Err(e) => warn!(seq, error = %e, "telemetry report cannot be encoded"),
         }
-        let window = r.evidence.take_window();
-        let calibration = tierd_protocol::CalibrationReport {
-            device_id: r.device_id.clone(),
-            boot_id,
-            seq,
-            signal: inputs.policy.signal,
-            edges: crate::evidence::EDGES.to_vec(),
-            bins: window.bins,
-            audit_rate: r.evidence.audit_rate() as f32,
-            thresholds: window.thresholds,
-        };
-        match encode(&calibration) {
-            Ok(bytes) => {
-                if let Err(e) = sink.send(RecordKind::Calibration, bytes) {
-                    warn!(seq, error = %e, "calibration report not spooled");
-                }
-            }
-            Err(e) => warn!(seq, error = %e, "calibration report cannot be encoded"),
+        let header = (r.device_id.as_str(), boot_id, seq);
+        send_calibration(&sink, header, &r.model, &r.evidence, &inputs.policy);
+        for m in &r.further {
+            let policy = *m.policy.borrow();
+            send_calibration(&sink, header, &m.model, &m.evidence, &policy);
         }
         prev_totals = totals;
         prev_fallbacks = fallbacks;

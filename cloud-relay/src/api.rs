@@ -222,14 +222,20 @@ impl Collector for FleetCollector {
             if let Some(t) = r.device.temperature_c {
                 temp.push((dev(id, &[]), ConstGauge::new(widen(t))));
             }
-            if let Some(c) = &d.calibration {
+            for c in d.calibration.iter().chain(d.models.values()) {
                 let insufficient = if c.certificate.insufficient_evidence {
                     "true"
                 } else {
                     "false"
                 };
                 proposed.push((
-                    dev(id, &[("insufficient_evidence", insufficient)]),
+                    dev(
+                        id,
+                        &[
+                            ("model", crate::fleet::model_name(&c.model)),
+                            ("insufficient_evidence", insufficient),
+                        ],
+                    ),
                     ConstGauge::new(widen(c.certificate.threshold)),
                 ));
             }

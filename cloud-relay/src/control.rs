@@ -96,6 +96,9 @@ pub struct DeviceControl {
     pub last_ack: Option<AckRecord>,
     /// The threshold the tuner last pushed (kept when an operator changes another key).
     pub tuned_threshold: Option<f32>,
+    /// The same for each further model, by name (`models.<name>.threshold`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tuned_models: BTreeMap<String, f32>,
 }
 
 /// What `config show` prints.
@@ -123,6 +126,9 @@ pub struct Control {
     max_devices: usize,
     /// Each device's current epoch (absent: 0), persisted in [`EPOCHS_FILE`].
     epochs: BTreeMap<String, u64>,
+    /// The edge models this relay answers for (empty: all); it pushes tuned thresholds only
+    /// for these, so two pools serving two models of one device each tune their own.
+    serves: Vec<String>,
 }
 
 impl Control {
@@ -143,7 +149,19 @@ impl Control {
             devices: BTreeMap::new(),
             max_devices,
             epochs: BTreeMap::new(),
+            serves: Vec::new(),
         }
+    }
+
+    /// Pushes tuned thresholds only for the edge models in `serves` (empty: all).
+    pub fn with_serves(mut self, serves: Vec<String>) -> Self {
+        self.serves = serves;
+        self
+    }
+
+    /// Whether this relay tunes the edge model `name`.
+    pub fn tunes(&self, name: &str) -> bool {
+        self.serves.is_empty() || self.serves.iter().any(|s| s == name)
     }
 
     /// The devices' epochs, as [`load_epochs`] restored them.
@@ -170,6 +188,14 @@ impl Control {
         self.overrides(device).threshold.is_some()
     }
 
+    /// Whether an override fixes the threshold of `model` on `device`: its `models.<name>`
+    /// entry, or for the primary also the top-level `threshold`.
+    pub fn pinned_model(&self, device: &str, model: &str, primary: bool) -> bool {
+        let o = self.overrides(device);
+        o.models.get(model).is_some_and(|m| m.threshold.is_some())
+            || (primary && o.threshold.is_some())
+    }
+
     pub fn operator_overrides(&self) -> &BTreeMap<String, Settings> {
         &self.operator
     }
@@ -194,6 +220,15 @@ impl Control {
         let slot = self.slot(device).ok_or(ComposeError::DeviceLimit)?;
         if overrides.threshold.is_none() {
             settings.threshold = slot.tuned_threshold.or(settings.threshold);
+        }
+        for (name, &t) in &slot.tuned_models {
+            if overrides
+                .models
+                .get(name)
+                .is_none_or(|m| m.threshold.is_none())
+            {
+                settings.models.entry(name.clone()).or_default().threshold = Some(t);
+            }
         }
         // A new epoch starts its versions over.
         let last = slot
@@ -231,7 +266,11 @@ impl Control {
         proposal: &Proposal,
         now_ms: u64,
     ) -> Option<ConfigDocument> {
-        if !self.push_tuned || self.pinned(device) {
+        let model = proposal.model.as_str();
+        if !self.push_tuned
+            || !self.tunes(model)
+            || self.pinned_model(device, model, proposal.primary)
+        {
             return None;
         }
         let target = proposal.in_force.threshold;
@@ -246,12 +285,22 @@ impl Control {
             return None;
         }
         // Already published and not yet in force on the device: wait for its ack.
-        if let Some(d) = self.devices.get(device) {
-            if d.tuned_threshold == Some(target) {
-                return None;
+        let tuned = |d: &DeviceControl| {
+            if proposal.primary {
+                d.tuned_threshold
+            } else {
+                d.tuned_models.get(model).copied()
             }
+        };
+        if self.devices.get(device).and_then(tuned) == Some(target) {
+            return None;
         }
-        self.slot(device)?.tuned_threshold = Some(target);
+        let slot = self.slot(device)?;
+        if proposal.primary {
+            slot.tuned_threshold = Some(target);
+        } else {
+            slot.tuned_models.insert(model.to_string(), target);
+        }
         // The certificate behind the threshold, with which one it is.
         let mut certificate = match (proposal.in_force.basis, &proposal.offline) {
             // Through text, so an f32 reads 0.9 and not 0.8999999761581421.
@@ -263,11 +312,14 @@ impl Control {
                 m.insert("basis".into(), basis);
             }
             m.insert("why".into(), proposal.in_force.why.clone().into());
+            // (An offline certificate names its model already.)
+            m.entry("model")
+                .or_insert_with(|| proposal.edge_model.clone().into());
         }
         match self.compose(device, "tuner", certificate, now_ms) {
             Ok(doc) => Some(doc),
             Err(e) => {
-                tracing::warn!(%device, error = %e, "tuned threshold not pushed");
+                tracing::warn!(%device, %model, error = %e, "tuned threshold not pushed");
                 None
             }
         }
@@ -363,6 +415,12 @@ impl Control {
         }
         if doc.source == "tuner" {
             slot.tuned_threshold = doc.settings.threshold;
+            slot.tuned_models = doc
+                .settings
+                .models
+                .iter()
+                .filter_map(|(name, m)| m.threshold.map(|t| (name.clone(), t)))
+                .collect();
         }
         slot.published = Some(doc);
         // Another replica reset the device: continue in its epoch.
@@ -370,13 +428,14 @@ impl Control {
         *known = (*known).max(epoch);
     }
 
-    /// The audit rate of the document the device acknowledged as in force, if it set one.
-    pub fn audit_rate_in_force(&self, device: &str) -> Option<f32> {
+    /// The audit rate of `model` (a name) in the document the device acknowledged as in
+    /// force, if it set one.
+    pub fn audit_rate_in_force(&self, device: &str, model: &str) -> Option<f32> {
         let d = self.devices.get(device)?;
         let published = d.published.as_ref()?;
         let ack = d.last_ack.as_ref()?;
         (ack.applied && ack.in_force == published.version)
-            .then_some(published.settings.audit_rate)
+            .then(|| published.settings.for_model(model).audit_rate)
             .flatten()
             .map(|r| r as f32)
     }
@@ -474,6 +533,9 @@ mod tests {
             (threshold, Basis::Online)
         };
         Proposal {
+            model: "m".into(),
+            edge_model: "m@1".into(),
+            primary: true,
             in_force: crate::tuner::InForce {
                 threshold,
                 basis,
@@ -569,6 +631,71 @@ mod tests {
             .on_proposal("d", &prop(0.7, false, 0.8), 2_000_000)
             .expect("push");
         assert!(next.version > doc.version);
+    }
+
+    #[test]
+    fn a_further_models_threshold_goes_in_its_entry_and_only_from_its_pool() {
+        let further = |threshold, running| Proposal {
+            model: "breast".into(),
+            edge_model: "breast@1".into(),
+            primary: false,
+            ..prop(threshold, false, running)
+        };
+        let mut c = control();
+        c.on_proposal("d", &prop(0.8, false, 0.9), 1_000_000)
+            .expect("push");
+        let doc = c
+            .on_proposal("d", &further(0.6, 0.9), 2_000_000)
+            .expect("push");
+        // Its own entry; the primary's tuned threshold stays in the document.
+        assert_eq!(doc.settings.for_model("breast").threshold, Some(0.6));
+        assert_eq!(doc.settings.threshold, Some(0.8));
+        assert_eq!(
+            doc.certificate.as_ref().and_then(|c| c.get("model")),
+            Some(&serde_json::Value::from("breast@1"))
+        );
+        // Already published, not yet in force: no second push.
+        assert!(c.on_proposal("d", &further(0.6, 0.9), 3_000_000).is_none());
+        // An operator pins the model's threshold: the tuner only proposes, and the primary's
+        // pushes keep the operator's value for it.
+        c.set(
+            "d",
+            &[("models.breast.threshold".into(), "0.95".into())],
+            3_000_000,
+        )
+        .expect("set");
+        assert!(c.on_proposal("d", &further(0.5, 0.95), 4_000_000).is_none());
+        let doc = c
+            .on_proposal("d", &prop(0.7, false, 0.8), 5_000_000)
+            .expect("push");
+        assert_eq!(doc.settings.for_model("breast").threshold, Some(0.95));
+        // A relay of the digits pool does not tune the breast model, and the reverse.
+        let mut pool = control().with_serves(vec!["digits".into()]);
+        assert!(pool
+            .on_proposal("d", &further(0.6, 0.9), 1_000_000)
+            .is_none());
+        let mut other = control().with_serves(vec!["breast".into()]);
+        assert!(other
+            .on_proposal("d", &prop(0.8, false, 0.9), 1_000_000)
+            .is_none());
+        let doc = other
+            .on_proposal("d", &further(0.6, 0.9), 1_000_000)
+            .expect("push");
+        // The other pool learns it from the broker and keeps it in its own documents.
+        pool.learn_published(doc);
+        assert_eq!(pool.view("d").state.tuned_models.get("breast"), Some(&0.6));
+        let doc = pool
+            .on_proposal(
+                "d",
+                &Proposal {
+                    model: "digits".into(),
+                    ..prop(0.8, false, 0.9)
+                },
+                2_000_000,
+            )
+            .expect("push");
+        assert_eq!(doc.settings.for_model("breast").threshold, Some(0.6));
+        assert_eq!(doc.settings.threshold, Some(0.8));
     }
 
     #[test]

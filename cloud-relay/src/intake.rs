@@ -243,11 +243,12 @@ impl Intake {
     /// is worth it.
     fn calibration(&self, device: &str, body: &[u8]) -> Result<(), IntakeError> {
         let c = decode::<CalibrationReport>(body)?;
-        let configured = self.state.control()?.audit_rate_in_force(device);
+        let model = crate::fleet::model_name(&c.model).to_string();
+        let configured = self.state.control()?.audit_rate_in_force(device, &model);
         let proposal = {
             let mut fleet = self.state.fleet()?;
             fleet.ingest_calibration(device, c, configured)?;
-            fleet.proposal(device)
+            fleet.proposal(device, Some(&model))
         };
         let Some(proposal) = proposal else {
             return Ok(());
@@ -259,8 +260,9 @@ impl Intake {
         if let Some(doc) = doc {
             info!(
                 %device,
+                %model,
                 version = doc.version,
-                threshold = ?doc.settings.threshold,
+                threshold = proposal.in_force.threshold,
                 basis = ?proposal.in_force.basis,
                 why = %proposal.in_force.why,
                 "pushing a tuned threshold"

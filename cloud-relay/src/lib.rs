@@ -260,7 +260,8 @@ fn shared_state(config: &RelayConfig, reference: &str) -> Result<RelayState, Rel
             operator,
             config.http.max_devices,
         )
-        .with_epochs(epochs),
+        .with_epochs(epochs)
+        .with_serves(config.model.serves.clone()),
         signer,
     ))
 }

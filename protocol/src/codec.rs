@@ -15,7 +15,9 @@ use crate::telemetry::{CalibrationReport, TelemetryReport};
 /// Version of the framing and message schema. Bumped on any incompatible change.
 /// 2: `DeviceStatus.model`, `CalibrationReport.thresholds` (the offline certificate and the
 /// thresholds in force, for the tuner's pooled bound).
-pub const WIRE_VERSION: u8 = 2;
+/// 3: `CalibrationReport.model` and `.threshold`, `DeviceStatus.models` (evidence and offline
+/// certificates per model, for agents serving several).
+pub const WIRE_VERSION: u8 = 3;
 
 /// A message type that travels over MQTT.
 pub trait WireMessage: Serialize + DeserializeOwned {
@@ -43,7 +45,8 @@ impl WireMessage for EscalationReply {
 
 impl WireMessage for DeviceStatus {
     const KIND: u8 = 4;
-    const MAX_BYTES: usize = 1024;
+    // Up to 17 models with their offline certificates, ~150 bytes each.
+    const MAX_BYTES: usize = 4 * 1024;
     const NAME: &'static str = "device status";
 }
 

@@ -19,10 +19,16 @@
 //! Every setting is optional: an absent one keeps the agent's own `agent.toml` value. Ranges
 //! are defined here once ([`limits`]) and shared by the agent's file config and the relay.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cascade::Signal;
+
+/// Models a document sets per-model settings for, at most (an agent serves its primary model
+/// and up to 16 more).
+pub const MAX_MODEL_SETTINGS: usize = 17;
 
 /// Largest document accepted, in bytes (a full document with certificate is ~700 bytes).
 pub const MAX_CONFIG_BYTES: usize = 16 * 1024;
@@ -56,32 +62,93 @@ pub struct Settings {
     pub escalation_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry_interval_s: Option<f64>,
+    /// Per-model cascade settings, by edge model name, for an agent serving several models.
+    /// The top-level `threshold`, `signal` and `audit_rate` are the primary model's (and
+    /// `audit_rate` every model's without its own); a model's entry here wins for that model.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, ModelSettings>,
+}
+
+/// One model's cascade settings in a document (`models.<name>.<key>` in `config set`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<Signal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_rate: Option<f64>,
+}
+
+impl ModelSettings {
+    /// `over`'s values where set, ours elsewhere.
+    pub fn overlay(&self, over: &ModelSettings) -> ModelSettings {
+        ModelSettings {
+            threshold: over.threshold.or(self.threshold),
+            signal: over.signal.or(self.signal),
+            audit_rate: over.audit_rate.or(self.audit_rate),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == ModelSettings::default()
+    }
 }
 
 /// Keys of [`Settings`], for `config set key=value` and error messages.
-pub const SETTING_KEYS: [&str; 5] = [
+pub const SETTING_KEYS: [&str; 6] = [
     "threshold",
     "signal",
     "audit_rate",
     "escalation_timeout_ms",
     "telemetry_interval_s",
+    "models.<name>.threshold|signal|audit_rate",
 ];
+
+fn check_threshold(key: &str, t: f32) -> Result<(), SettingsError> {
+    if t.is_finite() && limits::THRESHOLD.contains(&t) {
+        Ok(())
+    } else {
+        Err(SettingsError::from(format!(
+            "{key} = {t} is outside [0, 1.01]"
+        )))
+    }
+}
+
+fn check_audit_rate(key: &str, a: f64) -> Result<(), SettingsError> {
+    if a.is_finite() && limits::AUDIT_RATE.contains(&a) {
+        Ok(())
+    } else {
+        Err(SettingsError::from(format!(
+            "{key} = {a} is outside [0, 1]"
+        )))
+    }
+}
 
 impl Settings {
     /// Range checks; the message names the key and the allowed range.
     pub fn validate(&self) -> Result<(), SettingsError> {
         if let Some(t) = self.threshold {
-            if !(t.is_finite() && limits::THRESHOLD.contains(&t)) {
-                return Err(SettingsError::from(format!(
-                    "threshold = {t} is outside [0, 1.01]"
-                )));
-            }
+            check_threshold("threshold", t)?;
         }
         if let Some(a) = self.audit_rate {
-            if !(a.is_finite() && limits::AUDIT_RATE.contains(&a)) {
-                return Err(SettingsError::from(format!(
-                    "audit_rate = {a} is outside [0, 1]"
-                )));
+            check_audit_rate("audit_rate", a)?;
+        }
+        if self.models.len() > MAX_MODEL_SETTINGS {
+            return Err(SettingsError::from(format!(
+                "models: settings for {} models, at most {MAX_MODEL_SETTINGS}",
+                self.models.len()
+            )));
+        }
+        for (name, m) in &self.models {
+            crate::topic::validate_model_name(name)
+                .map_err(|e| SettingsError::from(format!("models: {e}")))?;
+            if let Some(t) = m.threshold {
+                check_threshold(&format!("models.{name}.threshold"), t)?;
+            }
+            if let Some(a) = m.audit_rate {
+                check_audit_rate(&format!("models.{name}.audit_rate"), a)?;
             }
         }
         if let Some(ms) = self.escalation_timeout_ms {
@@ -109,7 +176,26 @@ impl Settings {
             audit_rate: over.audit_rate.or(self.audit_rate),
             escalation_timeout_ms: over.escalation_timeout_ms.or(self.escalation_timeout_ms),
             telemetry_interval_s: over.telemetry_interval_s.or(self.telemetry_interval_s),
+            models: {
+                let mut models = self.models.clone();
+                for (name, o) in &over.models {
+                    let m = models.entry(name.clone()).or_default();
+                    *m = m.overlay(o);
+                }
+                models
+            },
         }
+    }
+
+    /// The settings in force for the model named `name`: its entry in `models` over the
+    /// top-level `audit_rate` (the top-level `threshold` and `signal` are the primary's only).
+    pub fn for_model(&self, name: &str) -> ModelSettings {
+        let base = ModelSettings {
+            threshold: None,
+            signal: None,
+            audit_rate: self.audit_rate,
+        };
+        self.models.get(name).map_or(base, |m| base.overlay(m))
     }
 
     /// Sets one key from text (`threshold=0.93`); `key=` (empty) unsets it. Validated; on
@@ -129,17 +215,36 @@ impl Settings {
             v.parse()
                 .map_err(|_| SettingsError(format!("{key}: {v:?} is not a valid number")))
         }
+        fn signal(v: &str) -> Result<Signal, SettingsError> {
+            v.parse::<Signal>()
+                .map_err(|e| SettingsError(e.to_string()))
+        }
+        if let Some(rest) = key.strip_prefix("models.") {
+            let Some((name, field)) = rest.rsplit_once('.') else {
+                return Err(SettingsError::from(format!(
+                    "{key:?}: a model's key is models.<name>.threshold, .signal or .audit_rate"
+                )));
+            };
+            let m = self.models.entry(name.to_string()).or_default();
+            match field {
+                "threshold" => m.threshold = (!unset).then(|| num(key, value)).transpose()?,
+                "signal" => m.signal = (!unset).then(|| signal(value)).transpose()?,
+                "audit_rate" => m.audit_rate = (!unset).then(|| num(key, value)).transpose()?,
+                other => {
+                    return Err(SettingsError::from(format!(
+                        "{key:?}: unknown model key {other:?}; a model's keys are threshold, \
+                         signal and audit_rate"
+                    )))
+                }
+            }
+            if m.is_empty() {
+                self.models.remove(name);
+            }
+            return Ok(());
+        }
         match key {
             "threshold" => self.threshold = (!unset).then(|| num(key, value)).transpose()?,
-            "signal" => {
-                self.signal = (!unset)
-                    .then(|| {
-                        value
-                            .parse::<Signal>()
-                            .map_err(|e| SettingsError(e.to_string()))
-                    })
-                    .transpose()?
-            }
+            "signal" => self.signal = (!unset).then(|| signal(value)).transpose()?,
             "audit_rate" => self.audit_rate = (!unset).then(|| num(key, value)).transpose()?,
             "escalation_timeout_ms" => {
                 self.escalation_timeout_ms = (!unset).then(|| num(key, value)).transpose()?
@@ -335,6 +440,77 @@ mod tests {
                 .to_json()
         )
         .contains("epoch"));
+    }
+
+    #[test]
+    fn per_model_settings_set_overlay_and_refuse() {
+        let mut s = Settings::default();
+        s.set("audit_rate", "0.1").expect("set");
+        s.set("models.breast-edge.threshold", "0.7").expect("set");
+        s.set("models.breast-edge.signal", "margin").expect("set");
+        assert_eq!(
+            s.for_model("breast-edge"),
+            ModelSettings {
+                threshold: Some(0.7),
+                signal: Some(Signal::Margin),
+                audit_rate: Some(0.1),
+            }
+        );
+        // Another model gets the fleet audit rate and nothing else.
+        assert_eq!(s.for_model("digits-edge").threshold, None);
+        for (key, value, needle) in [
+            (
+                "models.breast-edge.threshold",
+                "1.5",
+                "models.breast-edge.threshold = 1.5",
+            ),
+            (
+                "models.breast-edge.audit_rate",
+                "-1",
+                "models.breast-edge.audit_rate",
+            ),
+            ("models.breast-edge.treshold", "0.5", "unknown model key"),
+            ("models.breast-edge", "0.5", "models.<name>.threshold"),
+            ("models.a/b.threshold", "0.5", "models:"),
+            ("models.+.threshold", "0.5", "models:"),
+        ] {
+            let before = s.clone();
+            let err = s.set(key, value).expect_err(key).0;
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+            assert_eq!(s, before, "nothing changes on error");
+        }
+        // A device override of one model key keeps the fleet's others.
+        let mut device = Settings::default();
+        device
+            .set("models.breast-edge.threshold", "0.9")
+            .expect("set");
+        let merged = s.overlay(&device);
+        assert_eq!(merged.for_model("breast-edge").threshold, Some(0.9));
+        assert_eq!(merged.for_model("breast-edge").signal, Some(Signal::Margin));
+        // Unsetting a model's last key drops the model.
+        let mut d = device.clone();
+        d.set("models.breast-edge.threshold", "").expect("unset");
+        assert!(d.is_empty());
+        // On the wire, with unknown model keys refused by name.
+        let doc = GOOD.replace(
+            "\"telemetry_interval_s\":10}",
+            "\"telemetry_interval_s\":10,\"models\":{\"breast-edge\":{\"threshold\":0.5}}}",
+        );
+        let parsed = ConfigDocument::from_json(doc.as_bytes()).expect("models");
+        assert_eq!(
+            parsed.settings.for_model("breast-edge").threshold,
+            Some(0.5)
+        );
+        let bad = doc.replace("{\"threshold\":0.5}", "{\"thresold\":0.5}");
+        let err = ConfigDocument::from_json(bad.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `thresold`"), "{err}");
+        let bad = doc.replace("0.5}}", "7.0}}");
+        let err = ConfigDocument::from_json(bad.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("models.breast-edge.threshold = 7"), "{err}");
     }
 
     #[test]

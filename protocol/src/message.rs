@@ -167,6 +167,18 @@ pub struct DeviceStatus {
     /// Online: the model the agent runs (`name@version`) and the threshold certified offline
     /// in its manifest, if any. The relay re-derives the certificate's bound before using it.
     pub model: Option<ModelCalibration>,
+    /// Online: the further models the agent serves (`[[models]]`), with their offline
+    /// certificates; the relay files calibration evidence only for models announced here or
+    /// in the telemetry report.
+    pub models: Vec<ServedModel>,
+}
+
+/// A further model an agent serves, as its status announces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedModel {
+    /// `name@version`.
+    pub model: String,
+    pub calibration: Option<ModelCalibration>,
 }
 
 /// A model's offline-certified threshold, as its manifest's `[calibration]` table states it.

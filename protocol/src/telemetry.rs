@@ -290,6 +290,11 @@ pub struct CalibrationReport {
     /// [`MAX_THRESHOLDS_IN_FORCE`]; an agent that saw more sends every bin edge, which is
     /// exact but pools less). The relay's bound pools bins between these cuts.
     pub thresholds: Vec<f32>,
+    /// `name@version` of the edge model whose evidence this is: an agent serving several
+    /// models sends one report per model per window (same `boot_id` and `seq`).
+    pub model: String,
+    /// The model's threshold in force when the window was taken.
+    pub threshold: f32,
 }
 
 /// Thresholds a calibration window lists at most.

@@ -181,6 +181,7 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
         boot_id: BOOT,
         reason: String::new(),
         model: cfg.offline.clone(),
+        models: Vec::new(),
     };
     // Simulated time starts well after the boot: the fleet refuses boots from the future.
     if fleet.set_status(DEVICE, status, ms(0)).is_err() {
@@ -251,13 +252,15 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
                 bins: std::mem::replace(&mut bins, vec![BinCounts::default(); EDGES.len()]),
                 audit_rate: cfg.audit_rate as f32,
                 thresholds: std::mem::take(&mut thresholds),
+                model: report.model.clone(),
+                threshold,
             };
             window = TierCounts::default();
             let filed = fleet.ingest(DEVICE, report, now).is_ok()
                 && fleet
                     .ingest_calibration(DEVICE, c, Some(cfg.audit_rate as f32))
                     .is_ok();
-            if let (true, Some(p)) = (filed, fleet.proposal(DEVICE)) {
+            if let (true, Some(p)) = (filed, fleet.proposal(DEVICE, None)) {
                 let requests = fleet
                     .get(DEVICE)
                     .and_then(|d| d.calibration.as_ref())

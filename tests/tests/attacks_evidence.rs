@@ -90,6 +90,11 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
         edges,
         audit_rate: 1.0,
         thresholds: vec![0.9],
+        model: before["latest"]["model"]
+            .as_str()
+            .expect("model")
+            .to_string(),
+        threshold: 0.9,
     };
     intruder
         .publish(
@@ -104,6 +109,25 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
         )
         .await;
     relay_logs(&relay, "is implausible").await;
+
+    // 1b. Plausible-looking evidence for a model the device does not serve: it would open a
+    //     second evidence slot (and certificate) the device never asked for.
+    let mut ghost_model = forged.clone();
+    ghost_model.model = "ghost-edge@1.0.0".into();
+    ghost_model.bins = vec![BinCounts::default(); ghost_model.edges.len()];
+    intruder
+        .publish(
+            &telemetry_topic,
+            spooled(
+                0xBAD3,
+                1,
+                RecordKind::Calibration,
+                encode(&ghost_model).expect("encode"),
+            ),
+            false,
+        )
+        .await;
+    relay_logs(&relay, "which the device did not").await;
 
     // 2. A sniffed telemetry report re-sent with boot_id 2^63, on the device's own stream at
     //    the next seq (the real record of that seq may win the race) and on a new stream:
@@ -151,6 +175,7 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
             boot_id,
             reason: "forged".into(),
             model: None,
+            models: Vec::new(),
         };
         intruder
             .publish(&status_topic, encode(&forged).expect("encode"), true)
@@ -174,6 +199,10 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
         "forged audits counted: {after:#}"
     );
     assert_eq!(after["status"]["online"], true, "{after:#}");
+    assert!(
+        after["models"].is_null(),
+        "no evidence of a ghost model: {after:#}"
+    );
     assert_eq!(after["status"]["boot_id"].as_u64(), Some(boot));
     let (status, _) = relay.get_json("/api/devices/ghost-99").await;
     assert_eq!(status, 404, "the ghost device is listed");

@@ -2,7 +2,9 @@
 //! real Open Inference Protocol server that tierd did not write (MLServer + onnxruntime), the
 //! agent falling back while that server is dead and using it again once it is back; an edge
 //! model whose output is logits escalating on its softmax confidence; and the README's
-//! walkthrough (a stock skl2onnx export, `edge-agent model init`, the stock tritonclient).
+//! walkthrough (a stock skl2onnx export, `edge-agent model init`, the stock tritonclient);
+//! several models on one agent, each escalating to its own pool and each with its own evidence,
+//! certificate and tuned threshold at the relay.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -411,6 +413,129 @@ async fn one_agent_serves_two_models_each_escalating_to_its_own_pool() {
             pool.relay_id
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_further_model_gets_its_own_certificate_and_tuned_threshold() {
+    // One relay pool serving the breast model only, with the default tuning; the agent's
+    // primary (digits) has no pool, so nothing may tune it.
+    let relay = RelayProc::start_serving(
+        "tune-breast",
+        RelayBroker::Embedded,
+        &models("cloud/breast-cloud.toml"),
+        &["breast-edge"],
+        "",
+    )
+    .await;
+    let mut agent = AgentProc::start(
+        AgentOptions::new("tune-dev", relay.broker_port)
+            .telemetry_interval_s(0.5)
+            .extra(&format!(
+                "[[models]]\nmanifest = {:?}\nthreshold = 1.01\n",
+                models("edge/breast-edge.toml").display().to_string()
+            )),
+    )
+    .await;
+    // breast-edge ships no offline certificate and starts escalating everything: every
+    // request is labelled by the cloud model, the evidence of an online certificate.
+    // (The push may land while they are sent: the tier is checked after it.)
+    let rows = breast_rows();
+    for row in rows.iter().take(1_500) {
+        let r = agent
+            .post_json("/v2/models/breast-edge/infer", &fp32_body(row))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let threshold = |v: &serde_json::Value| {
+        v["published"]["settings"]["models"]["breast-edge"]["threshold"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    let view = relay
+        .wait_device_config("tune-dev", "breast-edge's tuned threshold applied", |v| {
+            v["published"]["source"] == "tuner"
+                && v["last_ack"]["applied"] == true
+                && v["last_ack"]["version"] == v["published"]["version"]
+                && threshold(v) < 1.0
+        })
+        .await;
+    let t = threshold(&view) as f32;
+    let cert = &view["published"]["certificate"];
+    assert_eq!(cert["model"], "breast-edge@1.0.0", "{cert:#}");
+    assert_eq!(cert["basis"], "online", "{cert:#}");
+    assert!(
+        cert["agreement_lower_bound"].as_f64().expect("bound") >= 0.99,
+        "{cert:#}"
+    );
+    // The primary's threshold is not this pool's to set.
+    assert!(
+        view["published"]["settings"]["threshold"].is_null(),
+        "{view:#}"
+    );
+    agent
+        .proc
+        .wait_for_log(
+            "remote config applied to a further model",
+            Duration::from_secs(30),
+        )
+        .await;
+
+    // The relay holds the two models' evidence apart; the breast model's next windows run
+    // the pushed threshold.
+    let device = relay
+        .wait_device(
+            "tune-dev",
+            "breast-edge running the pushed threshold",
+            |d| d["models"]["breast-edge"]["running"].as_f64() == Some(f64::from(t)),
+        )
+        .await;
+    let breast = &device["models"]["breast-edge"];
+    assert_eq!(breast["model"], "breast-edge@1.0.0", "{breast:#}");
+    assert!(
+        breast["requests"].as_u64().expect("requests") >= 1_000,
+        "{breast:#}"
+    );
+    assert_eq!(device["calibration"]["model"], "digits-edge@2.0.0");
+    assert_eq!(device["calibration"]["requests"], 0, "{device:#}");
+    let (_, metrics) = relay.get_text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tierd_device_proposed_threshold")
+                && l.contains("model=\"breast-edge\"")),
+        "{metrics}"
+    );
+
+    // In force on the agent: a row the edge is sure of beyond the threshold stays local,
+    // one below it still escalates.
+    let edge = Model::load(&models("edge/breast-edge.toml")).expect("edge");
+    let (mut local, mut escalated) = (0, 0);
+    for row in rows.iter().skip(1_500).take(200) {
+        let conf = edge
+            .predict(&edge.manifest().wire_input(row))
+            .expect("edge")
+            .probabilities
+            .iter()
+            .copied()
+            .fold(0.0f32, f32::max);
+        if (conf - t).abs() < 1e-3 {
+            continue;
+        }
+        let r = agent
+            .post_json("/v2/models/breast-edge/infer", &fp32_body(row))
+            .await;
+        if conf < t {
+            r.assert_ok_from("cloud", "below the pushed threshold");
+            escalated += 1;
+        } else {
+            r.assert_ok_from("edge", "above the pushed threshold");
+            local += 1;
+        }
+    }
+    assert!(
+        local > 0 && escalated > 0,
+        "{local} local, {escalated} escalated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

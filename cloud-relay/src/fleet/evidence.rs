@@ -1,6 +1,14 @@
 //! Calibration evidence: each device's sliding window of labelled outcomes per confidence bin,
 //! and the tuning trigger. Every window filed re-runs the tuner for that device (the one place
 //! in the fleet the tuner is called); its certificate is the device's proposal.
+//!
+//! An agent serving several models sends one window per model; each model has its own
+//! evidence, certificate and proposal (the primary's in `DeviceRecord::calibration`, the
+//! others' in `DeviceRecord::models`). A model's window is filed only if the device announced
+//! the model (the primary in its telemetry, the others in its status). The device's energy and
+//! escalation latency figures, which `min_cost` weighs, are the device's over all its models:
+//! an approximation that makes a model whose escalations are slower or costlier than the
+//! average look cheaper to escalate than it is (it biases that model toward escalating).
 
 use std::collections::VecDeque;
 
@@ -37,9 +45,22 @@ struct Window {
     requests: u64,
 }
 
-/// A device's recent evidence and what the tuner makes of it.
+/// Further models (besides the primary) whose evidence a device may hold; an agent serves at
+/// most 16.
+pub const MAX_FURTHER_MODELS: usize = 16;
+
+/// The name part of a `name@version` model id.
+pub fn model_name(id: &str) -> &str {
+    id.split_once('@').map_or(id, |(name, _)| name)
+}
+
+/// A device's recent evidence of one model and what the tuner makes of it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Calibration {
+    /// `name@version` of the edge model, as its latest window named it.
+    pub model: String,
+    /// The threshold the model ran when its latest window was taken.
+    pub running: f32,
     pub signal: Signal,
     pub edges: Vec<f32>,
     pub audit_rate: f32,
@@ -101,9 +122,18 @@ pub(super) fn plausible(
             c.boot_id, rec.boot_id
         ));
     }
-    if let Some(cal) = rec.calibration.as_ref() {
+    if !(c.threshold.is_finite()
+        && tierd_protocol::config::limits::THRESHOLD.contains(&c.threshold))
+    {
+        return Err(format!("threshold {} is outside [0, 1.01]", c.threshold));
+    }
+    let own = slot(rec, &c.model);
+    if let Some(cal) = own {
         if cal.last_window.0 == c.boot_id && c.seq <= cal.last_window.1 {
-            return Err(format!("window seq {} was already counted", c.seq));
+            return Err(format!(
+                "window seq {} of {} was already counted",
+                c.seq, c.model
+            ));
         }
     }
     for (i, b) in c.bins.iter().enumerate() {
@@ -120,16 +150,19 @@ pub(super) fn plausible(
         }
     }
     let total = c.bins.iter().fold(BinCounts::default(), |a, b| a.plus(*b));
-    // Cumulative over the boot, so the skew between the two windows (requests in flight when
-    // the agent took them) does not add up: every window of this boot together cannot count
-    // more requests than the boot's latest totals answered, give or take those in flight.
+    // Cumulative over the boot and over every model (the telemetry counts the requests of all
+    // of them), so the skew between the two windows (requests in flight when the agent took
+    // them) does not add up: every window of this boot together cannot count more requests
+    // than the boot's latest totals answered, give or take those in flight.
     let answered = rec.latest.totals.answered();
     let slack = 64 + answered / 20;
-    let before = rec
+    let before: u64 = rec
         .calibration
-        .as_ref()
+        .iter()
+        .chain(rec.models.values())
         .filter(|cal| cal.last_window.0 == c.boot_id)
-        .map_or(0, |cal| cal.boot_requests);
+        .map(|cal| cal.boot_requests)
+        .sum();
     let counted = before
         .saturating_add(total.escalated)
         .saturating_add(total.local);
@@ -138,9 +171,9 @@ pub(super) fn plausible(
             "{counted} requests in this boot's windows, but its telemetry answered {answered}"
         ));
     }
-    // Audits over the sliding window with this one, which an audit's lag cannot cross.
+    // Audits over the model's sliding window with this one, which an audit's lag cannot cross.
     let (mut local, mut audited) = (total.local, total.audited);
-    if let Some(cal) = rec.calibration.as_ref().filter(|cal| cal.edges == c.edges) {
+    if let Some(cal) = own.filter(|cal| cal.edges == c.edges) {
         for b in &cal.bins {
             local = local.saturating_add(b.local);
             audited = audited.saturating_add(b.audited);
@@ -155,6 +188,20 @@ pub(super) fn plausible(
         ));
     }
     Ok(())
+}
+
+/// Whether `model` (`name@version`) is the device's primary: the model its telemetry reports.
+pub(super) fn is_primary(rec: &DeviceRecord, model: &str) -> bool {
+    model_name(model) == model_name(&rec.latest.model)
+}
+
+/// The evidence of `model` (`name@version`) the record holds, if any.
+pub(super) fn slot<'a>(rec: &'a DeviceRecord, model: &str) -> Option<&'a Calibration> {
+    if is_primary(rec, model) {
+        rec.calibration.as_ref()
+    } else {
+        rec.models.get(model_name(model))
+    }
 }
 
 /// The tuner's bins from the wire's counts.
@@ -180,13 +227,20 @@ pub fn tuner_bins(edges: &[f32], counts: &[BinCounts]) -> Vec<Bin> {
         .collect()
 }
 
-/// Runs the tuner for one device with its measured costs.
-fn tune(setup: &Setup, bins: &[Bin], cuts: &Cuts, report: &TelemetryReport) -> Certificate {
+/// Runs the tuner for one model of a device running `running`, with the device's measured
+/// costs.
+fn tune(
+    setup: &Setup,
+    bins: &[Bin],
+    cuts: &Cuts,
+    running: f32,
+    report: &TelemetryReport,
+) -> Certificate {
     tuner::tune(
         bins,
         cuts,
         setup.policy,
-        report.threshold,
+        running,
         &setup.limits,
         &setup.costs,
         &device_costs(report),
@@ -293,12 +347,15 @@ pub(super) fn add_window(
     model: Option<&ModelCalibration>,
     reference: Option<&str>,
 ) {
+    let primary = is_primary(rec, &c.model);
+    let running = c.threshold;
     // Disjoint fields: the report is read while the calibration is updated.
     let latest = &rec.latest;
-    let running = latest.threshold;
-    let cal = rec.calibration.get_or_insert_with(|| {
-        let certificate = tune(setup, &[], &Cuts::Unknown, latest);
+    let fresh = || {
+        let certificate = tune(setup, &[], &Cuts::Unknown, running, latest);
         Calibration {
+            model: c.model.clone(),
+            running,
             signal: c.signal,
             edges: c.edges.clone(),
             audit_rate: c.audit_rate,
@@ -320,7 +377,16 @@ pub(super) fn add_window(
             last_window: (0, 0),
             boot_requests: 0,
         }
-    });
+    };
+    let cal = if primary {
+        rec.calibration.get_or_insert_with(fresh)
+    } else {
+        rec.models
+            .entry(model_name(&c.model).to_string())
+            .or_insert_with(fresh)
+    };
+    cal.model = c.model.clone();
+    cal.running = running;
     let counted: u64 = c.bins.iter().map(|b| b.escalated + b.local).sum();
     if cal.last_window.0 != c.boot_id {
         cal.boot_requests = 0;
@@ -382,7 +448,7 @@ pub(super) fn add_window(
         cal.drift_alarms += 1;
         cal.last_drift = Some(why.clone());
         cal.offline_trust = OfflineTrust::AfterDrift;
-        tracing::warn!(device = %rec.device_id, %why, "drift: pushing the conservative threshold");
+        tracing::warn!(device = %rec.device_id, model = %cal.model, %why, "drift: pushing the conservative threshold");
     }
     // Discredited, but the newest traffic looks like the calibration set again: another
     // change, so the evidence before it goes as after a drift alarm, and the offline
@@ -403,14 +469,14 @@ pub(super) fn add_window(
     if back {
         cal.windows.drain(..split);
         cal.offline_trust = OfflineTrust::Trusted;
-        tracing::info!(device = %rec.device_id, "traffic looks like the model's calibration set again");
+        tracing::info!(device = %rec.device_id, model = %cal.model, "traffic looks like the model's calibration set again");
     }
     let (bins, cuts) = sum_windows(cal.windows.iter(), n);
     cal.requests = cal.windows.iter().map(|w| w.requests).sum();
     cal.bins = bins;
     cal.cuts = cuts;
     let tb = tuner_bins(&cal.edges, &cal.bins);
-    cal.certificate = tune(setup, &tb, &cal.cuts, latest);
+    cal.certificate = tune(setup, &tb, &cal.cuts, running, latest);
     let violation = fired.is_none()
         && target_of(&setup.policy).is_some_and(|target| {
             running < tuner::ALWAYS_ESCALATE
@@ -441,20 +507,36 @@ pub(super) fn add_window(
     );
 }
 
-/// What the device should run and why, with the threshold it runs.
-pub(super) fn proposal(rec: &DeviceRecord) -> Option<Proposal> {
-    let c = rec.calibration.as_ref()?;
+/// What the device should run for `model` (a name; `None`: the primary) and why, with the
+/// threshold it runs.
+pub(super) fn proposal(rec: &DeviceRecord, model: Option<&str>) -> Option<Proposal> {
+    let (c, primary) = match model {
+        None => (rec.calibration.as_ref()?, true),
+        Some(name) if name == model_name(&rec.latest.model) => (rec.calibration.as_ref()?, true),
+        Some(name) => (rec.models.get(name)?, false),
+    };
     Some(Proposal {
+        model: model_name(&c.model).to_string(),
+        edge_model: c.model.clone(),
+        primary,
         in_force: c.in_force.clone(),
         certificate: c.certificate.clone(),
         offline: c.offline.clone(),
-        running: rec.latest.threshold,
+        running: c.running,
     })
 }
 
-/// The threshold a device should run, the certificates behind it, and what it runs now.
+/// The threshold a device should run for one model, the certificates behind it, and what it
+/// runs now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Proposal {
+    /// The model's name (without version).
+    pub model: String,
+    /// `name@version`, as the evidence named it.
+    pub edge_model: String,
+    /// Whether it is the device's primary model (whose threshold is the document's top-level
+    /// `threshold`; a further model's goes in `models.<name>`).
+    pub primary: bool,
     pub in_force: InForce,
     /// The online certificate.
     pub certificate: Certificate,
@@ -486,6 +568,8 @@ mod tests {
             audit_rate: 0.5,
             // The windows below escalate bins 0-2 and answer bin 3 locally.
             thresholds: vec![0.75],
+            model: "m@1".into(),
+            threshold: 0.9,
         }
     }
 
@@ -552,6 +636,97 @@ mod tests {
             f.ingest_calibration("a", bad, None),
             Err(FleetError::BadCalibration(_))
         ));
+    }
+
+    #[test]
+    fn each_announced_model_has_its_own_evidence_and_proposal() {
+        let mut f = Fleet::new(10);
+        let served = |model: &str| tierd_protocol::ServedModel {
+            model: model.into(),
+            calibration: None,
+        };
+        let status = tierd_protocol::DeviceStatus {
+            online: true,
+            boot_id: 1,
+            reason: String::new(),
+            model: None,
+            models: vec![served("breast@2")],
+        };
+        f.set_status("a", status, 1).expect("status");
+        // 2,000 requests answered: 1,000 per model.
+        telemetry(&mut f, 1, 2000);
+        // `wrong` of the 350 audited local answers disagree with the cloud.
+        let window = |wrong: u64| {
+            vec![
+                BinCounts {
+                    escalated: 300,
+                    escalated_labelled: 300,
+                    escalated_agree: 150,
+                    ..Default::default()
+                },
+                BinCounts {
+                    local: 700,
+                    audited: 350,
+                    audited_agree: 350 - wrong,
+                    ..Default::default()
+                },
+            ]
+        };
+        // Both ran with the cut at 0.5 (bin 0 escalated, bin 1 local).
+        let cal = |wrong| CalibrationReport {
+            thresholds: vec![0.5],
+            ..calibration("a", window(wrong))
+        };
+        let primary = cal(20);
+        let mut further = cal(0);
+        further.model = "breast@2".into();
+        further.threshold = 0.6;
+        f.ingest_calibration("a", primary, None).expect("primary");
+        // Same seq, another model: its own window, not a repeat.
+        f.ingest_calibration("a", further.clone(), None)
+            .expect("further");
+        let rec = f.get("a").expect("record");
+        let p = rec.calibration.as_ref().expect("primary evidence");
+        let b = rec.models.get("breast").expect("further evidence");
+        assert_eq!((p.model.as_str(), b.model.as_str()), ("m@1", "breast@2"));
+        assert_eq!((p.running, b.running), (0.9, 0.6));
+        assert_eq!(b.requests, 1000);
+        // Evidence that differs gives different certificates: the primary's local answers are
+        // wrong too often (everything escalates); the further model's are certified.
+        assert!(
+            b.certificate.threshold == 0.5 && p.certificate.threshold == tuner::ALWAYS_ESCALATE,
+            "{:?} vs {:?}",
+            b.certificate,
+            p.certificate
+        );
+        let pb = f.proposal("a", Some("breast")).expect("proposal");
+        assert!(
+            !pb.primary && pb.model == "breast" && pb.running == 0.6,
+            "{pb:?}"
+        );
+        let pp = f.proposal("a", None).expect("proposal");
+        assert!(pp.primary && pp.model == "m", "{pp:?}");
+        assert_eq!(f.proposal("a", Some("m")), Some(pp));
+        // Counted once per model.
+        let e = f.ingest_calibration("a", further, None).unwrap_err();
+        assert!(e.to_string().contains("already counted"), "{e}");
+        // A model the device did not announce opens no evidence.
+        let mut ghost = cal(0);
+        ghost.model = "ghost@1".into();
+        ghost.seq = 2;
+        let e = f.ingest_calibration("a", ghost, None).unwrap_err();
+        assert!(
+            matches!(e, FleetError::UnannouncedModel { .. }) && e.to_string().contains("breast@2"),
+            "{e}"
+        );
+        // The requests of all models together cannot exceed what the telemetry answered.
+        let mut more = cal(0);
+        more.model = "breast@2".into();
+        more.seq = 2;
+        more.bins[1].local = 1000;
+        let e = f.ingest_calibration("a", more, None).unwrap_err();
+        assert!(e.to_string().contains("telemetry answered 2000"), "{e}");
+        assert_eq!(f.get("a").map(|d| d.models.len()), Some(1));
     }
 
     #[test]
@@ -677,6 +852,8 @@ mod tests {
             ],
             audit_rate: 0.02,
             thresholds: vec![0.9],
+            model: "m@1".into(),
+            threshold: 0.9,
         }
     }
 
@@ -688,6 +865,7 @@ mod tests {
             boot_id: 1,
             reason: String::new(),
             model: Some(offline_cert()),
+            models: Vec::new(),
         };
         f.set_status("a", status, 1).expect("status");
         let mut seq = 0;
@@ -696,7 +874,7 @@ mod tests {
             telemetry(f, seq, 1000);
             f.ingest_calibration("a", window_at_09(seq, low, wrong), None)
                 .expect("plausible");
-            f.proposal("a").expect("proposal")
+            f.proposal("a", None).expect("proposal")
         };
         // Clean traffic like the calibration set: the offline certificate is in force, not
         // "escalate everything" on thin online evidence.
@@ -736,6 +914,7 @@ mod tests {
             boot_id: 1,
             reason: String::new(),
             model: Some(forged),
+            models: Vec::new(),
         };
         f.set_status("a", status, 2).expect("status");
         let p = file(&mut f, 100, 0);

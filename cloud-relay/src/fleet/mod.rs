@@ -43,7 +43,10 @@ use tierd_protocol::{CalibrationReport, DeviceStatus, TelemetryReport, TierCount
 use crate::tuner::Setup;
 use streams::Streams;
 
-pub use evidence::{device_costs, tuner_bins, Calibration, OfflineTrust, Proposal, MAX_WINDOWS};
+pub use evidence::{
+    device_costs, model_name, tuner_bins, Calibration, OfflineTrust, Proposal, MAX_FURTHER_MODELS,
+    MAX_WINDOWS,
+};
 
 /// How far ahead of the relay's clock a `boot_id` (Unix ms at the agent's start) may be.
 pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
@@ -88,6 +91,25 @@ pub enum FleetError {
     },
     #[error("calibration report from {device:?} is implausible: {why}")]
     Implausible { device: String, why: String },
+    #[error(
+        "calibration report from {device:?} is of model {model:?}, which the device did not \
+         announce (its telemetry reports {primary:?}; its status announces {announced:?})"
+    )]
+    UnannouncedModel {
+        device: String,
+        model: String,
+        primary: String,
+        announced: Vec<String>,
+    },
+    #[error(
+        "calibration report from {device:?} is of model {model:?}, but the relay already holds \
+         the evidence of {max} further models of the device, all still announced"
+    )]
+    TooManyModels {
+        device: String,
+        model: String,
+        max: usize,
+    },
 }
 
 /// Refuses a `boot_id` ahead of the relay's clock.
@@ -278,7 +300,35 @@ impl Fleet {
         else {
             return Err(FleetError::NoTelemetry(c.device_id));
         };
-        let model = status.and_then(|s| s.model.clone());
+        // The offline certificate the device announced for this model; a model it did not
+        // announce at all is not believed.
+        let model = if evidence::is_primary(rec, &c.model) {
+            status.and_then(|s| s.model.clone())
+        } else {
+            let announced = status.map_or(&[][..], |s| &s.models[..]);
+            let Some(served) = announced.iter().find(|m| m.model == c.model) else {
+                return Err(FleetError::UnannouncedModel {
+                    device: c.device_id,
+                    model: c.model.chars().take(80).collect(),
+                    primary: rec.latest.model.clone(),
+                    announced: announced.iter().map(|m| m.model.clone()).collect(),
+                });
+            };
+            let name = model_name(&c.model);
+            if !rec.models.contains_key(name) && rec.models.len() >= MAX_FURTHER_MODELS {
+                // Evidence of models the device no longer serves makes room.
+                rec.models
+                    .retain(|n, _| announced.iter().any(|m| model_name(&m.model) == n));
+                if rec.models.len() >= MAX_FURTHER_MODELS {
+                    return Err(FleetError::TooManyModels {
+                        device: c.device_id,
+                        model: c.model,
+                        max: MAX_FURTHER_MODELS,
+                    });
+                }
+            }
+            served.calibration.clone()
+        };
         if let Err(why) = evidence::plausible(rec, &c, configured_audit_rate) {
             return Err(FleetError::Implausible {
                 device: c.device_id,
@@ -289,9 +339,11 @@ impl Fleet {
         Ok(())
     }
 
-    /// The threshold a device should run and the certificates behind it.
-    pub fn proposal(&self, device_id: &str) -> Option<Proposal> {
-        self.get(device_id).and_then(evidence::proposal)
+    /// The threshold a device should run for `model` (a name; `None`: its primary) and the
+    /// certificates behind it.
+    pub fn proposal(&self, device_id: &str, model: Option<&str>) -> Option<Proposal> {
+        self.get(device_id)
+            .and_then(|rec| evidence::proposal(rec, model))
     }
 
     /// Records a status message. A status from an older agent run than the one already known
@@ -365,6 +417,7 @@ pub(crate) mod testing {
             boot_id: boot,
             reason: String::new(),
             model: None,
+            models: Vec::new(),
         };
         f.set_status(device, status, boot).expect("status");
     }
@@ -459,6 +512,7 @@ mod tests {
             boot_id,
             reason: "forged".into(),
             model: None,
+            models: Vec::new(),
         };
         assert!(f.set_status("a", offline(u64::MAX), now).is_err());
         assert!(f.set_status("a", offline(now), now).is_err());
@@ -494,6 +548,7 @@ mod tests {
                     boot_id: 1,
                     reason: String::new(),
                     model: None,
+                    models: Vec::new(),
                 },
                 0
             ),

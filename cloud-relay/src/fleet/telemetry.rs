@@ -46,7 +46,11 @@ pub struct DeviceRecord {
     /// The latest known per-request energy figures (an idle window reports none).
     pub energy_rates: EnergyRates,
     pub latest: TelemetryReport,
+    /// The evidence of the model the telemetry reports (the primary).
     pub calibration: Option<Calibration>,
+    /// The evidence of each further model the device serves, by model name.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub models: std::collections::BTreeMap<String, Calibration>,
 }
 
 /// Joules per local inference and modelled radio joules per escalation, as last measured.
@@ -77,6 +81,9 @@ pub struct StatusRecord {
     pub since_ms: u64,
     /// The model and offline certificate its last online status announced.
     pub model: Option<tierd_protocol::ModelCalibration>,
+    /// The further models it announced, with their offline certificates.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<tierd_protocol::ServedModel>,
 }
 
 impl DeviceRecord {
@@ -102,6 +109,7 @@ impl DeviceRecord {
             },
             latest: report,
             calibration: None,
+            models: Default::default(),
         }
     }
 
@@ -114,9 +122,11 @@ impl DeviceRecord {
             let restarts = self.restarts + 1;
             // Evidence is about the model and traffic, not the agent run: keep it.
             let calibration = self.calibration.take();
+            let models = std::mem::take(&mut self.models);
             let rates = self.energy_rates;
             *self = DeviceRecord::first(report, restarts, now_ms);
             self.calibration = calibration;
+            self.models = models;
             self.energy_rates = EnergyRates {
                 joules_per_inference: self
                     .energy_rates
@@ -158,11 +168,13 @@ pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus,
     {
         return;
     }
-    // An offline status (the last will, set before the model was known) keeps the model.
-    let model = if status.online {
-        status.model
+    // An offline status (the last will, set before the model was known) keeps the models.
+    let (model, models) = if status.online {
+        (status.model, status.models)
     } else {
-        slot.as_ref().and_then(|s| s.model.clone())
+        slot.as_ref()
+            .map(|s| (s.model.clone(), s.models.clone()))
+            .unwrap_or_default()
     };
     *slot = Some(StatusRecord {
         online: status.online,
@@ -170,6 +182,7 @@ pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus,
         reason: status.reason,
         since_ms: now_ms,
         model,
+        models,
     });
 }
 
@@ -251,6 +264,7 @@ mod tests {
             boot_id,
             reason: if online { "" } else { "connection lost" }.into(),
             model: None,
+            models: Vec::new(),
         };
         f.set_status("a", st(true, 1), 0).expect("online");
         f.set_status("a", st(false, 1), 1).expect("will");
