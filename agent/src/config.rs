@@ -23,9 +23,10 @@ pub struct AgentConfig {
     pub device_id: String,
     pub http: HttpConfig,
     pub model: ModelConfig,
-    /// More models served beside `[model]` (`[[models]]`), each with its own threshold and
-    /// escalation topic. `[model]` stays the primary: its evidence goes to the relay's tuner and
-    /// remote config sets its threshold; these run at their own fixed thresholds.
+    /// More models served beside `[model]` (`[[models]]`), each with its own threshold,
+    /// escalation topic, evidence and audits. `[model]` stays the primary: the telemetry names
+    /// it and a config document's top-level threshold and signal are its; a further model's are
+    /// its `models.<name>` entry.
     pub models: Vec<ExtraModelConfig>,
     pub cascade: CascadeConfig,
     pub mqtt: MqttConfig,

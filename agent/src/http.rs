@@ -27,9 +27,9 @@ pub type ModelCascade = Cascade<tierd_runtime::Model, Escalator>;
 /// What the HTTP handlers share: the cascades they call (one per model served) and the front
 /// end's own parts.
 pub struct AppState {
-    /// The primary model (`[model]`): its evidence feeds the relay's tuner.
+    /// The primary model (`[model]`), the one the telemetry names.
     pub cascade: ModelCascade,
-    /// Further models (`[[models]]`), each at its own threshold and escalation topic.
+    /// Further models (`[[models]]`), each with its own policy, evidence and escalation topic.
     pub extra: Vec<ModelCascade>,
     pub admission: Admission,
     pub recorder: Arc<Recorder>,
