@@ -200,7 +200,10 @@ fn pump(spool: &SharedSpool, sender: &mut Sender, publisher: &Publisher, topics:
         };
         let topic = match kind {
             RecordKind::ConfigAck => &topics.config_ack,
-            RecordKind::Telemetry | RecordKind::Calibration => &topics.telemetry,
+            RecordKind::Telemetry
+            | RecordKind::Calibration
+            | RecordKind::RolloutAck
+            | RecordKind::Shadow => &topics.telemetry,
         };
         if let Err(e) = publisher.try_publish(topic, QoS::AtLeastOnce, false, payload) {
             debug!(seq = r.seq, error = %e, "MQTT queue full; will send again");

@@ -377,12 +377,199 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
         .route("/api/devices/{id}/config", get(config_show).put(config_set))
         .route("/api/devices/{id}/config/reset", post(config_reset))
         .route("/api/report", get(report))
+        .route(
+            "/api/rollouts",
+            get(rollouts_list)
+                .post(rollout_start)
+                .layer(axum::extract::DefaultBodyLimit::max(ROLLOUT_BODY_LIMIT)),
+        )
+        .route("/api/rollouts/{id}", get(rollout_show))
+        .route("/api/rollouts/{id}/{action}", post(rollout_action))
         .route("/health", get(|| async { Json(json!({ "ok": true })) }))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(access),
             crate::http_auth::guard,
         ))
+}
+
+/// Largest rollout upload: a 64 MiB model as hex, its manifest and signature.
+const ROLLOUT_BODY_LIMIT: usize = 2 * 64 * 1024 * 1024 + 256 * 1024;
+
+/// `POST /api/rollouts`: what `cloud-relay rollout start` sends.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutRequest {
+    id: String,
+    /// The candidate's manifest text and its `.sig` text.
+    manifest: String,
+    signature: String,
+    /// The ONNX file, hex.
+    onnx_hex: String,
+    /// Devices in order; empty: every device whose primary model has the candidate's name.
+    #[serde(default)]
+    devices: Vec<String>,
+    #[serde(default)]
+    canary: Vec<String>,
+    #[serde(default)]
+    percent: u8,
+    #[serde(default = "default_shadow_rate")]
+    shadow_rate: f64,
+}
+
+fn default_shadow_rate() -> f64 {
+    0.1
+}
+
+async fn rollout_start(State(state): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+    let req: RolloutRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("rollout request: {e}")),
+    };
+    if let Err(e) = tierd_protocol::topic::validate_model_name(&req.id) {
+        return error(StatusCode::BAD_REQUEST, format!("rollout id: {e}"));
+    }
+    let onnx = match hex::decode(req.onnx_hex.trim()) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("onnx_hex: {e}")),
+    };
+    if state
+        .relay
+        .rollouts()
+        .map(|r| r.get(&req.id).is_some())
+        .unwrap_or(false)
+    {
+        return error(
+            StatusCode::CONFLICT,
+            format!("a rollout named {:?} exists; pick another id", req.id),
+        );
+    }
+    let release = match crate::rollout::store::add_candidate(
+        &state.state_dir,
+        &req.id,
+        &req.manifest,
+        &req.signature,
+        &onnx,
+    ) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let devices = if req.devices.is_empty() {
+        let name = release.model.split_once('@').map_or("", |(n, _)| n);
+        match state.fleet.lock() {
+            Ok(f) => f
+                .devices()
+                .filter(|d| crate::fleet::model_name(&d.latest.model) == name)
+                .map(|d| d.device_id.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    } else {
+        req.devices
+    };
+    let spec = crate::rollout::Spec {
+        id: req.id.clone(),
+        candidate: release,
+        devices,
+        canary: req.canary,
+        percent: req.percent,
+        shadow_rate: req.shadow_rate,
+    };
+    let Ok(mut r) = state.relay.rollouts() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rollout state poisoned".into(),
+        );
+    };
+    match r.start(spec, tierd_runtime::unix_ms()) {
+        Ok(docs) => {
+            state.relay.after_rollout_change(&state.client, &r, &docs);
+            tracing::info!(rollout = %req.id, devices = docs.len(), "rollout started");
+            json_body(to_json(&r.get(&req.id)))
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn rollouts_list(State(state): State<Arc<ApiState>>) -> Response {
+    let Ok(r) = state.relay.rollouts() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rollout state poisoned".into(),
+        );
+    };
+    let list: Vec<Value> = r
+        .rollouts
+        .iter()
+        .map(|(id, ro)| {
+            let mut stages = std::collections::BTreeMap::<String, usize>::new();
+            for d in ro.devices.values() {
+                let key = serde_json::to_value(d.stage)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                *stages.entry(key).or_default() += 1;
+            }
+            json!({
+                "id": id,
+                "candidate": ro.spec.candidate.model,
+                "state": ro.state,
+                "wave": ro.wave + 1,
+                "waves": ro.waves.len(),
+                "devices": ro.devices.len(),
+                "stages": stages,
+            })
+        })
+        .collect();
+    Json(json!({ "rollouts": list })).into_response()
+}
+
+async fn rollout_show(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let Ok(r) = state.relay.rollouts() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rollout state poisoned".into(),
+        );
+    };
+    match r.get(&id) {
+        Some(ro) => json_body(to_json(ro)),
+        None => error(StatusCode::NOT_FOUND, format!("no rollout named {id:?}")),
+    }
+}
+
+async fn rollout_action(
+    State(state): State<Arc<ApiState>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let Ok(mut r) = state.relay.rollouts() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rollout state poisoned".into(),
+        );
+    };
+    let now = tierd_runtime::unix_ms();
+    let result = match action.as_str() {
+        "pause" => r.pause(&id).map(|()| Vec::new()),
+        "resume" => r.resume(&id, now),
+        "abort" => r.abort(&id, now),
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("unknown rollout action {other:?}: pause, resume or abort"),
+            )
+        }
+    };
+    match result {
+        Ok(docs) => {
+            state.relay.after_rollout_change(&state.client, &r, &docs);
+            tracing::info!(rollout = %id, %action, documents = docs.len(), "rollout changed by an operator");
+            json_body(to_json(&r.get(&id)))
+        }
+        Err(crate::rollout::RolloutError::Unknown(id)) => {
+            error(StatusCode::NOT_FOUND, format!("no rollout named {id:?}"))
+        }
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
 }
 
 fn error(status: StatusCode, message: String) -> Response {

@@ -92,6 +92,27 @@ pub struct RelayConfig {
     /// the tuner still proposes, but never pushes.
     pub devices: BTreeMap<String, Settings>,
     pub prices: Prices,
+    pub rollout: RolloutConfig,
+}
+
+/// `[rollout]`: how much shadow evidence a rollout decision needs (see `rollout::decide`).
+/// The decision holds the candidate to `tuning.target` at `tuning.delta`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// Cloud-labelled shadow pairs before the first look.
+    pub min_pairs: u64,
+    /// Pairs at the last look (then the candidate is promoted or rolled back).
+    pub max_pairs: u64,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            min_pairs: 1000,
+            max_pairs: 8000,
+        }
+    }
 }
 
 /// Which policy the tuner follows.
@@ -300,6 +321,7 @@ impl Default for RelayConfig {
             defaults: Settings::default(),
             devices: BTreeMap::new(),
             prices: Prices::default(),
+            rollout: RolloutConfig::default(),
         }
     }
 }
@@ -367,6 +389,15 @@ impl RelayConfig {
         }
         if !(1..=256).contains(&self.workers) {
             return range("workers", "[1, 256]");
+        }
+        if !(1..=10_000_000).contains(&self.rollout.min_pairs)
+            || self.rollout.max_pairs < self.rollout.min_pairs
+            || self.rollout.max_pairs > 1_000_000_000
+        {
+            return range(
+                "rollout.min_pairs / max_pairs",
+                "1 <= min_pairs <= 10000000, min_pairs <= max_pairs <= 1000000000",
+            );
         }
         if !(1..=1_000_000).contains(&self.queue) {
             return range("queue", "[1, 1000000]");
@@ -453,6 +484,20 @@ impl RelayConfig {
     }
 
     /// The tuner's policy, limits and prices.
+    /// What rollouts decide with: the tuning target and limits, always as a target agreement.
+    pub fn rollout_setup(&self) -> (Setup, crate::rollout::Rules) {
+        let mut setup = self.tuner_setup();
+        setup.policy = Policy::TargetAgreement {
+            target: self.tuning.target,
+            delta: self.tuning.delta,
+        };
+        let rules = crate::rollout::Rules {
+            min_pairs: self.rollout.min_pairs,
+            max_pairs: self.rollout.max_pairs,
+        };
+        (setup, rules)
+    }
+
     pub fn tuner_setup(&self) -> Setup {
         let t = &self.tuning;
         Setup {

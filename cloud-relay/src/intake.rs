@@ -17,8 +17,8 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use thiserror::Error;
 use tierd_protocol::{
-    decode, encode, signed, CalibrationReport, ConfigAck, DeviceStatus, RecordKind, SpoolAck,
-    Spooled, TelemetryReport, Topic, TopicKind, WireError,
+    decode, encode, signed, CalibrationReport, ConfigAck, DeviceStatus, RecordKind, RolloutAck,
+    RolloutPhase, ShadowReport, SpoolAck, Spooled, TelemetryReport, Topic, TopicKind, WireError,
 };
 use tierd_runtime::link::{Publisher, Routes};
 use tracing::{debug, info, warn};
@@ -53,6 +53,8 @@ pub enum IntakeError {
     Poisoned(#[from] Poisoned),
     #[error("device {device}: {source}")]
     Status { device: String, source: WireError },
+    #[error("shadow report from {device}: {why}")]
+    Shadow { device: String, why: String },
 }
 
 impl IntakeError {
@@ -128,7 +130,10 @@ impl Intake {
         };
         let expected_topic = match envelope.kind {
             RecordKind::ConfigAck => TopicKind::ConfigAck,
-            RecordKind::Telemetry | RecordKind::Calibration => TopicKind::Telemetry,
+            RecordKind::Telemetry
+            | RecordKind::Calibration
+            | RecordKind::RolloutAck
+            | RecordKind::Shadow => TopicKind::Telemetry,
         };
         if topic.kind != expected_topic {
             self.rejected();
@@ -156,6 +161,8 @@ impl Intake {
                     RecordKind::Telemetry => self.report(&device, &envelope.body),
                     RecordKind::Calibration => self.calibration(&device, &envelope.body),
                     RecordKind::ConfigAck => self.config_ack(&device, &envelope.body),
+                    RecordKind::RolloutAck => self.rollout_ack(&device, &envelope.body),
+                    RecordKind::Shadow => self.shadow(&device, &envelope.body),
                 };
                 match result {
                     Ok(()) => {
@@ -282,6 +289,44 @@ impl Intake {
         self.state
             .control()?
             .record_ack(device, ack, tierd_runtime::unix_ms());
+        Ok(())
+    }
+
+    /// A device's rollout ack: recorded; a failure halts the rollout, a promotion may start
+    /// the next wave.
+    fn rollout_ack(&self, device: &str, body: &[u8]) -> Result<(), IntakeError> {
+        let ack = decode::<RolloutAck>(body)?;
+        match ack.phase {
+            RolloutPhase::Failed => {
+                warn!(%device, rollout = %ack.rollout_id, version = ack.version, reason = %ack.reason, "rollout step failed on the device")
+            }
+            phase => {
+                info!(%device, rollout = %ack.rollout_id, version = ack.version, ?phase, serving = %ack.serving, "rollout step")
+            }
+        }
+        let mut r = self.state.rollouts()?;
+        let docs = r.on_ack(device, &ack, tierd_runtime::unix_ms());
+        self.state.after_rollout_change(&self.client, &r, &docs);
+        Ok(())
+    }
+
+    /// A device's shadow evidence: added to its rollout, which may decide.
+    fn shadow(&self, device: &str, body: &[u8]) -> Result<(), IntakeError> {
+        let report = decode::<ShadowReport>(body)?;
+        if report.device_id != device {
+            return Err(IntakeError::Shadow {
+                device: device.to_string(),
+                why: format!("it claims device {:?}", report.device_id),
+            });
+        }
+        let mut r = self.state.rollouts()?;
+        let docs = r
+            .on_shadow(device, &report, tierd_runtime::unix_ms())
+            .map_err(|why| IntakeError::Shadow {
+                device: device.to_string(),
+                why,
+            })?;
+        self.state.after_rollout_change(&self.client, &r, &docs);
         Ok(())
     }
 

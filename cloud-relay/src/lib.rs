@@ -33,6 +33,7 @@ pub mod fleet;
 pub mod http_auth;
 pub mod intake;
 pub mod report;
+pub mod rollout;
 pub mod signing;
 pub mod state;
 pub mod tuner;
@@ -77,6 +78,8 @@ pub enum RelayError {
     Token(#[from] http_auth::TokenError),
     #[error(transparent)]
     SigningKey(#[from] signing::SigningKeyError),
+    #[error("rollouts: {0}")]
+    Rollouts(#[from] rollout::store::StoreError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -248,6 +251,11 @@ fn shared_state(config: &RelayConfig, reference: &str) -> Result<RelayState, Rel
         created,
         "config documents are signed with this key; pin it in every agent's [remote_config] trusted_keys"
     );
+    let (setup, rules) = config.rollout_setup();
+    let rollouts = rollout::store::load(&state_dir, setup, rules)?;
+    if !rollouts.rollouts.is_empty() {
+        info!(rollouts = rollouts.rollouts.len(), "rollouts restored");
+    }
     Ok(RelayState::new(
         fleet::Fleet::new(config.http.max_devices)
             .with_tuner(config.tuner_setup())
@@ -263,7 +271,8 @@ fn shared_state(config: &RelayConfig, reference: &str) -> Result<RelayState, Rel
         .with_epochs(epochs)
         .with_serves(config.model.serves.clone()),
         signer,
-    ))
+    )
+    .with_rollouts(rollouts, state_dir))
 }
 
 /// Serves the HTTP API until `stop` flips. The flag is cleared when the task ends (the
@@ -301,8 +310,16 @@ fn start_mqtt(
     let publisher: Publisher = link.publisher();
     let mut routes = Routes::new();
     let escalations = Escalations::start(service, publisher.clone(), &mut routes);
+    rollout::serve::route(state.clone(), publisher.clone(), &mut routes);
+    // The rollout documents in force, again: a restarted embedded broker forgot them (a
+    // device ignores a version it already handled).
+    if let Ok(r) = state.rollouts() {
+        let docs = r.current_documents();
+        state.after_rollout_change(&publisher, &r, &docs);
+    }
     Intake::new(state, publisher).route(&mut routes);
     let mut subscriptions = escalation_filters;
+    subscriptions.push(rollout::serve::subscription());
     // Not shared: see `intake` for why every replica takes all of these.
     subscriptions.extend(intake::subscriptions());
     let link = link.start(LinkOptions {

@@ -47,6 +47,12 @@ enum Command {
         #[arg(long)]
         print_public: bool,
     },
+    /// Roll a new version of an edge model out to devices: shadow-tested on their live
+    /// traffic, promoted or rolled back by the numbers (through the running relay's HTTP API).
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
     /// The cost report: per device and for the fleet, money, energy and CO2 against
     /// all-cloud and all-edge baselines from the same traffic.
     Report {
@@ -111,6 +117,58 @@ impl Api {
 }
 
 #[derive(Subcommand)]
+enum RolloutCmd {
+    /// Start a rollout of the candidate whose manifest (signed: `<manifest>.sig` beside it)
+    /// and ONNX file are given.
+    Start {
+        /// The candidate's manifest; its `.sig` and the ONNX file it names are read beside it.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Names the rollout (default: the candidate's `name-version`).
+        #[arg(long)]
+        id: Option<String>,
+        /// Devices in the rollout, comma-separated (default: every device whose model has the
+        /// candidate's name).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+        /// The first wave's devices, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        canary: Vec<String>,
+        /// Share of the remaining devices in the second wave, percent (0: the rest at once).
+        #[arg(long, default_value_t = 0)]
+        percent: u8,
+        /// Share of live requests the candidate shadows, (0, 1].
+        #[arg(long, default_value_t = 0.1)]
+        shadow_rate: f64,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Every rollout, or one with each device's stage and evidence.
+    Status {
+        id: Option<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Stop deciding and starting waves (evidence keeps accumulating).
+    Pause {
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    Resume {
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Roll every device back, promoted ones included.
+    Abort {
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCmd {
     /// The device's document in force, overrides, and the device's last ack.
     Show {
@@ -172,6 +230,7 @@ fn main() -> ExitCode {
             config,
             print_public,
         } => keygen(state_dir, config, print_public),
+        Command::Rollout { cmd } => rollout(cmd),
         Command::Report { api, json } => {
             let path = if json {
                 "/api/report"
@@ -228,6 +287,80 @@ fn keygen(
             signer.public()
         );
     }
+    Ok(())
+}
+
+fn rollout(cmd: RolloutCmd) -> anyhow::Result<()> {
+    let (api, method, path, body) = match cmd {
+        RolloutCmd::Start {
+            manifest,
+            id,
+            devices,
+            canary,
+            percent,
+            shadow_rate,
+            api,
+        } => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("cannot read {}", manifest.display()))?;
+            let sig_path = tierd_runtime::signature_path(&manifest);
+            let signature = std::fs::read_to_string(&sig_path).with_context(|| {
+                format!(
+                    "cannot read {} (sign the manifest with `edge-agent model sign`)",
+                    sig_path.display()
+                )
+            })?;
+            let m = tierd_runtime::Manifest::from_text(&manifest, &text)?;
+            let onnx_path = m.model_path();
+            let onnx = std::fs::read(&onnx_path)
+                .with_context(|| format!("cannot read {}", onnx_path.display()))?;
+            let id = id.unwrap_or_else(|| format!("{}-{}", m.name, m.version));
+            let body = serde_json::json!({
+                "id": id,
+                "manifest": text,
+                "signature": signature,
+                "onnx_hex": hex::encode(&onnx),
+                "devices": devices,
+                "canary": canary,
+                "percent": percent,
+                "shadow_rate": shadow_rate,
+            });
+            (
+                api,
+                reqwest::Method::POST,
+                "/api/rollouts".to_string(),
+                Some(body),
+            )
+        }
+        RolloutCmd::Status { id, api } => (
+            api,
+            reqwest::Method::GET,
+            id.map_or_else(
+                || "/api/rollouts".into(),
+                |id| format!("/api/rollouts/{id}"),
+            ),
+            None,
+        ),
+        RolloutCmd::Pause { id, api } => (
+            api,
+            reqwest::Method::POST,
+            format!("/api/rollouts/{id}/pause"),
+            None,
+        ),
+        RolloutCmd::Resume { id, api } => (
+            api,
+            reqwest::Method::POST,
+            format!("/api/rollouts/{id}/resume"),
+            None,
+        ),
+        RolloutCmd::Abort { id, api } => (
+            api,
+            reqwest::Method::POST,
+            format!("/api/rollouts/{id}/abort"),
+            None,
+        ),
+    };
+    println!("{}", call(&api, method, &path, body)?);
     Ok(())
 }
 

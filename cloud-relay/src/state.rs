@@ -16,9 +16,11 @@ use tracing::warn;
 
 use crate::control::{self, Control, SetError};
 use crate::fleet::Fleet;
+use crate::rollout::Rollouts;
 
 pub type SharedFleet = Arc<Mutex<Fleet>>;
 pub type SharedControl = Arc<Mutex<Control>>;
+pub type SharedRollouts = Arc<Mutex<Rollouts>>;
 
 /// The relay replica's counters (exported on `/metrics`).
 #[derive(Debug, Default)]
@@ -42,6 +44,8 @@ pub enum Poisoned {
     Fleet,
     #[error("control state poisoned")]
     Control,
+    #[error("rollout state poisoned")]
+    Rollouts,
 }
 
 /// The handles every part of the relay shares; cheap to clone.
@@ -50,8 +54,11 @@ pub struct RelayState {
     pub fleet: SharedFleet,
     pub control: SharedControl,
     pub stats: Arc<RelayStats>,
-    /// Signs every config document the relay publishes.
+    /// Signs every config and rollout document the relay publishes.
     pub signer: Arc<Signer>,
+    pub rollouts: SharedRollouts,
+    /// Where rollouts are persisted and their files kept (`None`: in memory only, for tests).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl RelayState {
@@ -61,6 +68,38 @@ impl RelayState {
             control: Arc::new(Mutex::new(control)),
             stats: Arc::new(RelayStats::default()),
             signer: Arc::new(signer),
+            rollouts: Arc::new(Mutex::new(Rollouts::default())),
+            state_dir: None,
+        }
+    }
+
+    /// Rollouts restored from (and persisted to) `state_dir`.
+    pub fn with_rollouts(mut self, rollouts: Rollouts, state_dir: std::path::PathBuf) -> Self {
+        self.rollouts = Arc::new(Mutex::new(rollouts));
+        self.state_dir = Some(state_dir);
+        self
+    }
+
+    pub fn rollouts(&self) -> Result<MutexGuard<'_, Rollouts>, Poisoned> {
+        self.rollouts.lock().map_err(|_| Poisoned::Rollouts)
+    }
+
+    /// Persists the rollouts (held locked by the caller) and publishes `docs`, signed. A state
+    /// that cannot be saved is logged; the documents still go out (a device acting on them is
+    /// what the relay decided).
+    pub fn after_rollout_change(
+        &self,
+        client: &Publisher,
+        rollouts: &Rollouts,
+        docs: &[tierd_protocol::RolloutDocument],
+    ) {
+        if let Some(dir) = &self.state_dir {
+            if let Err(e) = crate::rollout::store::save(dir, rollouts) {
+                warn!(error = %e, "cannot persist the rollouts");
+            }
+        }
+        for doc in docs {
+            publish_rollout(client, &self.signer, doc);
         }
     }
 
@@ -145,6 +184,29 @@ impl RelayState {
     /// Publishes a device's config document, signed with the relay's key.
     pub fn publish_config(&self, client: &Publisher, doc: &ConfigDocument) {
         publish_config(client, &self.signer, doc);
+    }
+}
+
+/// Publishes a device's rollout document, signed by `signer`, retained, QoS 1.
+pub fn publish_rollout(client: &Publisher, signer: &Signer, doc: &tierd_protocol::RolloutDocument) {
+    let topic = match Topic::new(&doc.device_id, TopicKind::Rollout) {
+        Ok(t) => t.to_string(),
+        Err(e) => {
+            warn!(error = %e, "rollout document not published");
+            return;
+        }
+    };
+    let payload = signer.sign_bytes(&String::from_utf8_lossy(&doc.to_json()));
+    if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, true, payload) {
+        warn!(device = %doc.device_id, error = %e, "cannot queue the rollout document");
+    } else {
+        tracing::info!(
+            device = %doc.device_id,
+            rollout = %doc.rollout_id,
+            stage = doc.stage.as_str(),
+            version = doc.version,
+            "rollout document published"
+        );
     }
 }
 

@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::message::{
     ConfigAck, DeviceStatus, EscalationReply, EscalationRequest, SpoolAck, Spooled,
 };
+use crate::rollout::{ModelChunk, ModelFetch, RolloutAck, ShadowReport, MAX_CHUNK_BYTES};
 use crate::telemetry::{CalibrationReport, TelemetryReport};
 
 /// Version of the framing and message schema. Bumped on any incompatible change.
@@ -81,6 +82,32 @@ impl WireMessage for TelemetryReport {
     // A full report is ~200 bytes (205 measured); the slack covers long meter errors and labels.
     const MAX_BYTES: usize = 16 * 1024;
     const NAME: &'static str = "telemetry report";
+}
+
+impl WireMessage for ModelFetch {
+    const KIND: u8 = 9;
+    const MAX_BYTES: usize = 256;
+    const NAME: &'static str = "model fetch";
+}
+
+impl WireMessage for ModelChunk {
+    const KIND: u8 = 10;
+    // A chunk at its limit plus the sha256, offsets and length prefix.
+    const MAX_BYTES: usize = MAX_CHUNK_BYTES as usize + 256;
+    const NAME: &'static str = "model chunk";
+}
+
+impl WireMessage for RolloutAck {
+    const KIND: u8 = 11;
+    const MAX_BYTES: usize = 2048;
+    const NAME: &'static str = "rollout ack";
+}
+
+impl WireMessage for ShadowReport {
+    const KIND: u8 = 12;
+    // 20 bins x 2 models x 2 varints, edges and names: under 1 KiB.
+    const MAX_BYTES: usize = 8 * 1024;
+    const NAME: &'static str = "shadow report";
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

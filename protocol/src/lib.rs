@@ -6,6 +6,8 @@
 //! - [`message`]: every message that crosses MQTT, as plain serde types;
 //! - [`telemetry`]: the periodic report each agent publishes (counts, latency, energy);
 //! - [`config`]: the remote config document (JSON, retained) and its value ranges;
+//! - [`rollout`]: model rollout over the air (the signed rollout document, chunked transfer,
+//!   the agent's acks and shadow evidence);
 //! - [`codec`]: framing (version byte + kind byte + postcard body) with size limits checked
 //!   *before* anything is decoded.
 //!
@@ -16,6 +18,7 @@ pub mod cascade;
 pub mod codec;
 pub mod config;
 pub mod message;
+pub mod rollout;
 pub mod signed;
 pub mod telemetry;
 pub mod topic;
@@ -24,6 +27,9 @@ pub use cascade::{top1, FallbackReason, Signal, Tier, UnknownLabel};
 pub use codec::{decode, encode, WireError, WireMessage, WIRE_VERSION};
 pub use config::{ConfigDocError, ConfigDocument, Settings};
 pub use message::*;
+pub use rollout::{
+    ModelChunk, ModelFetch, RolloutAck, RolloutDocument, RolloutPhase, RolloutStage, ShadowReport,
+};
 pub use signed::{PublicKey, SignedError, Signer};
 pub use telemetry::*;
 pub use topic::{Topic, TopicError, TopicKind};

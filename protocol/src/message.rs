@@ -203,13 +203,19 @@ pub enum RecordKind {
     Telemetry,
     Calibration,
     ConfigAck,
+    /// A [`crate::RolloutAck`].
+    RolloutAck,
+    /// A [`crate::ShadowReport`].
+    Shadow,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 3] = [
+    pub const ALL: [RecordKind; 5] = [
         RecordKind::Telemetry,
         RecordKind::Calibration,
         RecordKind::ConfigAck,
+        RecordKind::RolloutAck,
+        RecordKind::Shadow,
     ];
 
     /// The byte the agent's spool stores for this kind.

@@ -250,6 +250,15 @@ pub fn verify(payload: &[u8], trusted: &[PublicKey]) -> Result<ConfigDocument, S
     if payload.len() > MAX_SIGNED_BYTES {
         return Err(SignedError::TooLarge(payload.len()));
     }
+    let doc = verify_envelope(payload, trusted)?;
+    Ok(ConfigDocument::from_json(doc.as_bytes())?)
+}
+
+/// Checks `payload` is an envelope signed by one of `trusted` and returns the document text it
+/// signs, unparsed: for documents other than config ([`crate::rollout`]), which check their
+/// own size first and parse it themselves. Each document type refuses the others' fields
+/// (`deny_unknown_fields`), so one signed by the same key cannot be taken for another.
+pub fn verify_envelope(payload: &[u8], trusted: &[PublicKey]) -> Result<String, SignedError> {
     if trusted.is_empty() {
         return Err(SignedError::NoTrustedKeys);
     }
@@ -276,7 +285,7 @@ pub fn verify(payload: &[u8], trusted: &[PublicKey]) -> Result<ConfigDocument, S
     if !key.verifies(envelope.doc.as_bytes(), &sig) {
         return Err(SignedError::BadSignature(key.key_id()));
     }
-    Ok(ConfigDocument::from_json(envelope.doc.as_bytes())?)
+    Ok(envelope.doc)
 }
 
 /// Signatures of model manifests: a detached `<manifest>.sig` file beside the manifest, a

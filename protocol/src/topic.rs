@@ -9,6 +9,9 @@
 //! | `tierd/v1/{device}/config/ack` | agent → relay | 1 | no | [`Spooled`](crate::Spooled) [`ConfigAck`](crate::ConfigAck) |
 //! | `tierd/v1/{device}/ack` | relay → agent | 1 | no | [`SpoolAck`](crate::SpoolAck) |
 //! | `tierd/v1/{device}/status` | agent (and its last will) | 1 | yes | [`DeviceStatus`](crate::DeviceStatus) |
+//! | `tierd/v1/{device}/rollout` | relay → agent | 1 | yes | [`RolloutDocument`](crate::RolloutDocument) (JSON, signed) |
+//! | `tierd/v1/{device}/model/fetch` | agent → relay (shared subscription) | 0 | no | [`ModelFetch`](crate::ModelFetch) |
+//! | `tierd/v1/{device}/model/chunk` | relay → agent | 0 | no | [`ModelChunk`](crate::ModelChunk) |
 //!
 //! Escalations use QoS 0 on purpose: an escalation is bound by a deadline of a few hundred
 //! milliseconds, QoS 1 redelivery would arrive after the caller was already answered, and embedded
@@ -32,6 +35,9 @@ pub const MAX_DEVICE_ID_LEN: usize = 64;
 /// Shared-subscription group the relays join, so several replicas split escalations.
 pub const RELAY_SHARE_GROUP: &str = "tierd-relay";
 
+/// Shared-subscription group for model fetches (one relay answers each chunk request).
+pub const MODEL_SHARE_GROUP: &str = "tierd-relay-models";
+
 /// What a topic carries, independent of the device it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TopicKind {
@@ -42,6 +48,9 @@ pub enum TopicKind {
     ConfigAck,
     SpoolAck,
     Status,
+    Rollout,
+    ModelFetch,
+    ModelChunk,
 }
 
 impl TopicKind {
@@ -55,10 +64,13 @@ impl TopicKind {
             TopicKind::ConfigAck => "config/ack",
             TopicKind::SpoolAck => "ack",
             TopicKind::Status => "status",
+            TopicKind::Rollout => "rollout",
+            TopicKind::ModelFetch => "model/fetch",
+            TopicKind::ModelChunk => "model/chunk",
         }
     }
 
-    const ALL: [TopicKind; 7] = [
+    const ALL: [TopicKind; 10] = [
         TopicKind::Escalate,
         TopicKind::EscalateReply,
         TopicKind::Telemetry,
@@ -66,6 +78,9 @@ impl TopicKind {
         TopicKind::ConfigAck,
         TopicKind::SpoolAck,
         TopicKind::Status,
+        TopicKind::Rollout,
+        TopicKind::ModelFetch,
+        TopicKind::ModelChunk,
     ];
 }
 
