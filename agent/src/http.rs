@@ -262,7 +262,8 @@ async fn repository_index(State(state): State<Arc<AppState>>) -> Json<Value> {
         state
             .cascades()
             .map(|c| {
-                let m = c.model().manifest();
+                let model = c.model();
+                let m = model.manifest();
                 json!({ "name": m.name, "version": m.version, "state": "READY" })
             })
             .collect(),
@@ -292,16 +293,17 @@ fn check_model<'a>(
     version: Option<&str>,
 ) -> Result<&'a ModelCascade, ApiError> {
     let Some(cascade) = state.cascades().find(|c| c.model().manifest().name == name) else {
-        let served: Vec<&str> = state
+        let served: Vec<String> = state
             .cascades()
-            .map(|c| c.model().manifest().name.as_str())
+            .map(|c| c.model().manifest().name.clone())
             .collect();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("unknown model {name:?}; this agent serves {served:?}"),
         ));
     };
-    let m = cascade.model().manifest();
+    let model = cascade.model();
+    let m = model.manifest();
     if let Some(v) = version {
         if v != m.version {
             return Err(ApiError::new(
@@ -335,7 +337,8 @@ fn metadata(
     name: &str,
     version: Option<&str>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
-    let m = check_model(state, name, version)?.model().manifest();
+    let model = check_model(state, name, version)?.model();
+    let m = model.manifest();
     let shape: Vec<i64> = m.input.shape.iter().map(|&d| d as i64).collect();
     Ok(Json(ModelMetadata {
         name: m.name.clone(),
@@ -450,7 +453,8 @@ async fn infer_checked(
         ),
     };
     let (req, binary) = oip::parse_request(body, header_len).map_err(|e| bad(e.0))?;
-    let manifest = cascade.model().manifest();
+    let model = cascade.model();
+    let manifest = model.manifest();
     if let Some(outputs) = &req.outputs {
         if let Some(o) = outputs.iter().find(|o| o.name != manifest.output.name) {
             return Err(bad(format!(

@@ -33,6 +33,7 @@ pub mod model_init;
 pub mod oip;
 pub mod policy;
 pub mod remote_config;
+pub mod rollout;
 pub mod spool;
 pub mod telemetry;
 
@@ -153,6 +154,7 @@ struct Tasks {
     telemetry: Option<JoinHandle<()>>,
     forward: JoinHandle<()>,
     config: JoinHandle<()>,
+    rollout: JoinHandle<()>,
 }
 
 /// A started agent: model verified, port bound, MQTT connecting in the background.
@@ -253,18 +255,24 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         config.validate()?;
         tierd_runtime::mqtt::install_crypto_provider();
-        let model = Model::load_trusted(&config.model.manifest, &config.model.trusted_keys)?;
-        info!(model = %model.id(), golden = model.manifest().golden.len(), "model verified");
-        let extra_models = load_extra_models(&config, &model)?;
+        let configured = Model::load_trusted(&config.model.manifest, &config.model.trusted_keys)?;
+        info!(model = %configured.id(), golden = configured.manifest().golden.len(), "model verified");
+        let extra_models = load_extra_models(&config, &configured)?;
         let boot_id = tierd_runtime::unix_ms();
         let state_dir = config.state_dir();
+        // A model a rollout promoted serves instead, if it still verifies.
+        let (model, refused) =
+            rollout::starting_model(&state_dir, configured, &config.model.trusted_keys);
+        if let Some(why) = refused {
+            tracing::warn!(%why, "serving the model agent.toml names");
+        }
         let sink = open_spool(&state_dir, config.spool.max_bytes)?;
         let (threshold, from) = config.cascade.start_threshold(model.manifest());
         info!(threshold, from, "starting threshold");
         let remote =
             restore_policy(&config, &state_dir, threshold).with_primary(&model.manifest().name);
         let options = config.mqtt.options(&config.default_client_id())?;
-        let served = extra_models
+        let served: Vec<tierd_protocol::ServedModel> = extra_models
             .iter()
             .map(|(_, m)| tierd_protocol::ServedModel {
                 model: m.id(),
@@ -278,7 +286,7 @@ impl Agent {
             config.cascade.max_in_flight,
             boot_id,
             link::model_calibration(model.manifest()),
-            served,
+            served.clone(),
         )?;
         let listener =
             TcpListener::bind(config.http.listen)
@@ -294,10 +302,43 @@ impl Agent {
             remote.policy().audit_rate,
             config.cascade.max_audits_per_second,
         ));
+        let primary = Cascade::new(
+            model,
+            mqtt.escalator.clone(),
+            policy_rx.clone(),
+            evidence.clone(),
+            recorder.clone(),
+        );
+        let serving = primary.serving();
+        let rollout_task = tokio::spawn(rollout::run(
+            rollout::Rollouts {
+                state_dir: state_dir.clone(),
+                device_id: config.device_id.clone(),
+                relay_keys: config.remote_config.trusted_keys.clone(),
+                model_keys: config.model.trusted_keys.clone(),
+                configured_manifest: config.model.manifest.clone(),
+                serving: serving.clone(),
+                sink: sink.clone(),
+                fetcher: rollout::fetch::Fetcher {
+                    publisher: mqtt.link.publisher(),
+                    topic: tierd_protocol::Topic::new(
+                        &config.device_id,
+                        tierd_protocol::TopicKind::ModelFetch,
+                    )?
+                    .to_string(),
+                    chunks: mqtt.chunks,
+                },
+                announcer: mqtt.announcer,
+                further: served,
+                max_shadow_per_second: config.cascade.max_audits_per_second,
+            },
+            mqtt.rollout,
+            reached(stage_rx.clone(), Stage::Disconnect),
+        ));
         let forward = tokio::spawn(forward::run(
             forward::Forwarder {
                 sink: sink.clone(),
-                publisher: mqtt.publisher(),
+                publisher: mqtt.link.publisher(),
                 device_id: config.device_id.clone(),
                 acks: mqtt.acks,
                 resend_after: Duration::from_secs_f64(config.spool.resend_after_s),
@@ -365,7 +406,7 @@ impl Agent {
             let reporter = Reporter {
                 device_id: config.device_id.clone(),
                 boot_id,
-                model: model.id(),
+                serving: serving.clone(),
                 recorder: recorder.clone(),
                 evidence: evidence.clone(),
                 further: further_evidence,
@@ -405,13 +446,7 @@ impl Agent {
             ));
         }
         let state = Arc::new(AppState {
-            cascade: Cascade::new(
-                model,
-                mqtt.escalator,
-                policy_rx.clone(),
-                evidence,
-                recorder.clone(),
-            ),
+            cascade: primary,
             extra,
             admission: Admission::new(config.http.max_concurrent, config.http.max_queued),
             recorder,
@@ -429,6 +464,7 @@ impl Agent {
                 telemetry,
                 forward,
                 config: config_task,
+                rollout: rollout_task,
             },
             flush_timeout: Duration::from_secs_f64(config.spool.flush_timeout_s),
             spool: sink,
@@ -512,6 +548,7 @@ impl Agent {
             telemetry,
             forward,
             config,
+            rollout,
         } = self.tasks;
         self.stage.send_replace(Stage::FinalReport);
         if let Some(t) = telemetry {
@@ -523,6 +560,7 @@ impl Agent {
         info!("closing MQTT");
         self.stage.send_replace(Stage::Disconnect);
         let _ = config.await;
+        let _ = rollout.await;
         self.link.shutdown(Duration::from_secs(2)).await;
         Ok(())
     }

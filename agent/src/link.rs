@@ -69,6 +69,42 @@ pub struct AgentLink {
     pub config: mpsc::Receiver<Publish>,
     /// Cumulative spool acknowledgements from the relay.
     pub acks: mpsc::Receiver<Publish>,
+    /// Rollout documents (retained; one per stage change).
+    pub rollout: mpsc::Receiver<Publish>,
+    /// Chunks of a model being fetched.
+    pub chunks: mpsc::Receiver<Publish>,
+    /// Re-announces the status when the models served change.
+    pub announcer: Announcer,
+}
+
+/// Publishes the online status again with other models, and makes it the one every later
+/// connect publishes.
+#[derive(Clone)]
+pub struct Announcer {
+    on_connect: tierd_runtime::link::OnConnect,
+    publisher: Publisher,
+    topic: String,
+    boot_id: u64,
+}
+
+impl Announcer {
+    pub fn announce(&self, model: Option<ModelCalibration>, models: Vec<ServedModel>) {
+        let m = Message {
+            topic: self.topic.clone(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            payload: Bytes::from(status_payload(true, self.boot_id, "", model, models)),
+        };
+        if let Ok(mut slot) = self.on_connect.lock() {
+            *slot = vec![m.clone()];
+        }
+        if let Err(e) = self
+            .publisher
+            .try_publish(&m.topic, m.qos, m.retain, m.payload)
+        {
+            tracing::warn!(error = %e, "cannot queue the status; the next connect publishes it");
+        }
+    }
 }
 
 impl AgentLink {
@@ -116,6 +152,9 @@ pub fn start(
     // only ever drops something a later message supersedes.
     let config = routes.channel(TopicKind::Config, 8);
     let acks = routes.channel(TopicKind::SpoolAck, 64);
+    let rollout = routes.channel(TopicKind::Rollout, 8);
+    // The fetcher keeps a few chunk requests in flight; late or surplus chunks are asked again.
+    let chunks = routes.channel(TopicKind::ModelChunk, 32);
     let status = |online, reason| Message {
         topic: status_topic.clone(),
         qos: QoS::AtLeastOnce,
@@ -130,14 +169,17 @@ pub fn start(
     };
     // The request queue only buffers our own publishes; in-flight escalations are bounded by the
     // escalator's semaphore and spooled records by the forwarder's window.
+    let on_connect = tierd_runtime::link::on_connect(vec![status(true, "")]);
     let link = Link::open(options, max_in_flight.clamp(16, 4096) + 64).start(LinkOptions {
         subscriptions: vec![
             Filter::new(topic(TopicKind::EscalateReply)?, QoS::AtMostOnce),
             Filter::new(topic(TopicKind::Config)?, QoS::AtLeastOnce),
             Filter::new(topic(TopicKind::SpoolAck)?, QoS::AtLeastOnce),
+            Filter::new(topic(TopicKind::Rollout)?, QoS::AtLeastOnce),
+            Filter::new(topic(TopicKind::ModelChunk)?, QoS::AtMostOnce),
         ],
         routes,
-        on_connect: vec![status(true, "")],
+        on_connect: on_connect.clone(),
         on_stop: vec![status(false, "stopped")],
         ready_line: "connected to MQTT broker",
         lost_line: "MQTT connection lost; escalations fall back to the edge until it returns",
@@ -161,10 +203,19 @@ pub fn start(
             });
         }
     });
+    let announcer = Announcer {
+        on_connect,
+        publisher: link.publisher(),
+        topic: status_topic.clone(),
+        boot_id,
+    };
     Ok(AgentLink {
         link,
         escalator,
         config,
         acks,
+        rollout,
+        chunks,
+        announcer,
     })
 }

@@ -385,7 +385,8 @@ pub struct Reporter {
     pub device_id: String,
     /// Identifies this agent run (Unix ms at start); shared with the status messages.
     pub boot_id: u64,
-    pub model: String,
+    /// The primary model serving (a rollout may switch it) and its shadow, if any.
+    pub serving: Arc<crate::cascade::Serving<tierd_runtime::Model>>,
     pub recorder: Arc<Recorder>,
     pub evidence: Arc<crate::evidence::Evidence>,
     /// The further models' evidence, each sent as its own calibration report.
@@ -486,7 +487,7 @@ pub async fn run(
             seq,
             window_start_ms: start_ms,
             window_end_ms: end_ms,
-            model: r.model.clone(),
+            model: r.serving.model().id(),
             policy: *r.policy.borrow(),
             totals,
             previous_totals: prev_totals,
@@ -514,7 +515,17 @@ pub async fn run(
             Err(e) => warn!(seq, error = %e, "telemetry report cannot be encoded"),
         }
         let header = (r.device_id.as_str(), boot_id, seq);
-        send_calibration(&sink, header, &r.model, &r.evidence, &inputs.policy);
+        send_calibration(&sink, header, &inputs.model, &r.evidence, &inputs.policy);
+        if let Some(shadow) = crate::rollout::shadow_report(&r.serving, header) {
+            match encode(&shadow) {
+                Ok(bytes) => {
+                    if let Err(e) = sink.send(RecordKind::Shadow, bytes) {
+                        warn!(seq, error = %e, "shadow report not spooled");
+                    }
+                }
+                Err(e) => warn!(seq, error = %e, "shadow report cannot be encoded"),
+            }
+        }
         for m in &r.further {
             let policy = *m.policy.borrow();
             send_calibration(&sink, header, &m.model, &m.evidence, &policy);

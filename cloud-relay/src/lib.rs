@@ -325,7 +325,7 @@ fn start_mqtt(
     let link = link.start(LinkOptions {
         subscriptions,
         routes,
-        on_connect: Vec::new(),
+        on_connect: tierd_runtime::link::on_connect(Vec::new()),
         on_stop: Vec::new(),
         ready_line: "connected; taking escalations",
         lost_line: "MQTT connection lost; reconnecting",

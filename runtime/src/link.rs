@@ -78,13 +78,22 @@ impl Routes {
     }
 }
 
+/// The messages published after every connect, replaceable while the link runs.
+pub type OnConnect = Arc<std::sync::Mutex<Vec<Message>>>;
+
+/// `messages` as the link's [`OnConnect`].
+pub fn on_connect(messages: Vec<Message>) -> OnConnect {
+    Arc::new(std::sync::Mutex::new(messages))
+}
+
 /// What the link is asked to do; built by each daemon's composition root.
 pub struct LinkOptions {
     /// Subscribed, in one SUBSCRIBE, after every connect.
     pub subscriptions: Vec<Filter>,
     pub routes: Routes,
-    /// Published after every confirmed subscription (e.g. a retained "online" status).
-    pub on_connect: Vec<Message>,
+    /// Published after every confirmed subscription (e.g. a retained "online" status); the
+    /// owner may replace them while the link runs (a new model announced in the status).
+    pub on_connect: OnConnect,
     /// Published before the clean DISCONNECT, if connected (e.g. a retained "stopped").
     pub on_stop: Vec<Message>,
     /// The INFO line logged each time the subscriptions are confirmed (a readiness signal).
@@ -439,7 +448,7 @@ struct EventLoopIo {
     eventloop: EventLoop,
     subscriptions: Vec<Filter>,
     routes: Routes,
-    on_connect: Vec<Message>,
+    on_connect: OnConnect,
     on_stop: Vec<Message>,
     ready_line: &'static str,
     lost_line: &'static str,
@@ -500,7 +509,12 @@ impl EventLoopIo {
                     }
                     self.set_connected(true);
                     info!("{}", self.ready_line);
-                    self.publish_all(&self.on_connect);
+                    let messages = self
+                        .on_connect
+                        .lock()
+                        .map(|m| m.clone())
+                        .unwrap_or_default();
+                    self.publish_all(&messages);
                 }
                 Step::Backoff { delay, .. } => {
                     self.set_connected(false);
@@ -676,7 +690,7 @@ mod tests {
             eventloop,
             subscriptions: vec![],
             routes,
-            on_connect: vec![],
+            on_connect: on_connect(vec![]),
             on_stop: vec![],
             ready_line: "",
             lost_line: "",

@@ -10,4 +10,4 @@ pub mod rule;
 pub mod service;
 
 pub use rule::*;
-pub use service::{Cascade, EdgeModel, Outcome};
+pub use service::{Cascade, EdgeModel, Outcome, Serving};

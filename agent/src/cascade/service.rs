@@ -10,7 +10,7 @@
 //! every fallback reason with fakes.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tierd_protocol::{EscalationKind, LatencySeries, Tensor};
@@ -21,10 +21,13 @@ use super::rule::{self, Answer, Signal};
 use crate::escalation::Escalate;
 use crate::evidence::Evidence;
 use crate::policy::Policy;
+use crate::rollout::shadow::{Pair, Shadow};
 use crate::telemetry::Recorder;
 
-/// The edge model as the cascade sees it; [`tierd_runtime::Model`] in production.
-pub trait EdgeModel: Send + Sync + 'static {
+/// The edge model as the cascade sees it; [`tierd_runtime::Model`] in production. Cheap to
+/// clone (the cascade hands a copy to each request, so a rollout can switch models between
+/// requests).
+pub trait EdgeModel: Clone + Send + Sync + 'static {
     /// `name:version`, sent with escalations so the relay knows what answered first.
     fn id(&self) -> String;
     fn predict(&self, input: &Tensor) -> Result<Prediction, InputError>;
@@ -59,10 +62,51 @@ pub struct Outcome {
 /// Audits are not waited on by anyone, so they may take longer than a caller would.
 const MIN_AUDIT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The model serving and the candidate shadowing it, if any: swapped between requests by a
+/// rollout (`crate::rollout`), read by every request.
+pub struct Serving<M> {
+    model: RwLock<M>,
+    shadow: RwLock<Option<Arc<Shadow<M>>>>,
+}
+
+impl<M: EdgeModel> Serving<M> {
+    pub fn new(model: M) -> Self {
+        Serving {
+            model: RwLock::new(model),
+            shadow: RwLock::new(None),
+        }
+    }
+
+    /// The model serving now.
+    pub fn model(&self) -> M {
+        match self.model.read() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Serves `model` from the next request on (requests in flight finish on the old one).
+    pub fn switch(&self, model: M) {
+        match self.model.write() {
+            Ok(mut m) => *m = model,
+            Err(p) => *p.into_inner() = model,
+        }
+    }
+
+    pub fn shadow(&self) -> Option<Arc<Shadow<M>>> {
+        self.shadow.read().ok().and_then(|s| s.clone())
+    }
+
+    pub fn set_shadow(&self, shadow: Option<Arc<Shadow<M>>>) {
+        if let Ok(mut s) = self.shadow.write() {
+            *s = shadow;
+        }
+    }
+}
+
 /// The cascade over an edge model `M` and a cloud path `E`.
 pub struct Cascade<M, E> {
-    model: M,
-    model_id: String,
+    serving: Arc<Serving<M>>,
     escalator: Arc<E>,
     policy: watch::Receiver<Policy>,
     evidence: Arc<Evidence>,
@@ -78,8 +122,7 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
         recorder: Arc<Recorder>,
     ) -> Self {
         Cascade {
-            model_id: model.id(),
-            model,
+            serving: Arc::new(Serving::new(model)),
             escalator: Arc::new(escalator),
             policy,
             evidence,
@@ -87,8 +130,14 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
         }
     }
 
-    pub fn model(&self) -> &M {
-        &self.model
+    /// The model serving now.
+    pub fn model(&self) -> M {
+        self.serving.model()
+    }
+
+    /// What a rollout switches and shadows.
+    pub fn serving(&self) -> Arc<Serving<M>> {
+        self.serving.clone()
     }
 
     pub fn escalator(&self) -> &E {
@@ -98,7 +147,8 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
     /// Runs the cascade for one input. `started` is when the request arrived (for the per-path
     /// latency). An input the model refuses is an error; every cloud failure is a fallback.
     pub async fn infer(&self, input: Tensor, started: Instant) -> Result<Outcome, InputError> {
-        let edge = self.model.predict(&input)?;
+        let model = self.serving.model();
+        let edge = model.predict(&input)?;
         let recorder = &self.recorder;
         recorder.record(LatencySeries::StageForward, edge.compute);
 
@@ -106,6 +156,12 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
         let confidence = rule::confidence(&edge.probabilities, policy.signal);
         let escalate = rule::should_escalate(confidence, policy.threshold);
         let edge_top1 = rule::top1(&edge.probabilities);
+        // A candidate in shadow sees a copy of a sampled request, off the request path.
+        let shadow = self
+            .serving
+            .shadow()
+            .filter(|s| s.sample())
+            .map(|s| (s, input.clone()));
         let (cloud, escalation) = if escalate {
             let t = Instant::now();
             let r = self
@@ -113,7 +169,7 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
                 .ask(
                     EscalationKind::Escalation,
                     input,
-                    self.model_id.clone(),
+                    model.id(),
                     edge.probabilities.clone(),
                     policy.escalation_timeout,
                 )
@@ -123,11 +179,30 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
             let agree = r.as_ref().ok().map(|p| rule::top1(p) == edge_top1);
             self.evidence
                 .record_escalated(confidence, policy.threshold, agree);
+            if let (Some((s, copy)), Ok(cloud)) = (shadow, &r) {
+                spawn_shadow(
+                    s,
+                    copy,
+                    confidence,
+                    edge_top1,
+                    policy.signal,
+                    Label::<E>::Known(rule::top1(cloud)),
+                );
+            }
             (Some(r), Some(took))
         } else {
             self.evidence.record_local(confidence, policy.threshold);
+            if let Some((s, copy)) = shadow {
+                let ask = Label::Ask {
+                    escalator: self.escalator.clone(),
+                    model: model.id(),
+                    edge: edge.probabilities.clone(),
+                    timeout: policy.escalation_timeout.max(MIN_AUDIT_TIMEOUT),
+                };
+                spawn_shadow(s, copy, confidence, edge_top1, policy.signal, ask);
+            }
             if self.evidence.should_audit() {
-                self.spawn_audit(input, &edge.probabilities, confidence, &policy);
+                self.spawn_audit(input, &model.id(), &edge.probabilities, confidence, &policy);
             }
             (None, None)
         };
@@ -149,11 +224,18 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
 
     /// Sends a locally answered request to the cloud in the background and records whether the
     /// cloud agreed. The caller already has its answer; a failed audit is simply not counted.
-    fn spawn_audit(&self, input: Tensor, edge: &[f32], confidence: f32, policy: &Policy) {
+    fn spawn_audit(
+        &self,
+        input: Tensor,
+        model: &str,
+        edge: &[f32],
+        confidence: f32,
+        policy: &Policy,
+    ) {
         let escalator = self.escalator.clone();
         let evidence = self.evidence.clone();
         let recorder = self.recorder.clone();
-        let model = self.model_id.clone();
+        let model = model.to_string();
         let probs = edge.to_vec();
         let edge_top1 = rule::top1(&probs);
         let timeout = policy.escalation_timeout.max(MIN_AUDIT_TIMEOUT);
@@ -169,6 +251,58 @@ impl<M: EdgeModel, E: Escalate> Cascade<M, E> {
     }
 }
 
+/// Where a shadowed request's cloud label comes from.
+enum Label<E> {
+    /// The serving model escalated it: the cloud's top class.
+    Known(usize),
+    /// It was answered locally: ask the cloud in the background (an audit).
+    Ask {
+        escalator: Arc<E>,
+        model: String,
+        edge: Vec<f32>,
+        timeout: Duration,
+    },
+}
+
+/// Runs the candidate on a copy of a sampled request and records the pair once the cloud's
+/// label is known; never waited on by the caller. A request without a label (the cloud did
+/// not answer) or that the candidate refuses is not counted.
+fn spawn_shadow<M: EdgeModel, E: Escalate>(
+    shadow: Arc<Shadow<M>>,
+    input: Tensor,
+    current_confidence: f32,
+    current_top1: usize,
+    signal: Signal,
+    label: Label<E>,
+) {
+    tokio::spawn(async move {
+        let Ok(candidate) = shadow.candidate.predict(&input) else {
+            return;
+        };
+        let cloud_top1 = match label {
+            Label::Known(c) => c,
+            Label::Ask {
+                escalator,
+                model,
+                edge,
+                timeout,
+            } => match escalator
+                .ask(EscalationKind::Audit, input, model, edge, timeout)
+                .await
+            {
+                Ok(cloud) => rule::top1(&cloud),
+                Err(_) => return,
+            },
+        };
+        shadow.record(Pair {
+            current_confidence,
+            current_agrees: current_top1 == cloud_top1,
+            candidate_confidence: rule::confidence(&candidate.probabilities, signal),
+            candidate_agrees: rule::top1(&candidate.probabilities) == cloud_top1,
+        });
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -179,6 +313,7 @@ mod tests {
     use crate::cascade::{CloudResult, FallbackReason, Tier};
 
     /// An edge model that answers fixed probabilities, or refuses inputs of the wrong length.
+    #[derive(Clone)]
     struct FakeModel(Vec<f32>);
 
     impl EdgeModel for FakeModel {

@@ -385,7 +385,14 @@ pub(super) fn add_window(
             .entry(model_name(&c.model).to_string())
             .or_insert_with(fresh)
     };
-    cal.model = c.model.clone();
+    if cal.model != c.model {
+        // Another version of the model (a rollout promoted it): the old one's evidence says
+        // nothing about it.
+        tracing::info!(device = %rec.device_id, from = %cal.model, to = %c.model, "new model version: its evidence starts over");
+        cal.windows.clear();
+        cal.offline_trust = OfflineTrust::Trusted;
+        cal.model = c.model.clone();
+    }
     cal.running = running;
     let counted: u64 = c.bins.iter().map(|b| b.escalated + b.local).sum();
     if cal.last_window.0 != c.boot_id {

@@ -1,0 +1,133 @@
+//! Fetching a candidate's file from the relay in chunks over the MQTT link (I/O).
+//!
+//! The download resumes from whatever is on disk (`store::have`): after a lost link, an agent
+//! restart or a relay restart it asks for the range after the bytes it has. A few requests are
+//! kept in flight; a chunk that does not come within [`CHUNK_TIMEOUT`] is asked for again, so a
+//! dead broker just pauses the download until the link is back. Chunks are written in order;
+//! nothing in them is trusted until the whole file's size and sha256 match (`store::finish`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::QoS;
+use tierd_protocol::rollout::{ChunkBody, MAX_CHUNK_BYTES};
+use tierd_protocol::{decode, encode, ModelChunk, ModelFetch};
+use tierd_runtime::link::Publisher;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use super::store::{self, Paths};
+
+/// Requests in flight at once.
+const WINDOW: u64 = 4;
+/// How long to wait for a chunk before asking again.
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(3);
+/// The relay refusing this many times in a row ends the download.
+const MAX_REFUSALS: u32 = 3;
+
+/// Asks for chunks on the device's `model/fetch` topic and takes them from `chunks`.
+pub struct Fetcher {
+    pub publisher: Publisher,
+    /// `tierd/v1/{device}/model/fetch`.
+    pub topic: String,
+    pub chunks: mpsc::Receiver<Publish>,
+}
+
+impl Fetcher {
+    fn ask(&self, rollout_id: &str, sha256: &str, offset: u64, total: u64) {
+        let len = (total - offset).min(u64::from(MAX_CHUNK_BYTES)) as u32;
+        let req = ModelFetch {
+            rollout_id: rollout_id.to_string(),
+            sha256: sha256.to_string(),
+            offset,
+            len,
+        };
+        if let Ok(bytes) = encode(&req) {
+            if let Err(e) = self
+                .publisher
+                .try_publish(&self.topic, QoS::AtMostOnce, false, bytes)
+            {
+                debug!(offset, error = %e, "model fetch not queued; asked again later");
+            }
+        }
+    }
+
+    /// Downloads the file into `paths.part` until it is `total` bytes; `progress` is told the
+    /// bytes on disk now and then. Cancel-safe: dropping the future keeps what was written.
+    pub async fn fetch(
+        &mut self,
+        rollout_id: &str,
+        sha256: &str,
+        total: u64,
+        paths: &Paths,
+        mut progress: impl FnMut(u64),
+    ) -> Result<(), String> {
+        let chunk = u64::from(MAX_CHUNK_BYTES);
+        let mut have = store::have(paths, total);
+        // Chunks ahead of `have` (arrived out of order), and the next offset to ask for.
+        let mut ahead: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut next = have;
+        let mut refusals = 0;
+        let mut reported = have;
+        while have < total {
+            while next < total && next < have + WINDOW * chunk {
+                if !ahead.contains_key(&next) {
+                    self.ask(rollout_id, sha256, next, total);
+                }
+                next += chunk;
+            }
+            let c = tokio::select! {
+                p = self.chunks.recv() => match p {
+                    Some(p) => match decode::<ModelChunk>(&p.payload) {
+                        Ok(c) => c,
+                        Err(_) => continue,
+                    },
+                    None => return Err("the MQTT link has stopped".into()),
+                },
+                _ = tokio::time::sleep(CHUNK_TIMEOUT) => {
+                    // Lost requests or chunks (or no link): ask for the window again.
+                    next = have;
+                    continue;
+                }
+            };
+            if !c.sha256.eq_ignore_ascii_case(sha256) || c.offset < have {
+                continue;
+            }
+            match c.body {
+                ChunkBody::Error(why) => {
+                    refusals += 1;
+                    if refusals >= MAX_REFUSALS {
+                        return Err(format!("the relay refuses the download: {why}"));
+                    }
+                    next = have;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                ChunkBody::Data(data) => {
+                    refusals = 0;
+                    if c.total != total {
+                        return Err(format!(
+                            "the relay serves a file of {} bytes, the rollout says {total}",
+                            c.total
+                        ));
+                    }
+                    let want = (total - c.offset).min(chunk);
+                    if c.offset % chunk != 0 || data.len() as u64 != want {
+                        continue;
+                    }
+                    ahead.insert(c.offset, data);
+                    while let Some(data) = ahead.remove(&have) {
+                        store::append(paths, have, &data)?;
+                        have += data.len() as u64;
+                    }
+                    if have - reported >= total / 4 && have < total {
+                        reported = have;
+                        progress(have);
+                    }
+                }
+            }
+        }
+        progress(have);
+        Ok(())
+    }
+}
