@@ -31,7 +31,17 @@ pub fn bin_path(name: &str) -> PathBuf {
 
 /// A TCP port that was free a moment ago on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
-    tierd_devkit::free_port().expect("cannot bind 127.0.0.1:0")
+    // The kernel may hand the same free port to two quick calls (a relay's broker and HTTP
+    // ports once collided): never give one out twice in this process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = tierd_devkit::free_port().expect("cannot bind 127.0.0.1:0");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running child process whose stdout and stderr go to a log file. Killed on drop.
