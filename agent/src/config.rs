@@ -38,6 +38,16 @@ pub struct AgentConfig {
     pub state_dir: Option<PathBuf>,
     pub spool: SpoolConfig,
     pub remote_config: RemoteConfigSection,
+    pub rollout: RolloutSection,
+}
+
+/// `[rollout]`: how a new model version is fetched (see `crate::rollout`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSection {
+    /// At most this many bytes per second of model download, so a metered or slow link (LTE)
+    /// keeps room for escalations; 0: as fast as the link goes.
+    pub max_download_bytes_per_s: u64,
 }
 
 /// `[remote_config]`: which relays may set this device's config.
@@ -245,6 +255,7 @@ impl Default for AgentConfig {
             state_dir: None,
             spool: SpoolConfig::default(),
             remote_config: RemoteConfigSection::default(),
+            rollout: RolloutSection::default(),
         }
     }
 }

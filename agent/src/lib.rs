@@ -327,6 +327,7 @@ impl Agent {
                     )?
                     .to_string(),
                     chunks: mqtt.chunks,
+                    max_bytes_per_s: config.rollout.max_download_bytes_per_s,
                 },
                 announcer: mqtt.announcer,
                 further: served,

@@ -32,6 +32,8 @@ pub struct Fetcher {
     /// `tierd/v1/{device}/model/fetch`.
     pub topic: String,
     pub chunks: mpsc::Receiver<Publish>,
+    /// Download rate cap, bytes per second (0: none).
+    pub max_bytes_per_s: u64,
 }
 
 impl Fetcher {
@@ -70,8 +72,17 @@ impl Fetcher {
         let mut next = have;
         let mut refusals = 0;
         let mut reported = have;
+        let started = tokio::time::Instant::now();
+        let from = have;
         while have < total {
-            while next < total && next < have + WINDOW * chunk {
+            // The rate cap: wait until the bytes fetched so far are within it.
+            if self.max_bytes_per_s > 0 {
+                let due =
+                    Duration::from_secs_f64((have - from) as f64 / self.max_bytes_per_s as f64);
+                tokio::time::sleep_until(started + due).await;
+            }
+            let window = if self.max_bytes_per_s > 0 { 1 } else { WINDOW };
+            while next < total && next < have + window * chunk {
                 if !ahead.contains_key(&next) {
                     self.ask(rollout_id, sha256, next, total);
                 }

@@ -17,7 +17,8 @@
 //! version of the primary model (`[model]`; its name is the OIP route and the escalation topic).
 //! Rollouts need signed models: with no model-release key pinned every rollout is refused.
 //! Any check that fails is acknowledged as `Failed` with the reason, and the serving model is
-//! untouched. A step cut short by a restart is taken again from the retained document.
+//! untouched. The last document taken is kept in the state directory, so a step cut short by a
+//! restart is taken up again at start, and a shadow resumes.
 
 pub mod fetch;
 pub mod shadow;
@@ -280,6 +281,9 @@ impl Rollouts {
         if doc.version < handled.version || (same && handled.done && !self.resumes(&doc)) {
             return;
         }
+        if let Err(e) = store::save_document(&self.state_dir, payload) {
+            warn!(error = %e, "cannot keep the rollout document for a restart");
+        }
         let mut record = Handled {
             rollout_id: doc.rollout_id.clone(),
             version: doc.version,
@@ -341,26 +345,28 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut pending: Option<Publish> = None;
+    // The document of the last step, again: one cut short by a restart is taken up, a shadow
+    // (which lives in memory) resumes.
+    let mut pending: Option<Vec<u8>> = store::load_document(&r.state_dir);
     loop {
-        let publish = match pending.take() {
+        let payload = match pending.take() {
             Some(p) => p,
             None => tokio::select! {
-                p = documents.recv() => match p { Some(p) => p, None => return },
+                p = documents.recv() => match p { Some(p) => p.payload.to_vec(), None => return },
                 _ = &mut shutdown => return,
             },
         };
-        if publish.payload.is_empty() {
+        if payload.is_empty() {
             continue;
         }
-        let step = r.handle(&publish.payload);
+        let step = r.handle(&payload);
         tokio::pin!(step);
         tokio::select! {
             _ = &mut step => {}
             p = documents.recv() => match p {
                 Some(p) => {
-                    info!("a newer rollout document arrived; the step in progress is left");
-                    pending = Some(p);
+                    info!("a rollout document arrived; the step in progress is left");
+                    pending = Some(p.payload.to_vec());
                 }
                 None => return,
             },

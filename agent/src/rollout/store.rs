@@ -7,6 +7,7 @@
 //! <state_dir>/models/<name>@<version>/<file>            the ONNX file, once its size and sha256 match
 //! <state_dir>/models/active.json                        the manifest serving, and the one before it
 //! <state_dir>/rollout-state.json                        the last rollout document handled
+//! <state_dir>/rollout-document.json                     that document, as signed
 //! ```
 //!
 //! `active.json` is written (atomically) **before** a switch, so a restart at any point comes
@@ -24,6 +25,9 @@ use tierd_runtime::state::write_atomic;
 pub const MODELS_DIR: &str = "models";
 pub const ACTIVE_FILE: &str = "active.json";
 pub const STATE_FILE: &str = "rollout-state.json";
+/// The last rollout document taken, as signed: a restart takes it again from here (a broker may
+/// not hand a retained message to a session it kept).
+pub const DOCUMENT_FILE: &str = "rollout-document.json";
 
 /// Which manifest serves, and the one it replaced (for a rollback).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +205,15 @@ pub fn clear_active(state_dir: &Path) -> Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
+}
+
+pub fn save_document(state_dir: &Path, payload: &[u8]) -> Result<(), String> {
+    write_atomic(state_dir, DOCUMENT_FILE, payload)
+        .map_err(|e| format!("{}: {e}", state_dir.display()))
+}
+
+pub fn load_document(state_dir: &Path) -> Option<Vec<u8>> {
+    std::fs::read(state_dir.join(DOCUMENT_FILE)).ok()
 }
 
 pub fn load_handled(state_dir: &Path) -> Handled {
