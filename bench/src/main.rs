@@ -7,7 +7,8 @@
 //!    embedded broker;
 //! 3. memory of the real `edge-agent` binary at idle and under a mixed load;
 //! 4. throughput: confident-only vs. the mixed evaluation stream;
-//! 5. sizes of the stripped release binaries.
+//! 5. sizes of the stripped release binaries;
+//! 8. a model rollout: transfer bytes and time, and the shadow's CPU cost (`--rollout-only`).
 //!
 //! Prints progress on stderr and a markdown report on stdout. Exits non-zero if any request
 //! fails or is answered from the wrong tier.
@@ -15,6 +16,7 @@
 mod inproc;
 mod inputs;
 mod oip;
+mod rollout;
 mod rss;
 mod signing;
 mod sizes;
@@ -68,6 +70,10 @@ struct Args {
     /// next to the tract backend; needs scripts/install-test-deps).
     #[arg(long)]
     oip_only: bool,
+    /// Run only benchmark 8 (a model rollout: transfer, and the shadow's cost on the
+    /// edge-agent binary next to it; --stream-records requests per round).
+    #[arg(long)]
+    rollout_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +87,15 @@ fn main() -> anyhow::Result<()> {
 
     if args.signing_only {
         println!("{}", signing::run(args.rounds, args.iterations)?);
+        return Ok(());
+    }
+    if args.rollout_only {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let report = rt.block_on(rollout::run(args.rounds, args.stream_records))?;
+        rt.shutdown_timeout(Duration::from_secs(2));
+        println!("{report}");
         return Ok(());
     }
     if args.oip_only {

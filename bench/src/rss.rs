@@ -52,14 +52,19 @@ pub struct RssReport {
 }
 
 /// A child that is killed (by its own pid, via tokio's kill-on-drop) however the bench ends.
-struct Daemon {
+pub struct Daemon {
     name: &'static str,
     child: Child,
-    log: PathBuf,
+    pub log: PathBuf,
 }
 
 impl Daemon {
-    fn spawn(name: &'static str, bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(
+        name: &'static str,
+        bin: &Path,
+        config: &Path,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(bin)
             .arg("run")
@@ -75,14 +80,14 @@ impl Daemon {
         Ok(Daemon { name, child, log })
     }
 
-    fn pid(&self) -> anyhow::Result<u32> {
+    pub fn pid(&self) -> anyhow::Result<u32> {
         self.child
             .id()
             .with_context(|| format!("{} has already exited", self.name))
     }
 
     /// Fails (with the tail of its log) if the daemon has exited.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
@@ -95,7 +100,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> anyhow::Result<()> {
         self.check_alive()?;
         self.child.kill().await?;
         Ok(())
@@ -112,7 +117,7 @@ pub fn release_dir() -> anyhow::Result<PathBuf> {
         .to_owned())
 }
 
-fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
+pub fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
     let p = release_dir()?.join(name);
     if !p.is_file() {
         bail!(

@@ -6,6 +6,7 @@
 //!   ([`port_accepts`]).
 //! - [`inproc`]: a relay (with its embedded broker) and agents started in this process, on free
 //!   ports, with the configuration the demo and the bench share, and stopped cleanly.
+//! - [`release`]: a committed model renamed and signed, as an operator ships it in a rollout.
 //! - [`fuzz`]: the property tests' case count and splice mutation. It depends on std only, so the
 //!   fuzz suites of crates this one depends on include the file itself (`#[path]`) instead of
 //!   depending on this crate.
@@ -16,6 +17,7 @@ pub mod fuzz;
 pub mod inproc;
 pub mod net;
 pub mod paths;
+pub mod release;
 
 pub use net::{free_port, port_accepts};
 pub use paths::{breast_stream, repo_path, repo_root, CLOUD_MANIFEST, EDGE_MANIFEST};

@@ -344,6 +344,22 @@ async fn tampered_or_foreign_signed_candidates_are_refused_with_the_reason() {
     let out = start(&tampered, "tampered");
     assert!(!out.status.success());
     assert!(text(&out).contains("sha256"), "{}", text(&out));
+    // A manifest whose golden vectors the model does not reproduce: refused before shipping.
+    let wrong = signed_model(&dir.path().join("g"), &edge_manifest(), "2.0.0", &key);
+    let mut m: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&wrong).expect("read")).expect("toml");
+    let golden = m["golden"].as_array_mut().expect("golden");
+    let outputs = golden[0]
+        .as_table_mut()
+        .and_then(|g| g.get_mut("outputs"))
+        .and_then(|o| o.as_array_mut())
+        .expect("outputs");
+    outputs[0] = toml::Value::Float(0.5);
+    outputs[1] = toml::Value::Float(0.5);
+    std::fs::write(&wrong, toml::to_string(&m).expect("toml")).expect("write");
+    let out = start(&wrong, "golden");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("golden vector"), "{}", text(&out));
     // Signed by a key the device does not trust: fetched, then refused on the device, and the
     // rollout halts with the device's reason; the current model keeps serving.
     let foreign = signed_model(

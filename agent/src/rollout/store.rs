@@ -287,6 +287,23 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_is_refused_with_the_reason() {
+        // /dev/full takes any open and fails every write with ENOSPC, as a full SD card does.
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            return;
+        }
+        let paths = Paths {
+            dir: PathBuf::from("/dev"),
+            manifest: PathBuf::from("/dev/null"),
+            onnx: PathBuf::from("/nonexistent/m.onnx"),
+            part: full.to_path_buf(),
+        };
+        let e = append(&paths, 0, b"abc").unwrap_err();
+        assert!(e.contains("No space left on device"), "{e}");
+    }
+
+    #[test]
     fn active_and_handled_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(load_active(dir.path()), Ok(None));
