@@ -370,11 +370,24 @@ impl Intake {
         match self.file_status(topic, publish) {
             Ok((device, online, reason)) => {
                 info!(%device, online, %reason, "device status");
+                if online {
+                    self.resend_rollout(&device);
+                }
             }
             Err(why) => {
                 self.rejected();
                 warn!(%why, "status rejected");
             }
+        }
+    }
+
+    /// A device came online: its last rollout document again (it may have missed it).
+    fn resend_rollout(&self, device: &str) {
+        let Ok(r) = self.state.rollouts() else {
+            return;
+        };
+        if let Some(doc) = r.document_for(device) {
+            self.state.after_rollout_change(&self.client, &r, &[doc]);
         }
     }
 

@@ -193,16 +193,35 @@ async fn the_agent_killed_while_downloading_shadowing_and_switching_ends_on_a_ve
     assert!(had > 0 && had < total, "{had} of {total}");
     let mut agent = AgentProc::start(options.clone()).await;
     assert_eq!(serving(&agent).await, "1.0.0");
+    // 1b. Killed as the download completes and verification starts (or just after): the
+    //     restarted agent verifies the file again before anything runs it.
+    let onnx = state.join("models/digits-edge@2.0.0/digits-edge.onnx");
+    let t = Instant::now();
+    while !onnx.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the download did not complete"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    agent.proc.kill();
+    let first_log = agent.proc.log();
+    let mut agent = AgentProc::start(options.clone()).await;
+    assert_eq!(serving(&agent).await, "1.0.0");
     wait_rollout(&relay, "the shadow after the resumed download", |v| {
         v["devices"]["rf-a"]["phase"] == "Shadowing"
     })
     .await;
-    let log = agent.proc.log();
-    let resumed = log
+    let resumed = first_log
         .lines()
         .find(|l| l.contains("fetching the candidate"))
-        .unwrap_or_else(|| panic!("no download after the restart:\n{log}"));
+        .unwrap_or_else(|| panic!("no download after the restart:\n{first_log}"));
     assert!(resumed.contains(&format!("have={had}")), "{resumed}");
+    assert!(
+        agent.proc.log().contains("candidate verified"),
+        "verified again after the kill:\n{}",
+        agent.proc.log()
+    );
 
     // 2. Killed while shadowing: the shadow lives in memory, so the restarted agent takes the
     //    retained document again, verifies the file it has and shadows, without fetching.

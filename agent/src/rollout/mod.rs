@@ -361,16 +361,22 @@ pub async fn run(
         }
         let step = r.handle(&payload);
         tokio::pin!(step);
-        tokio::select! {
-            _ = &mut step => {}
-            p = documents.recv() => match p {
-                Some(p) => {
-                    info!("a rollout document arrived; the step in progress is left");
-                    pending = Some(p.payload.to_vec());
-                }
-                None => return,
-            },
-            _ = &mut shutdown => return,
+        loop {
+            tokio::select! {
+                _ = &mut step => break,
+                p = documents.recv() => match p {
+                    // The same document again (retained, or re-sent when the device came
+                    // back online): the step goes on.
+                    Some(p) if p.payload[..] == payload[..] => continue,
+                    Some(p) => {
+                        info!("a rollout document arrived; the step in progress is left");
+                        pending = Some(p.payload.to_vec());
+                        break;
+                    }
+                    None => return,
+                },
+                _ = &mut shutdown => return,
+            }
         }
     }
 }

@@ -142,8 +142,11 @@ pub enum Stage {
 pub struct DeviceRollout {
     pub wave: usize,
     pub stage: Stage,
-    /// The version of the last document sent to it (0: none yet).
+    /// The version of the last document sent to it (0: none yet), and when it was issued (so a
+    /// document sent again is the same bytes).
     pub doc_version: u64,
+    #[serde(default)]
+    pub doc_issued_ms: u64,
     /// Its last ack: phase, reason, what serves now.
     pub phase: Option<RolloutPhase>,
     pub reason: String,
@@ -236,6 +239,7 @@ impl Rollouts {
         self.versions.insert(device.to_string(), version);
         let d = r.devices.get_mut(device)?;
         d.doc_version = version;
+        d.doc_issued_ms = now_ms;
         d.stage = match stage {
             RolloutStage::Shadow => Stage::Shadow,
             RolloutStage::Promote => Stage::Promote,
@@ -300,6 +304,7 @@ impl Rollouts {
                         wave: i,
                         stage: Stage::Waiting,
                         doc_version: 0,
+                        doc_issued_ms: 0,
                         phase: None,
                         reason: String::new(),
                         serving: String::new(),
@@ -562,6 +567,16 @@ impl Rollouts {
             .ok_or_else(|| RolloutError::Unknown(id.chars().take(80).collect()))
     }
 
+    /// The last document sent to `device`, to send again when it comes online: a broker need
+    /// not hand a retained message to a session it kept, and an agent killed before it took
+    /// one would otherwise never see it.
+    pub fn document_for(&self, device: &str) -> Option<RolloutDocument> {
+        let last = *self.versions.get(device)?;
+        self.current_documents()
+            .into_iter()
+            .find(|d| d.device_id == device && d.version == last)
+    }
+
     /// The document each device of every rollout should have now (retained on the broker), for
     /// a relay that restarted on an embedded broker that forgot them.
     pub fn current_documents(&self) -> Vec<RolloutDocument> {
@@ -578,7 +593,7 @@ impl Rollouts {
                     rollout_id: id.clone(),
                     version: d.doc_version,
                     device_id: device.clone(),
-                    issued_ms: r.started_ms,
+                    issued_ms: d.doc_issued_ms,
                     stage,
                     candidate: r.spec.candidate.clone(),
                     shadow_rate: r.spec.shadow_rate,
@@ -841,6 +856,24 @@ mod tests {
         assert_eq!(devices, ["a", "b"]);
         assert!(out.iter().all(|d| d.stage == RolloutStage::Rollback));
         assert!(r.pause("r1").is_err());
+    }
+
+    #[test]
+    fn the_last_document_is_there_to_send_again() {
+        let mut r = Rollouts::new(Setup::default(), rules());
+        assert_eq!(r.document_for("a"), None);
+        let docs = r.start(spec(&["a", "b"], &["a"], 0), 1_000).expect("start");
+        assert_eq!(
+            r.document_for("a").map(|d| (d.version, d.stage)),
+            Some((docs[0].version, RolloutStage::Shadow))
+        );
+        assert_eq!(r.document_for("b"), None, "b waits");
+        let p = r.on_shadow("a", &report(1, 0), 1_001).expect("ok");
+        assert_eq!(r.document_for("a"), Some(p[0].clone()), "the same document");
+        assert_eq!(
+            r.document_for("a").map(|d| d.stage),
+            Some(RolloutStage::Promote)
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Serving the candidates' files to devices, in chunks (I/O): a [`ModelFetch`] on
 //! `tierd/v1/{device}/model/fetch` is answered on `tierd/v1/{device}/model/chunk` with the
-//! bytes asked for, or why not. A device gets only the file of the rollout it is in.
+//! bytes asked for, or why not. A device gets only the file of the rollout it is in. A relay that
+//! does not hold the rollout says nothing (another replica may): the device asks again after
+//! its chunk timeout, and the shared subscription hands the request to another member.
 
 use std::sync::Arc;
 
@@ -64,13 +66,12 @@ fn answer(state: &RelayState, client: &Publisher, topic: &Topic, p: &Publish) {
                 req.rollout_id, rel.onnx_sha256, req.sha256
             )),
         ),
-        (None, _) => reply(
-            0,
-            ChunkBody::Error(format!(
-                "device {device} is in no rollout {:?} on this relay",
-                req.rollout_id.chars().take(80).collect::<String>()
-            )),
-        ),
+        // Another replica may drive this rollout: stay silent, so the device asks again and
+        // the shared group hands the request to another member.
+        (None, _) => {
+            debug!(%device, rollout = %req.rollout_id.chars().take(80).collect::<String>(), "model fetch for a rollout this relay does not hold; left to the others");
+            return;
+        }
     };
     if let ChunkBody::Error(why) = &chunk.body {
         warn!(%device, rollout = %req.rollout_id, offset = req.offset, %why, "model chunk refused");
