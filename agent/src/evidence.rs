@@ -25,10 +25,36 @@ pub fn bin_of(confidence: f32) -> usize {
     EDGES.iter().rposition(|&e| confidence >= e).unwrap_or(0)
 }
 
+/// At most `max` grants per second (a fixed one-second window): the cap on the cloud calls
+/// audits and the rollout shadow add. Time-dependent only, never on what a request is.
 #[derive(Debug)]
-struct Limiter {
-    window_start: Instant,
-    used: u32,
+pub struct PerSecondCap {
+    max: u32,
+    window: Mutex<(Instant, u32)>,
+}
+
+impl PerSecondCap {
+    pub fn new(max: u32) -> Self {
+        PerSecondCap {
+            max,
+            window: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Whether one more is allowed now (and counts it).
+    pub fn grant(&self) -> bool {
+        let Ok(mut w) = self.window.lock() else {
+            return false;
+        };
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            *w = (Instant::now(), 0);
+        }
+        if w.1 >= self.max {
+            return false;
+        }
+        w.1 += 1;
+        true
+    }
 }
 
 /// One window's counts and the thresholds its requests were decided under, behind one lock so
@@ -67,10 +93,9 @@ pub struct Window {
 pub struct Evidence {
     counts: Mutex<Counts>,
     rng: Mutex<rand::rngs::Xoshiro256PlusPlus>,
-    limiter: Mutex<Limiter>,
+    cap: PerSecondCap,
     /// f64 bits: remote config changes the rate while requests read it.
     audit_rate: AtomicU64,
-    max_audits_per_second: u32,
 }
 
 impl Evidence {
@@ -81,12 +106,8 @@ impl Evidence {
         Evidence {
             counts: Mutex::new(Counts::default()),
             rng: Mutex::new(rand::rngs::Xoshiro256PlusPlus::seed_from_u64(seed)),
-            limiter: Mutex::new(Limiter {
-                window_start: Instant::now(),
-                used: 0,
-            }),
+            cap: PerSecondCap::new(max_audits_per_second),
             audit_rate: AtomicU64::new(audit_rate.to_bits()),
-            max_audits_per_second,
         }
     }
 
@@ -149,18 +170,7 @@ impl Evidence {
         if !drawn {
             return false;
         }
-        let Ok(mut l) = self.limiter.lock() else {
-            return false;
-        };
-        if l.window_start.elapsed() >= Duration::from_secs(1) {
-            l.window_start = Instant::now();
-            l.used = 0;
-        }
-        if l.used >= self.max_audits_per_second {
-            return false;
-        }
-        l.used += 1;
-        true
+        self.cap.grant()
     }
 
     /// The counts since the previous call, which starts a new window.

@@ -18,6 +18,7 @@ pub mod fixtures;
 pub mod oip_server;
 pub mod processes;
 pub mod relay;
+pub mod releases;
 pub mod signing;
 
 pub use agent::{assert_concurrent_cloud_answers, AgentOptions, AgentProc};

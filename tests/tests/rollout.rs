@@ -8,39 +8,14 @@
 //! (95 %, about a sixth); rolled out one way it must be promoted, the other way rolled back.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tierd_e2e::{
-    bin_path, edge_manifest, repo_root, AgentOptions, AgentProc, RelayBroker, RelayProc,
-};
+use tierd_e2e::releases::{output_text, release_key, rollout_cli, sign_manifest};
+use tierd_e2e::{edge_manifest, repo_root, AgentOptions, AgentProc, RelayBroker, RelayProc};
 use tierd_runtime::stream;
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn edge_agent(args: &[&str]) -> Output {
-    Command::new(bin_path("edge-agent"))
-        .args(args)
-        .output()
-        .expect("edge-agent")
-}
-
-/// A model-release key pair in `dir`: the key file and its public key.
-fn release_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(format!("{name}.pk8"));
-    let out = edge_agent(&["model", "keygen", "--out", key.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "keygen: {}", text(&out));
-    (key, String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
 
 /// The committed manifest `src` renamed `digits-edge@version`, with its ONNX file, in a folder
 /// of its own under `dir`, signed with `key`.
@@ -55,29 +30,12 @@ fn signed_model(dir: &Path, src: &Path, version: &str, key: &Path) -> PathBuf {
     std::fs::copy(src.with_file_name(&file), out_dir.join(&file)).expect("onnx");
     let manifest = out_dir.join("digits-edge.toml");
     std::fs::write(&manifest, toml::to_string(&m).expect("toml")).expect("write");
-    let out = edge_agent(&[
-        "model",
-        "sign",
-        "--key",
-        key.to_str().expect("utf-8"),
-        manifest.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "sign: {}", text(&out));
+    sign_manifest(&manifest, key);
     manifest
 }
 
 fn tiny() -> PathBuf {
     repo_root().join("models/edge/digits-edge-tiny.toml")
-}
-
-fn rollout_cli(relay: &RelayProc, args: &[&str]) -> Output {
-    Command::new(bin_path("cloud-relay"))
-        .arg("rollout")
-        .args(args)
-        .args(["--api", &relay.url(""), "--token-file"])
-        .arg(&relay.token_file)
-        .output()
-        .expect("cloud-relay")
 }
 
 /// Sends the evaluation stream round and round to `agent` until `stop`, counting answers and
@@ -165,7 +123,7 @@ async fn a_better_model_is_shadowed_certified_and_promoted_canary_first_without_
             "1",
         ],
     );
-    assert!(out.status.success(), "rollout start: {}", text(&out));
+    assert!(out.status.success(), "rollout start: {}", output_text(&out));
     let started: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(started["spec"]["id"], "digits-edge-2.0.0", "{started:#}");
     assert_eq!(started["waves"], serde_json::json!([["ro-a"], ["ro-b"]]));
@@ -239,7 +197,7 @@ async fn a_better_model_is_shadowed_certified_and_promoted_canary_first_without_
 
     // The operator's view.
     let out = rollout_cli(&relay, &["status"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let list: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(list["rollouts"][0]["state"]["state"], "done", "{list:#}");
     assert_eq!(list["rollouts"][0]["stages"]["promote"], 2, "{list:#}");
@@ -278,7 +236,7 @@ async fn a_worse_model_is_rolled_back_and_never_answers_outside_the_shadow() {
             "1",
         ],
     );
-    assert!(out.status.success(), "rollout start: {}", text(&out));
+    assert!(out.status.success(), "rollout start: {}", output_text(&out));
     let v = wait_rollout(&relay, "tiny", "the rollout halted", |v| {
         v["state"]["state"] == "halted" && v["devices"]["rw-a"]["phase"] == "RolledBack"
     })
@@ -343,7 +301,11 @@ async fn tampered_or_foreign_signed_candidates_are_refused_with_the_reason() {
     std::fs::write(&onnx, bytes).expect("write");
     let out = start(&tampered, "tampered");
     assert!(!out.status.success());
-    assert!(text(&out).contains("sha256"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("sha256"),
+        "{}",
+        output_text(&out)
+    );
     // A manifest whose golden vectors the model does not reproduce: refused before shipping.
     let wrong = signed_model(&dir.path().join("g"), &edge_manifest(), "2.0.0", &key);
     let mut m: toml::Table =
@@ -359,7 +321,11 @@ async fn tampered_or_foreign_signed_candidates_are_refused_with_the_reason() {
     std::fs::write(&wrong, toml::to_string(&m).expect("toml")).expect("write");
     let out = start(&wrong, "golden");
     assert!(!out.status.success());
-    assert!(text(&out).contains("golden vector"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("golden vector"),
+        "{}",
+        output_text(&out)
+    );
     // Signed by a key the device does not trust: fetched, then refused on the device, and the
     // rollout halts with the device's reason; the current model keeps serving.
     let foreign = signed_model(
@@ -369,7 +335,7 @@ async fn tampered_or_foreign_signed_candidates_are_refused_with_the_reason() {
         &foreign_key,
     );
     let out = start(&foreign, "foreign");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let v = wait_rollout(&relay, "foreign", "the device's refusal", |v| {
         v["state"]["state"] == "halted"
     })
@@ -387,8 +353,8 @@ async fn tampered_or_foreign_signed_candidates_are_refused_with_the_reason() {
     // Unknown rollouts and actions are named.
     let out = rollout_cli(&relay, &["pause", "nope"]);
     assert!(
-        !out.status.success() && text(&out).contains("no rollout named"),
+        !out.status.success() && output_text(&out).contains("no rollout named"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }

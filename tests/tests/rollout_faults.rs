@@ -6,50 +6,18 @@
 //! model, a file big enough to interrupt), fetched under `[rollout] max_download_bytes_per_s`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tierd_e2e::releases::{output_text, release_key, rollout_cli, sign_manifest};
 use tierd_e2e::{
-    bin_path, edge_manifest, free_port, http_client, infer_body, repo_root, start_mosquitto,
-    AgentOptions, AgentProc, RelayBroker, RelayProc,
+    edge_manifest, free_port, http_client, infer_body, repo_root, start_mosquitto, AgentOptions,
+    AgentProc, RelayBroker, RelayProc,
 };
 use tierd_runtime::stream;
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn edge_agent(args: &[&str]) -> Output {
-    Command::new(bin_path("edge-agent"))
-        .args(args)
-        .output()
-        .expect("edge-agent")
-}
-
-fn release_key(dir: &Path) -> (PathBuf, String) {
-    let key = dir.join("release.pk8");
-    let out = edge_agent(&["model", "keygen", "--out", key.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "keygen: {}", text(&out));
-    (key, String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn sign(manifest: &Path, key: &Path) {
-    let out = edge_agent(&[
-        "model",
-        "sign",
-        "--key",
-        key.to_str().expect("utf-8"),
-        manifest.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "sign: {}", text(&out));
-}
 
 /// `src` renamed `digits-edge@version` in its own folder; with `pad` floats appended to its
 /// ONNX file (through `tests/clients/pad_model.py`) when not 0. Signed with `key`.
@@ -72,33 +40,31 @@ fn model(dir: &Path, src: &Path, version: &str, pad: usize, key: &Path) -> PathB
             .arg(pad.to_string())
             .output()
             .expect("python3");
-        assert!(out.status.success(), "pad_model.py: {}", text(&out));
+        assert!(out.status.success(), "pad_model.py: {}", output_text(&out));
         let bytes = std::fs::read(&onnx).expect("padded");
         m.insert("sha256".into(), tierd_runtime::sha256_hex(&bytes).into());
     }
     let manifest = out_dir.join("digits-edge.toml");
     std::fs::write(&manifest, toml::to_string(&m).expect("toml")).expect("write");
-    sign(&manifest, key);
+    sign_manifest(&manifest, key);
     manifest
 }
 
 fn rollout_start(relay: &RelayProc, manifest: &Path, device: &str) {
-    let out = Command::new(bin_path("cloud-relay"))
-        .args(["rollout", "start", "--manifest"])
-        .arg(manifest)
-        .args([
+    let m = manifest.to_str().expect("utf-8");
+    let out = rollout_cli(
+        relay,
+        &[
+            "start",
+            "--manifest",
+            m,
             "--devices",
             device,
             "--shadow-rate",
             "1",
-            "--api",
-            &relay.url(""),
-        ])
-        .arg("--token-file")
-        .arg(&relay.token_file)
-        .output()
-        .expect("cloud-relay");
-    assert!(out.status.success(), "rollout start: {}", text(&out));
+        ],
+    );
+    assert!(out.status.success(), "rollout start: {}", output_text(&out));
 }
 
 async fn wait_rollout(relay: &RelayProc, what: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -156,7 +122,7 @@ const SLOW: &str = "[rollout]\nmax_download_bytes_per_s = 200000\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_killed_while_downloading_shadowing_and_switching_ends_on_a_verified_model() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = release_key(dir.path());
+    let (key, public) = release_key(dir.path(), "release");
     let current = model(
         dir.path(),
         &repo_root().join("models/edge/digits-edge-tiny.toml"),
@@ -269,7 +235,7 @@ async fn the_agent_killed_while_downloading_shadowing_and_switching_ends_on_a_ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_killed_mid_transfer_only_pauses_the_download() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = release_key(dir.path());
+    let (key, public) = release_key(dir.path(), "release");
     let current = model(
         dir.path(),
         &repo_root().join("models/edge/digits-edge-tiny.toml"),

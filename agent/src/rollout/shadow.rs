@@ -9,12 +9,11 @@
 //! came, never on what it is, so the labelled pairs are a uniform sample of the traffic.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
 use tierd_protocol::rollout::Labelled;
 
-use crate::evidence::{bin_of, EDGES};
+use crate::evidence::{bin_of, PerSecondCap, EDGES};
 
 /// One window's paired counts.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -41,12 +40,6 @@ pub struct Pair {
     pub candidate_agrees: bool,
 }
 
-#[derive(Debug)]
-struct Limiter {
-    window_start: Instant,
-    used: u32,
-}
-
 /// A candidate in shadow, with its counts. `M` is the model type (tract's in production).
 #[derive(Debug)]
 pub struct Shadow<M> {
@@ -55,10 +48,9 @@ pub struct Shadow<M> {
     pub candidate_id: String,
     pub candidate: M,
     rate: f64,
-    max_per_second: u32,
     counts: Mutex<ShadowCounts>,
     rng: Mutex<rand::rngs::Xoshiro256PlusPlus>,
-    limiter: Mutex<Limiter>,
+    cap: PerSecondCap,
 }
 
 impl<M> Shadow<M> {
@@ -77,13 +69,9 @@ impl<M> Shadow<M> {
             candidate_id: candidate_id.to_string(),
             candidate,
             rate: rate.clamp(0.0, 1.0),
-            max_per_second,
             counts: Mutex::new(ShadowCounts::default()),
             rng: Mutex::new(rand::rngs::Xoshiro256PlusPlus::seed_from_u64(seed)),
-            limiter: Mutex::new(Limiter {
-                window_start: Instant::now(),
-                used: 0,
-            }),
+            cap: PerSecondCap::new(max_per_second),
         }
     }
 
@@ -97,18 +85,7 @@ impl<M> Shadow<M> {
         if !drawn {
             return false;
         }
-        let Ok(mut l) = self.limiter.lock() else {
-            return false;
-        };
-        if l.window_start.elapsed() >= Duration::from_secs(1) {
-            l.window_start = Instant::now();
-            l.used = 0;
-        }
-        if l.used >= self.max_per_second {
-            return false;
-        }
-        l.used += 1;
-        true
+        self.cap.grant()
     }
 
     pub fn record(&self, p: Pair) {
