@@ -268,7 +268,9 @@ pub struct ShadowReport {
 impl ShadowReport {
     /// The labelled pairs counted.
     pub fn pairs(&self) -> u64 {
-        self.current_bins.iter().map(|b| b.requests).sum()
+        self.current_bins
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(b.requests))
     }
 }
 

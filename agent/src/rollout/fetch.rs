@@ -102,7 +102,7 @@ impl Fetcher {
                     continue;
                 }
             };
-            if !c.sha256.eq_ignore_ascii_case(sha256) || c.offset < have {
+            if !c.sha256.eq_ignore_ascii_case(sha256) || c.offset < have || c.offset >= total {
                 continue;
             }
             match c.body {

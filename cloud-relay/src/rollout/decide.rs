@@ -86,13 +86,16 @@ pub struct Paired {
 
 impl Paired {
     pub fn pairs(&self) -> u64 {
-        self.current.iter().map(|b| b.requests).sum()
+        self.current
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(b.requests))
     }
 
     /// Each model's agreement with the cloud on the pairs.
     pub fn agreement(&self) -> (f64, f64) {
         let n = self.pairs().max(1) as f64;
-        let agree = |bins: &[Labelled]| bins.iter().map(|b| b.agree).sum::<u64>() as f64 / n;
+        let agree =
+            |bins: &[Labelled]| bins.iter().fold(0u64, |a, b| a.saturating_add(b.agree)) as f64 / n;
         (agree(&self.current), agree(&self.candidate))
     }
 }
@@ -188,7 +191,8 @@ pub fn decide(
     let delta = target.map_or(0.05, |(_, d)| d) / f64::from(looks);
     let last = k + 1 == looks;
     let (b, c) = (evidence.current_only, evidence.candidate_only);
-    let worse = b + c > 0 && tuner::clopper_pearson_lower(b, b + c, delta) > 0.5;
+    let discordant = b.saturating_add(c);
+    let worse = discordant > 0 && tuner::clopper_pearson_lower(b, discordant, delta) > 0.5;
     let cur = certify(setup, &evidence.edges, &evidence.current, delta);
     let cand = certify(setup, &evidence.edges, &evidence.candidate, delta);
     let (agree_cur, agree_cand) = evidence.agreement();

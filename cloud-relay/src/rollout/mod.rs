@@ -471,15 +471,15 @@ impl Rollouts {
             };
         }
         for (o, b) in e.current.iter_mut().zip(&report.current_bins) {
-            o.requests += b.requests;
-            o.agree += b.agree;
+            o.requests = o.requests.saturating_add(b.requests);
+            o.agree = o.agree.saturating_add(b.agree);
         }
         for (o, b) in e.candidate.iter_mut().zip(&report.candidate_bins) {
-            o.requests += b.requests;
-            o.agree += b.agree;
+            o.requests = o.requests.saturating_add(b.requests);
+            o.agree = o.agree.saturating_add(b.agree);
         }
-        e.current_only += report.current_only;
-        e.candidate_only += report.candidate_only;
+        e.current_only = e.current_only.saturating_add(report.current_only);
+        e.candidate_only = e.candidate_only.saturating_add(report.candidate_only);
         if r.state != State::Running {
             return Ok(Vec::new());
         }
@@ -618,7 +618,10 @@ fn plausible(r: &ShadowReport, d: &DeviceRollout) -> Result<(), String> {
         return Err("shadow report bins do not match its edges".into());
     }
     let pairs = r.pairs();
-    let cand: u64 = r.candidate_bins.iter().map(|b| b.requests).sum();
+    let cand = r
+        .candidate_bins
+        .iter()
+        .fold(0u64, |a, b| a.saturating_add(b.requests));
     if pairs != cand {
         return Err(format!(
             "shadow report counts {pairs} requests for the current model but {cand} for the \
@@ -632,11 +635,13 @@ fn plausible(r: &ShadowReport, d: &DeviceRollout) -> Result<(), String> {
     {
         return Err("shadow report counts more agreements than requests".into());
     }
-    let agree = |bins: &[Labelled]| bins.iter().map(|b| b.agree).sum::<u64>();
+    let agree = |bins: &[Labelled]| bins.iter().fold(0u64, |a, b| a.saturating_add(b.agree));
     let (a, c) = (agree(&r.current_bins), agree(&r.candidate_bins));
     // Only-current pairs are current-agree minus both-agree, so at most `a` and at most
     // `pairs - c`; the same the other way.
-    if r.current_only > a.min(pairs - c) || r.candidate_only > c.min(pairs - a) {
+    if r.current_only > a.min(pairs.saturating_sub(c))
+        || r.candidate_only > c.min(pairs.saturating_sub(a))
+    {
         return Err("shadow report's discordant pairs do not fit its agreements".into());
     }
     Ok(())
