@@ -429,6 +429,13 @@ async fn rollout_start(State(state): State<Arc<ApiState>>, body: axum::body::Byt
     if let Err(e) = tierd_protocol::topic::validate_model_name(&req.id) {
         return error(StatusCode::BAD_REQUEST, format!("rollout id: {e}"));
     }
+    if req.id.starts_with('.') {
+        // It names a folder in the state directory: never `.` or `..`.
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("rollout id {:?} must not start with '.'", req.id),
+        );
+    }
     let onnx = match hex::decode(req.onnx_hex.trim()) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("onnx_hex: {e}")),

@@ -314,7 +314,7 @@ fn start_mqtt(
     // The rollout documents in force, again: a restarted embedded broker forgot them (a
     // device ignores a version it already handled).
     if let Ok(r) = state.rollouts() {
-        let docs = r.current_documents();
+        let docs = r.newest_documents();
         state.after_rollout_change(&publisher, &r, &docs);
     }
     Intake::new(state, publisher).route(&mut routes);

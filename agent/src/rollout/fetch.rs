@@ -67,11 +67,18 @@ impl Fetcher {
     ) -> Result<(), String> {
         let chunk = u64::from(MAX_CHUNK_BYTES);
         let mut have = store::have(paths, total);
+        if have < total && !have.is_multiple_of(chunk) {
+            // A partial chunk on disk: resume at the last whole one.
+            have -= have % chunk;
+            store::truncate_part(paths, have)?;
+        }
         // Chunks ahead of `have` (arrived out of order), and the next offset to ask for.
         let mut ahead: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut next = have;
         let mut refusals = 0;
         let mut reported = have;
+        // Reset when a chunk moves the download on: messages that do not cannot hold it off.
+        let mut deadline = tokio::time::Instant::now() + CHUNK_TIMEOUT;
         let started = tokio::time::Instant::now();
         let from = have;
         while have < total {
@@ -96,9 +103,10 @@ impl Fetcher {
                     },
                     None => return Err("the MQTT link has stopped".into()),
                 },
-                _ = tokio::time::sleep(CHUNK_TIMEOUT) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     // Lost requests or chunks (or no link): ask for the window again.
                     next = have;
+                    deadline = tokio::time::Instant::now() + CHUNK_TIMEOUT;
                     continue;
                 }
             };
@@ -123,13 +131,18 @@ impl Fetcher {
                         ));
                     }
                     let want = (total - c.offset).min(chunk);
-                    if c.offset % chunk != 0 || data.len() as u64 != want {
+                    // Only the window's chunks are kept: memory stays at a few chunks.
+                    if !c.offset.is_multiple_of(chunk)
+                        || data.len() as u64 != want
+                        || c.offset >= have + WINDOW * chunk
+                    {
                         continue;
                     }
                     ahead.insert(c.offset, data);
                     while let Some(data) = ahead.remove(&have) {
                         store::append(paths, have, &data)?;
                         have += data.len() as u64;
+                        deadline = tokio::time::Instant::now() + CHUNK_TIMEOUT;
                     }
                     if have - reported >= total / 4 && have < total {
                         reported = have;

@@ -129,6 +129,18 @@ pub fn have(p: &Paths, total: u64) -> u64 {
     std::fs::metadata(&p.part).map_or(0, |m| m.len().min(total))
 }
 
+/// Cuts the partial file back to `len` bytes (a whole number of chunks: a short write, from a
+/// full disk or a power cut, is fetched again).
+pub fn truncate_part(p: &Paths, len: u64) -> Result<(), String> {
+    match std::fs::OpenOptions::new().write(true).open(&p.part) {
+        Ok(f) => f
+            .set_len(len)
+            .map_err(|e| format!("{}: {e}", p.part.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", p.part.display())),
+    }
+}
+
 /// Appends `data` at `offset` to the partial file, which must be exactly `offset` long.
 pub fn append(p: &Paths, offset: u64, data: &[u8]) -> Result<(), String> {
     let io = |e: std::io::Error| format!("{}: {e}", p.part.display());
@@ -150,8 +162,17 @@ pub fn append(p: &Paths, offset: u64, data: &[u8]) -> Result<(), String> {
 /// Checks the partial file's size and sha256, then makes it the model file (rename, with the
 /// directory synced). A mismatch deletes it: the download starts over.
 pub fn finish(p: &Paths, total: u64, sha256: &str) -> Result<(), String> {
-    if have(p, total) == total && p.onnx.exists() {
-        return Ok(());
+    if std::fs::metadata(&p.onnx).is_ok_and(|m| m.len() == total) {
+        // Kept from before (a restart, an earlier rollout of this version): checked again.
+        let bytes = std::fs::read(&p.onnx).map_err(|e| format!("{}: {e}", p.onnx.display()))?;
+        if hex::encode(Sha256::digest(&bytes)).eq_ignore_ascii_case(sha256) {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&p.onnx);
+        return Err(format!(
+            "{} on disk does not have the sha256 the manifest pins; discarded, fetched again next time",
+            p.onnx.display()
+        ));
     }
     let bytes = std::fs::read(&p.part).map_err(|e| format!("{}: {e}", p.part.display()))?;
     if bytes.len() as u64 != total {
@@ -263,6 +284,20 @@ mod tests {
         assert!(e.contains("offset 1"), "{e}");
         append(&paths, 3, b"def").expect("append");
         finish(&paths, 6, &sha).expect("finish");
+        finish(&paths, 6, &sha).expect("kept, checked again");
+        // A kept file of the right size but other bytes is discarded, not trusted by its size.
+        std::fs::write(&paths.onnx, b"abcdeZ").expect("write");
+        let e = finish(&paths, 6, &sha).unwrap_err();
+        assert!(e.contains("sha256") && !paths.onnx.exists(), "{e}");
+        std::fs::write(&paths.onnx, data).expect("write");
+        // A short write leaves a partial chunk: cut back to whole chunks.
+        std::fs::write(&paths.part, b"abcd").expect("write");
+        truncate_part(&paths, 2).expect("truncate");
+        assert_eq!(
+            std::fs::metadata(&paths.part).map(|m| m.len()).ok(),
+            Some(2)
+        );
+        std::fs::remove_file(&paths.part).expect("rm");
         assert_eq!(have(&paths, 6), 6);
         assert!(!paths.part.exists());
         // A corrupt download is discarded with the reason.

@@ -13,8 +13,11 @@
 //! # The decision, at fixed looks
 //! The evidence is judged only at looks `n ≥ min_pairs · 2^k`, `k = 0 … K − 1`, with
 //! `K = ⌊log2(max_pairs / min_pairs)⌋ + 1`, and each look spends `δ / K` of the error budget:
-//! Bonferroni over a schedule fixed in advance, so the repeated looks keep every error below
-//! `δ` over the whole rollout. At a look:
+//! Bonferroni over a schedule fixed in advance, so the repeated looks keep each error below `δ`
+//! **for one device** over its shadow. Over a rollout of `N` devices the errors add up: up to
+//! `N·δ` false promotions in expectation, and a false halt (one device's false "worse" stops the
+//! wave) with probability up to `1 − (1 − δ)^N` for an equal candidate; canaries keep `N` small
+//! for the first decision. At a look:
 //! 1. **Certified worse → roll back.** Among the discordant pairs `b = current_only`,
 //!    `c = candidate_only`, if the candidate were no worse then `b ~ Binomial(b + c, p)` with
 //!    `p ≤ 1/2`; the exact one-sided Clopper–Pearson lower bound on `p` at `δ/K` above 1/2
@@ -28,6 +31,12 @@
 //!    measured on the paired sample, not bounded: a candidate that escalates a little more than
 //!    it measured costs money, never accuracy, which the bound guards.)
 //! 3. At the last look neither → **roll back**: not shown to be at least as good.
+//!
+//! "At least as good" is the target the tuner holds every model to, plus no more escalations
+//! on the same requests; the sign test only catches a candidate certifiably worse in raw top-1
+//! agreement. A candidate that meets the target but agrees a little less than the current model
+//! can be promoted. The decision always uses `target_agreement` (`tuning.target`,
+//! `tuning.delta`), whatever policy the tuner runs with.
 //!
 //! Below `min_pairs` nothing is decided: never on thin evidence.
 //!

@@ -260,6 +260,13 @@ impl Rollouts {
     pub fn start(&mut self, spec: Spec, now_ms: u64) -> Result<Vec<RolloutDocument>, RolloutError> {
         tierd_protocol::topic::validate_model_name(&spec.id)
             .map_err(|e| RolloutError::Id(e.to_string()))?;
+        if spec.id.starts_with('.') {
+            // It names a folder in the state directory: never `.` or `..`.
+            return Err(RolloutError::Id(format!(
+                "{:?} must not start with '.'",
+                spec.id
+            )));
+        }
         if self.rollouts.contains_key(&spec.id) {
             return Err(RolloutError::Exists(spec.id));
         }
@@ -424,7 +431,11 @@ impl Rollouts {
                 d.stage = Stage::Rollback;
                 self.halt(&id, why, now_ms)
             }
-            RolloutPhase::Promoted => self.advance(&id, now_ms),
+            RolloutPhase::Promoted => {
+                // Also a device that already served the candidate ("already serving").
+                d.stage = Stage::Promote;
+                self.advance(&id, now_ms)
+            }
             _ => Vec::new(),
         }
     }
@@ -577,8 +588,16 @@ impl Rollouts {
             .find(|d| d.device_id == device && d.version == last)
     }
 
-    /// The document each device of every rollout should have now (retained on the broker), for
-    /// a relay that restarted on an embedded broker that forgot them.
+    /// Each device's newest document (retained on the broker), for a relay that restarted on an
+    /// embedded broker that forgot them; older rollouts' documents are not sent again.
+    pub fn newest_documents(&self) -> Vec<RolloutDocument> {
+        self.current_documents()
+            .into_iter()
+            .filter(|d| self.versions.get(&d.device_id) == Some(&d.version))
+            .collect()
+    }
+
+    /// The document each device of every rollout was last sent.
     pub fn current_documents(&self) -> Vec<RolloutDocument> {
         let mut out = Vec::new();
         for (id, r) in &self.rollouts {
@@ -748,6 +767,11 @@ mod tests {
             r.start(spec(&["a/b"], &[], 0), 1),
             Err(RolloutError::Device(..))
         ));
+        for id in ["..", ".", ".x"] {
+            let mut s = spec(&["a"], &[], 0);
+            s.id = id.into();
+            assert!(matches!(r.start(s, 1), Err(RolloutError::Id(_))), "{id}");
+        }
         let mut s = spec(&["a"], &[], 0);
         s.shadow_rate = 0.0;
         assert!(matches!(r.start(s, 1), Err(RolloutError::ShadowRate(_))));
