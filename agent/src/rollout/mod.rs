@@ -237,7 +237,14 @@ impl Rollouts {
     }
 
     async fn rollback(&mut self, doc: &RolloutDocument) -> Result<(), String> {
-        self.serving.set_shadow(None);
+        // Only this rollout's shadow (a newer rollout's stays).
+        if self
+            .serving
+            .shadow()
+            .is_some_and(|s| s.rollout_id == doc.rollout_id)
+        {
+            self.serving.set_shadow(None);
+        }
         let current = self.serving.model();
         if current.id() == doc.candidate.model {
             let active = store::load_active(&self.state_dir)?;

@@ -551,7 +551,10 @@ impl Rollouts {
 
     /// Rolls every device back, promoted ones included.
     pub fn abort(&mut self, id: &str, now_ms: u64) -> Result<Vec<RolloutDocument>, RolloutError> {
-        let r = self.rollout_mut(id)?;
+        let r = self
+            .rollouts
+            .get_mut(id)
+            .ok_or_else(|| RolloutError::Unknown(id.chars().take(80).collect()))?;
         if matches!(r.state, State::Aborted) {
             return Err(RolloutError::State {
                 id: id.to_string(),
@@ -560,10 +563,12 @@ impl Rollouts {
             });
         }
         r.state = State::Aborted;
+        // Not a device a later rollout has sent a document since: that one is in charge of it.
+        let versions = &self.versions;
         let touched: Vec<String> = r
             .devices
             .iter()
-            .filter(|(_, d)| d.stage != Stage::Waiting)
+            .filter(|(k, d)| d.stage != Stage::Waiting && versions.get(*k) == Some(&d.doc_version))
             .map(|(k, _)| k.clone())
             .collect();
         Ok(touched
@@ -885,6 +890,20 @@ mod tests {
         assert_eq!(devices, ["a", "b"]);
         assert!(out.iter().all(|d| d.stage == RolloutStage::Rollback));
         assert!(r.pause("r1").is_err());
+    }
+
+    #[test]
+    fn aborting_an_old_rollout_leaves_devices_a_newer_one_took_over() {
+        let mut r = Rollouts::new(Setup::default(), rules());
+        let d = r.start(spec(&["a"], &[], 0), 1_000).expect("start");
+        let p = r.on_shadow("a", &report(1, 0), 1_001).expect("ok");
+        r.on_ack("a", &ack(&p[0], RolloutPhase::Promoted), 1_002);
+        assert_eq!(r.get("r1").map(|x| &x.state), Some(&State::Done));
+        let mut next = spec(&["a"], &[], 0);
+        next.id = "r2".into();
+        r.start(next, 1_003).expect("r2");
+        assert!(r.abort("r1", 1_004).expect("abort").is_empty(), "{d:?}");
+        assert_eq!(r.document_for("a").map(|x| x.rollout_id), Some("r2".into()));
     }
 
     #[test]
