@@ -385,12 +385,73 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
         )
         .route("/api/rollouts/{id}", get(rollout_show))
         .route("/api/rollouts/{id}/{action}", post(rollout_action))
+        .route("/api/replica", get(replica))
         .route("/health", get(|| async { Json(json!({ "ok": true })) }))
+        .layer(axum::middleware::from_fn_with_state(
+            state.relay.clone(),
+            writer_only,
+        ))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(access),
             crate::http_auth::guard,
         ))
+}
+
+/// Changes go to the replica holding the store's lease: on another one a mutating route
+/// answers 503 with the writer's API URL (reads are served by every replica).
+async fn writer_only(
+    State(relay): State<RelayState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let read = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if read || relay.is_writer() {
+        return next.run(request).await;
+    }
+    let writer = relay
+        .persist
+        .as_ref()
+        .and_then(|p| p.lease())
+        .map(|l| (l.holder, l.api_url));
+    let (holder, url) = writer.unwrap_or_default();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "error": format!(
+                "this replica does not write; send changes to the writer {holder:?} at {url}"
+            ),
+            "writer": holder,
+            "writer_url": url,
+        })),
+    )
+        .into_response()
+}
+
+/// `GET /api/replica`: this replica's role, the lease, and where it is in the store.
+async fn replica(State(state): State<Arc<ApiState>>) -> Response {
+    let Some(p) = &state.relay.persist else {
+        return json_body(Ok(json!({ "role": "writer", "store": null })));
+    };
+    let role = if p.is_writer() {
+        crate::store::Role::Writer
+    } else {
+        crate::store::Role::Follower
+    };
+    let size = p.store.size_bytes().await.ok().flatten();
+    json_body(Ok(json!({
+        "replica": p.id,
+        "role": role,
+        "store": p.store.backend(),
+        "store_bytes": size,
+        "revision": p.cursor(),
+        "dirty_rows": p.dirty(),
+        "lease": p.lease(),
+        "takeovers": p.stats.takeovers.load(Ordering::Relaxed),
+    })))
 }
 
 /// Largest rollout upload: a 64 MiB model as hex, its manifest and signature.
@@ -711,13 +772,16 @@ async fn config_set(
             (k, v)
         })
         .collect();
-    let result = state.relay.operator_set(
-        &state.client,
-        &state.state_dir,
-        &id,
-        &pairs,
-        tierd_runtime::unix_ms(),
-    );
+    let result = state
+        .relay
+        .operator_set(
+            &state.client,
+            &state.state_dir,
+            &id,
+            &pairs,
+            tierd_runtime::unix_ms(),
+        )
+        .await;
     match result {
         Ok(doc) => {
             tracing::info!(device = %id, version = doc.version, "operator config published");
@@ -731,12 +795,15 @@ async fn config_set(
 /// started over, and the document published at once (recovers a device whose version line
 /// reached its end).
 async fn config_reset(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
-    let result = state.relay.operator_reset(
-        &state.client,
-        &state.state_dir,
-        &id,
-        tierd_runtime::unix_ms(),
-    );
+    let result = state
+        .relay
+        .operator_reset(
+            &state.client,
+            &state.state_dir,
+            &id,
+            tierd_runtime::unix_ms(),
+        )
+        .await;
     match result {
         Ok(doc) => {
             tracing::info!(device = %id, epoch = doc.epoch, version = doc.version, "config reset published");

@@ -54,6 +54,10 @@ pub enum InvalidConfig {
     Prices(#[from] PricesError),
     #[error("http.allowed_hosts has an empty entry")]
     EmptyHost,
+    #[error("store.url {0:?} must be sqlite:///path/fleet.db or postgres://user:password@host/db")]
+    StoreUrl(String),
+    #[error("metrics.groups.{0:?}: a non-empty name and at least one pattern (a device id, or a prefix ending in '*'; '*' alone is the default group)")]
+    Group(String),
 }
 
 impl From<InvalidConfig> for ConfigError {
@@ -93,6 +97,61 @@ pub struct RelayConfig {
     pub devices: BTreeMap<String, Settings>,
     pub prices: Prices,
     pub rollout: RolloutConfig,
+    pub store: StoreConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[store]`: where the fleet state is kept (see `store`), and the replicas' clocks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite:///path/fleet.db` (one relay) or `postgres://user:password@host/db` (replicas).
+    /// Default: `fleet.db` in the state directory.
+    pub url: Option<String>,
+    /// How often the writer writes its dirty rows; acks wait for it, so it is also the
+    /// added delay before a device may delete a record.
+    pub flush_ms: u64,
+    /// How often the writer checks its lease and a follower tries to take it: a dead
+    /// writer's lease is taken over within about this long (PostgreSQL frees it at once).
+    pub lease_ms: u64,
+    /// How often a follower reads what the writer wrote (its API is at most this stale).
+    pub refresh_ms: u64,
+    /// This replica's HTTP API as other replicas should send operators to it. Default:
+    /// `http://` + `http.listen`.
+    pub advertise_url: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            flush_ms: 200,
+            lease_ms: 1000,
+            refresh_ms: 1000,
+            advertise_url: None,
+        }
+    }
+}
+
+/// `[metrics]`: how many Prometheus series `/metrics` exports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Devices exported with per-device series (`tierd_device_*`), the first by id; 0: none.
+    /// Every device stays in `/api/devices`; the fleet-level `tierd_fleet_*` series cover all.
+    pub max_device_series: usize,
+    /// Device groups for the fleet-level series: group name to device-id patterns (exact, or
+    /// a prefix ending in `*`). A device in none is in group `other`.
+    pub groups: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_device_series: 100,
+            groups: BTreeMap::new(),
+        }
+    }
 }
 
 /// `[rollout]`: how much shadow evidence a rollout decision needs (see `rollout::decide`).
@@ -129,7 +188,7 @@ pub enum PolicyName {
 #[serde(deny_unknown_fields, default)]
 pub struct TuningConfig {
     /// Push tuned thresholds to devices. false: propose only (shown in `/api/devices`). With
-    /// several relay replicas, leave it true on one.
+    /// several replicas only the one holding the store's lease pushes (see `store`).
     pub push: bool,
     pub policy: PolicyName,
     /// `target_agreement`: agreement with the cloud to certify, and the bound's error rate.
@@ -322,6 +381,8 @@ impl Default for RelayConfig {
             devices: BTreeMap::new(),
             prices: Prices::default(),
             rollout: RolloutConfig::default(),
+            store: StoreConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -401,6 +462,32 @@ impl RelayConfig {
         }
         if !(1..=1_000_000).contains(&self.queue) {
             return range("queue", "[1, 1000000]");
+        }
+        let st = &self.store;
+        for (key, v) in [
+            ("store.flush_ms", st.flush_ms),
+            ("store.lease_ms", st.lease_ms),
+            ("store.refresh_ms", st.refresh_ms),
+        ] {
+            if !(10..=60_000).contains(&v) {
+                return range(key, "[10, 60000]");
+            }
+        }
+        if let Some(u) = &st.url {
+            if !["sqlite:", "postgres://", "postgresql://"]
+                .iter()
+                .any(|p| u.starts_with(p))
+            {
+                return Err(InvalidConfig::StoreUrl(crate::store::redact(u)));
+            }
+        }
+        if self.metrics.max_device_series > 100_000 {
+            return range("metrics.max_device_series", "[0, 100000]");
+        }
+        if let Some((g, _)) = self.metrics.groups.iter().find(|(g, pats)| {
+            g.is_empty() || pats.is_empty() || pats.iter().any(|p| p.is_empty() || p == "*")
+        }) {
+            return Err(InvalidConfig::Group(g.clone()));
         }
         if !(1..=10_000_000).contains(&self.http.max_devices) {
             return range("http.max_devices", "[1, 10000000]");
@@ -542,6 +629,14 @@ impl RelayConfig {
     /// The config-signing key's file (see [`RelayConfig::signing_key`]).
     pub fn signing_key_path(&self) -> PathBuf {
         crate::signing::key_path(self.signing_key.as_deref(), &self.state_dir())
+    }
+
+    /// The fleet store's URL in force (see [`StoreConfig::url`]).
+    pub fn store_url(&self) -> String {
+        self.store
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.state_dir().join("fleet.db").display()))
     }
 
     /// The state directory in force (see [`RelayConfig::state_dir`]).

@@ -79,7 +79,7 @@ pub enum OverridesError {
 }
 
 /// The last ack a device sent.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct AckRecord {
     pub version: u64,
     pub applied: bool,
@@ -88,7 +88,7 @@ pub struct AckRecord {
     pub received_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct DeviceControl {
     /// The latest document published for the device (by us, or seen retained on the broker).
     pub published: Option<ConfigDocument>,
@@ -97,7 +97,7 @@ pub struct DeviceControl {
     /// The threshold the tuner last pushed (kept when an operator changes another key).
     pub tuned_threshold: Option<f32>,
     /// The same for each further model, by name (`models.<name>.threshold`).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tuned_models: BTreeMap<String, f32>,
 }
 
@@ -198,6 +198,28 @@ impl Control {
 
     pub fn operator_overrides(&self) -> &BTreeMap<String, Settings> {
         &self.operator
+    }
+
+    /// The operators' overrides, as the fleet store (or another replica) holds them.
+    pub fn set_operator_overrides(&mut self, operator: BTreeMap<String, Settings>) {
+        self.operator = operator;
+    }
+
+    /// The devices' epochs, as the fleet store holds them.
+    pub fn set_epochs(&mut self, epochs: BTreeMap<String, u64>) {
+        self.epochs = epochs;
+    }
+
+    /// A device's config state as the fleet store keeps it.
+    pub fn stored(&self, device: &str) -> Option<Result<String, serde_json::Error>> {
+        self.devices.get(device).map(serde_json::to_string)
+    }
+
+    /// Puts back a device's config state from the store.
+    pub fn restore(&mut self, device: &str, body: &str) -> Result<(), serde_json::Error> {
+        let d: DeviceControl = serde_json::from_str(body)?;
+        self.devices.insert(device.to_string(), d);
+        Ok(())
     }
 
     fn slot(&mut self, device: &str) -> Option<&mut DeviceControl> {

@@ -6,9 +6,9 @@
 //! - Device status (its own, or its last will published by the broker).
 //! - Retained config documents seen on the broker, so versions continue from them.
 //!
-//! These subscriptions are not shared: every replica sees every device's telemetry and can
-//! serve the fleet view, acks reach every replica's controller, and every replica learns the
-//! retained documents so versions keep increasing whoever pushes.
+//! These subscriptions are not shared, but only the replica holding the fleet store's lease
+//! (the writer, see `store`) files what arrives; the others drop it and follow the store.
+//! Every record filed marks its rows for the next batch, and its ack waits for that batch.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,14 +17,15 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use thiserror::Error;
 use tierd_protocol::{
-    decode, encode, signed, CalibrationReport, ConfigAck, DeviceStatus, RecordKind, RolloutAck,
-    RolloutPhase, ShadowReport, SpoolAck, Spooled, TelemetryReport, Topic, TopicKind, WireError,
+    decode, signed, CalibrationReport, ConfigAck, DeviceStatus, RecordKind, RolloutAck,
+    RolloutPhase, ShadowReport, Spooled, TelemetryReport, Topic, TopicKind, WireError,
 };
 use tierd_runtime::link::{Publisher, Routes};
 use tracing::{debug, info, warn};
 
 use crate::fleet::{Delivery, FleetError, Ingest};
 use crate::state::{Poisoned, RelayState};
+use crate::store::Kind;
 
 /// The topic kinds intake takes (each subscribed for all devices, not shared).
 pub const TOPICS: [TopicKind; 4] = [
@@ -95,6 +96,10 @@ impl Intake {
 
     /// Takes one message on one of [`TOPICS`].
     pub fn handle(&self, topic: Topic, publish: &Publish) {
+        if !self.state.is_writer() {
+            // Another replica files it; this one follows the store.
+            return;
+        }
         match topic.kind {
             TopicKind::Telemetry | TopicKind::ConfigAck => self.spooled(topic, publish),
             TopicKind::Status => self.status(topic, publish),
@@ -207,27 +212,11 @@ impl Intake {
                 ack
             }
         };
+        // The stream moved (or was first seen): its position is stored with the next batch.
+        self.state.mark(Kind::Device, &device);
         if let Some(upto) = ack {
-            self.ack(device, envelope.stream_id, upto);
-        }
-    }
-
-    /// Acknowledges a stream up to `upto` (cumulative) on the device's `ack` topic.
-    fn ack(&self, device: String, stream_id: u64, upto: u64) {
-        let ack = SpoolAck { stream_id, upto };
-        let ack_topic = Topic {
-            device_id: device,
-            kind: TopicKind::SpoolAck,
-            model: None,
-        }
-        .to_string();
-        if let Ok(payload) = encode(&ack) {
-            if let Err(e) = self
-                .client
-                .try_publish(&ack_topic, QoS::AtLeastOnce, false, payload)
-            {
-                warn!(error = %e, "cannot queue a spool ack; the agent will send again");
-            }
+            self.state
+                .ack(&self.client, &device, envelope.stream_id, upto);
         }
     }
 
@@ -257,6 +246,7 @@ impl Intake {
             fleet.ingest_calibration(device, c, configured)?;
             fleet.proposal(device, Some(&model))
         };
+        self.state.mark(Kind::Evidence, device);
         let Some(proposal) = proposal else {
             return Ok(());
         };
@@ -265,6 +255,7 @@ impl Intake {
             .control()?
             .on_proposal(device, &proposal, tierd_runtime::unix_ms());
         if let Some(doc) = doc {
+            self.state.mark(Kind::Control, device);
             info!(
                 %device,
                 %model,
@@ -289,6 +280,7 @@ impl Intake {
         self.state
             .control()?
             .record_ack(device, ack, tierd_runtime::unix_ms());
+        self.state.mark(Kind::Control, device);
         Ok(())
     }
 
@@ -345,6 +337,8 @@ impl Intake {
                 if let Ok(mut c) = self.state.control() {
                     c.learn_published(doc);
                 }
+                self.state.mark(Kind::Control, &topic.device_id);
+                self.state.mark(Kind::Kv, crate::store::persist::EPOCHS);
             }
             Ok(doc) => {
                 self.unverified();
@@ -406,6 +400,7 @@ impl Intake {
         self.state
             .fleet()?
             .set_status(&topic.device_id, status, tierd_runtime::unix_ms())?;
+        self.state.mark(Kind::Device, &topic.device_id);
         Ok((topic.device_id, online, reason))
     }
 }

@@ -12,6 +12,10 @@
 //!   device status, retained config documents.
 //! - [`broker`]: the embedded rumqttd used when no broker is configured.
 //!
+//! Fleet store
+//! - [`store`]: what survives restarts (SQLite, or PostgreSQL shared by replicas), batched
+//!   writes with acks after commit, and the lease that makes one replica the writer.
+//!
 //! Domain (pure)
 //! - [`fleet`]: every device's latest telemetry, spool streams with gap accounting, status, and
 //!   calibration evidence (where the tuner runs).
@@ -36,6 +40,7 @@ pub mod report;
 pub mod rollout;
 pub mod signing;
 pub mod state;
+pub mod store;
 pub mod tuner;
 
 use std::net::SocketAddr;
@@ -80,6 +85,8 @@ pub enum RelayError {
     SigningKey(#[from] signing::SigningKeyError),
     #[error("rollouts: {0}")]
     Rollouts(#[from] rollout::store::StoreError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -96,6 +103,7 @@ pub struct Relay {
     http_task: tokio::task::JoinHandle<()>,
     backend: Backend,
     http_alive: Arc<AtomicBool>,
+    replica: tokio::task::JoinHandle<()>,
 }
 
 /// The MQTT side: one link, the escalation workers and intake routed on it.
@@ -121,6 +129,8 @@ impl Relay {
             .options(&format!("cloud-relay-{}", config.relay_id))?;
         let link = Link::open(options, 1024);
         let state = shared_state(&config, &backend.id())?;
+        let persist = open_store(&config, http_addr, link.publisher(), &state).await?;
+        let state = state.with_persist(persist.clone());
         let (stop, stop_rx) = watch::channel(false);
         let access = http_access(&config, http_addr)?;
 
@@ -152,6 +162,22 @@ impl Relay {
         };
         let filters = escalations::subscriptions(&config.model.serves)?;
         let mqtt = start_mqtt(link, service, filters, state.clone());
+        let timing = store::replica::Timing {
+            flush: Duration::from_millis(config.store.flush_ms),
+            lease: Duration::from_millis(config.store.lease_ms),
+            refresh: Duration::from_millis(config.store.refresh_ms),
+        };
+        let promoted = {
+            let (state, publisher) = (state.clone(), mqtt.link.publisher());
+            Box::new(move || on_promote(&state, &publisher))
+        };
+        let replica = tokio::spawn(store::replica::run(
+            state.clone(),
+            persist,
+            timing,
+            promoted,
+            stop_rx.clone(),
+        ));
         Ok(Relay {
             state,
             http_addr,
@@ -160,6 +186,7 @@ impl Relay {
             http_task,
             backend,
             http_alive,
+            replica,
         })
     }
 
@@ -193,6 +220,8 @@ impl Relay {
         // Stop taking escalations, answer the queued ones while the link still carries the
         // replies, then disconnect.
         self.mqtt.escalations.drain().await;
+        // The last batch, and its acks while the link still carries them; the lease freed.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.replica).await;
         self.mqtt.link.shutdown(Duration::from_secs(2)).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.http_task).await;
         info!("relay stopped");
@@ -275,6 +304,66 @@ fn shared_state(config: &RelayConfig, reference: &str) -> Result<RelayState, Rel
     .with_rollouts(rollouts, state_dir))
 }
 
+/// Opens the fleet store, puts what it holds into memory (rows from before the store, in the
+/// state directory's files, are taken over), and takes the writer's lease if it is free.
+async fn open_store(
+    config: &RelayConfig,
+    http_addr: SocketAddr,
+    client: Publisher,
+    state: &RelayState,
+) -> Result<Arc<store::Persist>, RelayError> {
+    let url = config.store_url();
+    let sql = store::SqlStore::open(&url).await?;
+    let shown = sql.shown().to_string();
+    let backend = store::FleetStore::backend(&sql);
+    let api_url = config
+        .store
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let persist = Arc::new(store::Persist::new(
+        Arc::new(sql),
+        client,
+        config.relay_id.clone(),
+        api_url,
+    ));
+    let state = state.clone().with_persist(persist.clone());
+    let rows = store::replica::restore(&state, &persist).await?;
+    let writer = store::replica::try_take(&state, &persist).await?;
+    if writer {
+        // The fleet-wide rows as memory holds them now: the store's, or (the first time)
+        // those the state directory's files held.
+        for key in [
+            store::persist::OVERRIDES,
+            store::persist::EPOCHS,
+            store::persist::ROLLOUTS,
+        ] {
+            state.mark(store::Kind::Kv, key);
+        }
+    }
+    info!(
+        store = %shown,
+        backend,
+        rows,
+        role = if writer { "writer" } else { "follower" },
+        "fleet store open"
+    );
+    Ok(persist)
+}
+
+/// This replica has just taken the writer's lease over: the retained statuses and config
+/// documents again (the old writer filed those it saw; ones that came since are resent by the
+/// broker), and the rollout documents in force.
+fn on_promote(state: &RelayState, publisher: &Publisher) {
+    if let Err(e) = publisher.try_resubscribe(intake::subscriptions()) {
+        tracing::warn!(error = %e, "cannot ask the broker for the retained statuses again");
+    }
+    if let Ok(r) = state.rollouts() {
+        let docs = r.newest_documents();
+        state.after_rollout_change(publisher, &r, &docs);
+    }
+}
+
 /// Serves the HTTP API until `stop` flips. The flag is cleared when the task ends (the
 /// watchdog's self-check reads it).
 fn spawn_http(
@@ -313,9 +402,11 @@ fn start_mqtt(
     rollout::serve::route(state.clone(), publisher.clone(), &mut routes);
     // The rollout documents in force, again: a restarted embedded broker forgot them (a
     // device ignores a version it already handled).
-    if let Ok(r) = state.rollouts() {
-        let docs = r.newest_documents();
-        state.after_rollout_change(&publisher, &r, &docs);
+    if state.is_writer() {
+        if let Ok(r) = state.rollouts() {
+            let docs = r.newest_documents();
+            state.after_rollout_change(&publisher, &r, &docs);
+        }
     }
     Intake::new(state, publisher).route(&mut routes);
     let mut subscriptions = escalation_filters;

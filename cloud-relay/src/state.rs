@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rumqttc::v5::mqttbytes::QoS;
 use thiserror::Error;
-use tierd_protocol::{ConfigDocument, Signer, Topic, TopicKind};
+use tierd_protocol::{encode, ConfigDocument, Signer, SpoolAck, Topic, TopicKind};
 use tierd_runtime::link::Publisher;
 use tracing::warn;
 
 use crate::control::{self, Control, SetError};
 use crate::fleet::Fleet;
 use crate::rollout::Rollouts;
+use crate::store::{persist, Kind, Persist};
 
 pub type SharedFleet = Arc<Mutex<Fleet>>;
 pub type SharedControl = Arc<Mutex<Control>>;
@@ -57,8 +58,11 @@ pub struct RelayState {
     /// Signs every config and rollout document the relay publishes.
     pub signer: Arc<Signer>,
     pub rollouts: SharedRollouts,
-    /// Where rollouts are persisted and their files kept (`None`: in memory only, for tests).
+    /// Where rollouts' files are kept (and their state, without a fleet store; `None`: in
+    /// memory only, for tests).
     pub state_dir: Option<std::path::PathBuf>,
+    /// The fleet store's side (`None`: nothing survives a restart, for tests).
+    pub persist: Option<Arc<Persist>>,
 }
 
 impl RelayState {
@@ -70,6 +74,42 @@ impl RelayState {
             signer: Arc::new(signer),
             rollouts: Arc::new(Mutex::new(Rollouts::default())),
             state_dir: None,
+            persist: None,
+        }
+    }
+
+    /// Keeps what must survive in `persist`'s store.
+    pub fn with_persist(mut self, persist: Arc<Persist>) -> Self {
+        self.persist = Some(persist);
+        self
+    }
+
+    /// Whether this replica files telemetry, tunes and pushes (always, without a store).
+    pub fn is_writer(&self) -> bool {
+        self.persist.as_ref().is_none_or(|p| p.is_writer())
+    }
+
+    /// Row `kind/key` changed: written with the next batch (no-op without a store).
+    pub fn mark(&self, kind: Kind, key: &str) {
+        if let Some(p) = &self.persist {
+            p.mark(kind, key);
+        }
+    }
+
+    /// Acknowledges a device's spool stream up to `upto`: at once without a store, else once
+    /// the batch holding the record's effect is committed.
+    pub fn ack(&self, client: &Publisher, device: &str, stream_id: u64, upto: u64) {
+        match &self.persist {
+            Some(p) => p.defer_ack(device, stream_id, upto),
+            None => publish_ack(client, device, stream_id, upto),
+        }
+    }
+
+    /// Writes what is dirty now (an operator's change is stored before it is published).
+    async fn flush_now(&self) -> Result<(), crate::store::StoreError> {
+        match &self.persist {
+            Some(p) => p.flush(self).await.map(|_| ()),
+            None => Ok(()),
         }
     }
 
@@ -93,7 +133,9 @@ impl RelayState {
         rollouts: &Rollouts,
         docs: &[tierd_protocol::RolloutDocument],
     ) {
-        if let Some(dir) = &self.state_dir {
+        if self.persist.is_some() {
+            self.mark(Kind::Kv, persist::ROLLOUTS);
+        } else if let Some(dir) = &self.state_dir {
             if let Err(e) = crate::rollout::store::save(dir, rollouts) {
                 warn!(error = %e, "cannot persist the rollouts");
             }
@@ -129,12 +171,14 @@ pub enum OperatorError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("not stored, so not published: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl RelayState {
     /// An operator's `key=value` changes (`value` empty unsets): applied all or nothing,
-    /// persisted in `state_dir`, and the device's new document published.
-    pub fn operator_set(
+    /// persisted (fleet store, else `state_dir`), and the device's new document published.
+    pub async fn operator_set(
         &self,
         client: &Publisher,
         state_dir: &Path,
@@ -145,21 +189,26 @@ impl RelayState {
         let doc = {
             let mut c = self.control()?;
             let doc = c.set(device, pairs, now_ms)?;
-            control::save_overrides(state_dir, c.operator_overrides()).map_err(|source| {
-                OperatorError::Save {
-                    dir: state_dir.to_owned(),
-                    source,
-                }
-            })?;
+            if self.persist.is_none() {
+                control::save_overrides(state_dir, c.operator_overrides()).map_err(|source| {
+                    OperatorError::Save {
+                        dir: state_dir.to_owned(),
+                        source,
+                    }
+                })?;
+            }
             doc
         };
+        self.mark(Kind::Kv, persist::OVERRIDES);
+        self.mark(Kind::Control, device);
+        self.flush_now().await?;
         self.publish_config(client, &doc);
         Ok(doc)
     }
 
     /// An operator's reset of a device's config (`cloud-relay config reset`): a new epoch,
-    /// persisted in `state_dir` before the document is published.
-    pub fn operator_reset(
+    /// persisted (fleet store, else `state_dir`) before the document is published.
+    pub async fn operator_reset(
         &self,
         client: &Publisher,
         state_dir: &Path,
@@ -169,14 +218,19 @@ impl RelayState {
         let doc = {
             let mut c = self.control()?;
             let doc = c.reset(device, now_ms)?;
-            control::save_epochs(state_dir, c.epochs()).map_err(|source| {
-                OperatorError::SaveEpochs {
-                    dir: state_dir.to_owned(),
-                    source,
-                }
-            })?;
+            if self.persist.is_none() {
+                control::save_epochs(state_dir, c.epochs()).map_err(|source| {
+                    OperatorError::SaveEpochs {
+                        dir: state_dir.to_owned(),
+                        source,
+                    }
+                })?;
+            }
             doc
         };
+        self.mark(Kind::Kv, persist::EPOCHS);
+        self.mark(Kind::Control, device);
+        self.flush_now().await?;
         self.publish_config(client, &doc);
         Ok(doc)
     }
@@ -221,5 +275,21 @@ pub fn publish_config(client: &Publisher, signer: &Signer, doc: &ConfigDocument)
     };
     if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, true, signer.sign(doc)) {
         warn!(device = %doc.device_id, error = %e, "cannot queue the config document");
+    }
+}
+
+/// Acknowledges a device's spool stream up to `upto` (cumulative) on its `ack` topic.
+pub fn publish_ack(client: &Publisher, device: &str, stream_id: u64, upto: u64) {
+    let ack = SpoolAck { stream_id, upto };
+    let topic = Topic {
+        device_id: device.to_string(),
+        kind: TopicKind::SpoolAck,
+        model: None,
+    }
+    .to_string();
+    if let Ok(payload) = encode(&ack) {
+        if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, false, payload) {
+            warn!(error = %e, "cannot queue a spool ack; the agent will send again");
+        }
     }
 }

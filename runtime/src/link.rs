@@ -169,6 +169,14 @@ impl Publisher {
             .map_err(|_: ClientError| PublishError::Queue)
     }
 
+    /// Subscribes again to `filters` (already in the link's list): the broker sends their
+    /// retained messages anew, e.g. to a relay replica that has just taken over.
+    pub fn try_resubscribe(&self, filters: Vec<Filter>) -> Result<(), PublishError> {
+        self.client
+            .try_subscribe_many(filters)
+            .map_err(|_: ClientError| PublishError::Queue)
+    }
+
     /// True once the subscriptions are confirmed after a (re)connect; false when lost.
     pub fn is_connected(&self) -> bool {
         *self.connection.borrow()

@@ -123,3 +123,23 @@ pub fn breast_rows() -> Vec<Vec<f32>> {
         .expect("models/eval/breast-stream*.npy")
         .0
 }
+
+/// The default edge manifest without its `[calibration]` table (a model that ships no
+/// offline certificate), written into `dir`.
+pub fn uncalibrated_manifest(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = edge_manifest();
+    let text = std::fs::read_to_string(&src).expect("manifest");
+    let mut v: toml::Table = toml::from_str(&text).expect("toml");
+    assert!(
+        v.remove("calibration").is_some(),
+        "the default edge model ships a certificate"
+    );
+    let onnx = src
+        .parent()
+        .expect("dir")
+        .join(v["file"].as_str().expect("file"));
+    v.insert("file".into(), onnx.display().to_string().into());
+    let path = dir.join("uncalibrated.toml");
+    std::fs::write(&path, toml::to_string(&v).expect("toml")).expect("write");
+    path
+}

@@ -16,6 +16,7 @@ pub mod brokers;
 pub mod clients;
 pub mod fixtures;
 pub mod oip_server;
+pub mod postgres;
 pub mod processes;
 pub mod relay;
 pub mod releases;
@@ -31,10 +32,11 @@ pub use clients::{http_client, infer_body, InferResult, TestClient};
 pub use edge_agent::cascade::top1;
 pub use fixtures::{
     assert_probs_close, breast_rows, cloud_manifest, confident_examples, edge_manifest, example,
-    examples, repo_root, unsure_examples, Example, AGENT_MQTT_READY, EDGE_MODEL, HTTP_TIMEOUT,
-    READY_TIMEOUT, RELAY_READY, RUST_LOG, SKIP_MOSQUITTO_ENV,
+    examples, repo_root, uncalibrated_manifest, unsure_examples, Example, AGENT_MQTT_READY,
+    EDGE_MODEL, HTTP_TIMEOUT, READY_TIMEOUT, RELAY_READY, RUST_LOG, SKIP_MOSQUITTO_ENV,
 };
 pub use oip_server::OipServer;
+pub use postgres::{Postgres, SKIP_POSTGRES_ENV};
 pub use processes::{bin_path, daemon_command, free_port, rss_bytes, Proc};
 pub use relay::RelayProc;
 pub use tierd_devkit::port_accepts;

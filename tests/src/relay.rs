@@ -38,7 +38,8 @@ pub struct RelayProc {
     pub token: String,
     /// The file holding it, for the CLI's `--token-file`.
     pub token_file: std::path::PathBuf,
-    _dir: TempDir,
+    config_path: std::path::PathBuf,
+    dir: TempDir,
 }
 
 impl RelayProc {
@@ -145,7 +146,8 @@ impl RelayProc {
                         broker_port,
                         http_port,
                         relay_id: relay_id.to_owned(),
-                        _dir: dir,
+                        config_path,
+                        dir,
                     };
                 }
                 if proc.exit_status().is_some() {
@@ -165,6 +167,36 @@ impl RelayProc {
             }
         }
         unreachable!("the last attempt either returns or panics")
+    }
+
+    /// The relay's state directory.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts the relay again with the same config and state directory (after [`kill`] or
+    /// [`stop`]), and waits until it is taking escalations again.
+    ///
+    /// [`kill`]: RelayProc::kill
+    /// [`stop`]: RelayProc::stop
+    pub async fn restart(&mut self) {
+        let log = self.dir.path().join("relay.log");
+        let mut cmd = daemon_command("cloud-relay");
+        cmd.arg("run").arg("--config").arg(&self.config_path);
+        // The old log is kept beside the new one.
+        let _ = std::fs::rename(&log, self.dir.path().join("relay.before-restart.log"));
+        self.proc = Proc::spawn(&format!("cloud-relay {}", self.relay_id), cmd, &log);
+        let start = Instant::now();
+        while !self.proc.log().contains(RELAY_READY) {
+            self.proc.assert_running("restarting");
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "cloud-relay {} did not log {RELAY_READY:?} after restart; its log:\n{}",
+                self.relay_id,
+                self.proc.log_tail(60)
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// Kills the relay (SIGKILL).

@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tierd_e2e::{edge_manifest, repo_root, AgentOptions, AgentProc, RelayBroker, RelayProc};
+use tierd_e2e::{
+    edge_manifest, repo_root, uncalibrated_manifest, AgentOptions, AgentProc, RelayBroker,
+    RelayProc,
+};
 use tierd_runtime::stream;
 
 /// `n` records of an evaluation stream, in file order.
@@ -21,26 +24,6 @@ async fn send(agent: &AgentProc, records: &[stream::Record]) {
         let out = agent.infer(&r.pixels).await;
         assert_eq!(out.status, 200, "{}", out.body);
     }
-}
-
-/// The default edge manifest without its `[calibration]` table (a model that ships no
-/// offline certificate), written into `dir`.
-fn uncalibrated_manifest(dir: &std::path::Path) -> std::path::PathBuf {
-    let src = edge_manifest();
-    let text = std::fs::read_to_string(&src).expect("manifest");
-    let mut v: toml::Table = toml::from_str(&text).expect("toml");
-    assert!(
-        v.remove("calibration").is_some(),
-        "the default edge model ships a certificate"
-    );
-    let onnx = src
-        .parent()
-        .expect("dir")
-        .join(v["file"].as_str().expect("file"));
-    v.insert("file".into(), onnx.display().to_string().into());
-    let path = dir.join("uncalibrated.toml");
-    std::fs::write(&path, toml::to_string(&v).expect("toml")).expect("write");
-    path
 }
 
 fn threshold(view: &Value) -> f64 {

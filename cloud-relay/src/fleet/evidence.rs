@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tierd_protocol::{
     BinCounts, CalibrationReport, LatencySeries, ModelCalibration, Signal, TelemetryReport,
     MAX_THRESHOLDS_IN_FORCE,
@@ -29,7 +29,7 @@ use crate::tuner::{
 pub const MAX_WINDOWS: usize = 64;
 
 /// See [`Calibration::offline_trust`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OfflineTrust {
     Trusted,
@@ -38,7 +38,7 @@ pub enum OfflineTrust {
 }
 
 /// One calibration window (or several merged): counts per bin and the thresholds in force.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Window {
     bins: Vec<BinCounts>,
     cuts: Cuts,
@@ -55,7 +55,7 @@ pub fn model_name(id: &str) -> &str {
 }
 
 /// A device's recent evidence of one model and what the tuner makes of it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Calibration {
     /// `name@version` of the edge model, as its latest window named it.
     pub model: String,
@@ -92,6 +92,86 @@ pub struct Calibration {
     /// Requests counted by the windows filed in that boot.
     #[serde(skip)]
     boot_requests: u64,
+}
+
+/// A model's evidence as the fleet store keeps it: what the API shows, plus the windows and
+/// the once-only bookkeeping it leaves out (so a restarted relay tunes on from the same
+/// window and refuses the same replays).
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    #[serde(flatten)]
+    shown: &'a Calibration,
+    windows: &'a VecDeque<Window>,
+    last_window: (u64, u64),
+    boot_requests: u64,
+}
+
+#[derive(Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    shown: Calibration,
+    windows: VecDeque<Window>,
+    last_window: (u64, u64),
+    boot_requests: u64,
+}
+
+impl Calibration {
+    fn stored(&self) -> StoredRef<'_> {
+        StoredRef {
+            shown: self,
+            windows: &self.windows,
+            last_window: self.last_window,
+            boot_requests: self.boot_requests,
+        }
+    }
+}
+
+impl From<Stored> for Calibration {
+    fn from(s: Stored) -> Self {
+        Calibration {
+            windows: s.windows,
+            last_window: s.last_window,
+            boot_requests: s.boot_requests,
+            ..s.shown
+        }
+    }
+}
+
+/// All of a device's evidence, as one stored body.
+#[derive(Serialize)]
+struct StoredEvidenceRef<'a> {
+    primary: Option<StoredRef<'a>>,
+    models: std::collections::BTreeMap<&'a str, StoredRef<'a>>,
+}
+
+#[derive(Deserialize)]
+struct StoredEvidence {
+    primary: Option<Stored>,
+    models: std::collections::BTreeMap<String, Stored>,
+}
+
+/// The device's evidence (every model's) as the fleet store keeps it.
+pub(super) fn to_stored(rec: &DeviceRecord) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&StoredEvidenceRef {
+        primary: rec.calibration.as_ref().map(Calibration::stored),
+        models: rec
+            .models
+            .iter()
+            .map(|(k, c)| (k.as_str(), c.stored()))
+            .collect(),
+    })
+}
+
+/// Puts back the evidence [`to_stored`] kept.
+pub(super) fn restore(rec: &mut DeviceRecord, body: &str) -> Result<(), serde_json::Error> {
+    let e: StoredEvidence = serde_json::from_str(body)?;
+    rec.calibration = e.primary.map(Calibration::from);
+    rec.models = e
+        .models
+        .into_iter()
+        .map(|(k, c)| (k, Calibration::from(c)))
+        .collect();
+    Ok(())
 }
 
 /// Audits a window may hold beyond its audit rate's expectation: `n·r + 6·sqrt(n·r) + 10` for

@@ -150,7 +150,7 @@ fn check_announced(
 
 /// Everything the fleet knows about one device; each part appears with the first message of
 /// its kind.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct DeviceEntry {
     /// From its telemetry (and calibration) reports.
     record: Option<DeviceRecord>,
@@ -378,6 +378,58 @@ impl Fleet {
         self.devices
             .iter()
             .filter_map(|(id, e)| e.status.as_ref().map(|s| (id, s)))
+    }
+
+    /// A device's bookkeeping (streams, status, latest telemetry; not its evidence, see
+    /// [`Fleet::stored_evidence`]) as the fleet store keeps it.
+    pub fn stored_device(&mut self, device_id: &str) -> Option<Result<String, serde_json::Error>> {
+        let entry = self.devices.get_mut(device_id)?;
+        // The evidence is stored apart: out of the body while it is written.
+        let evidence = entry
+            .record
+            .as_mut()
+            .map(|r| (r.calibration.take(), std::mem::take(&mut r.models)));
+        let body = serde_json::to_string(&*entry);
+        if let (Some(r), Some((calibration, models))) = (entry.record.as_mut(), evidence) {
+            r.calibration = calibration;
+            r.models = models;
+        }
+        Some(body)
+    }
+
+    /// A device's calibration evidence of every model, as the fleet store keeps it.
+    pub fn stored_evidence(&self, device_id: &str) -> Option<Result<String, serde_json::Error>> {
+        let rec = self.get(device_id)?;
+        Some(evidence::to_stored(rec))
+    }
+
+    /// Puts back a device's bookkeeping from the store (its evidence, if held, is kept).
+    pub fn restore_device(&mut self, device_id: &str, body: &str) -> Result<(), serde_json::Error> {
+        let mut stored: DeviceEntry = serde_json::from_str(body)?;
+        let entry = self.devices.entry(device_id.to_string()).or_default();
+        if let (Some(new), Some(old)) = (stored.record.as_mut(), entry.record.as_mut()) {
+            new.calibration = old.calibration.take();
+            new.models = std::mem::take(&mut old.models);
+        }
+        *entry = stored;
+        Ok(())
+    }
+
+    /// Puts back a device's evidence from the store; `false` if the device has no record to
+    /// hold it (its bookkeeping row comes first).
+    pub fn restore_evidence(
+        &mut self,
+        device_id: &str,
+        body: &str,
+    ) -> Result<bool, serde_json::Error> {
+        match self
+            .devices
+            .get_mut(device_id)
+            .and_then(|e| e.record.as_mut())
+        {
+            Some(rec) => evidence::restore(rec, body).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Devices that have sent telemetry.

@@ -1,7 +1,7 @@
 //! Spool streams: exactly-once, in-order delivery of spooled records (telemetry, calibration,
 //! config acks), and the accounting of what will never come (gaps the agent's floor skips).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the relay made of one spooled record (see [`Fleet::accept`](super::Fleet::accept)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub enum Delivery {
 pub const STREAMS_PER_DEVICE: usize = 4;
 
 /// Delivery bookkeeping of a device's spool stream, as `/api/devices` shows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamRecord {
     pub stream_id: u64,
     /// The next sequence number expected.
@@ -33,7 +33,7 @@ pub struct StreamRecord {
 }
 
 /// A device's spool streams, most recently active first, at most [`STREAMS_PER_DEVICE`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct Streams(Vec<StreamRecord>);
 
 impl Streams {

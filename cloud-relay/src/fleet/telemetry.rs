@@ -1,7 +1,7 @@
 //! The latest telemetry of each device, with sequence-gap accounting, its energy rates, and its
 //! online/offline status.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tierd_protocol::{DeviceStatus, TelemetryReport, TierCounts};
 
 use super::evidence::Calibration;
@@ -27,7 +27,7 @@ pub enum Ingest {
 }
 
 /// Per-device bookkeeping, serialized as-is by `/api/devices`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub device_id: String,
     /// Relay clock, Unix ms, when the latest report arrived.
@@ -47,14 +47,15 @@ pub struct DeviceRecord {
     pub energy_rates: EnergyRates,
     pub latest: TelemetryReport,
     /// The evidence of the model the telemetry reports (the primary).
+    #[serde(default)]
     pub calibration: Option<Calibration>,
     /// The evidence of each further model the device serves, by model name.
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub models: std::collections::BTreeMap<String, Calibration>,
 }
 
 /// Joules per local inference and modelled radio joules per escalation, as last measured.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct EnergyRates {
     pub joules_per_inference: Option<f64>,
     pub radio_joules_per_escalation: Option<f64>,
@@ -72,7 +73,7 @@ impl EnergyRates {
 }
 
 /// The latest retained status a device (or the broker, as its last will) published.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusRecord {
     pub online: bool,
     pub boot_id: u64,
@@ -82,7 +83,7 @@ pub struct StatusRecord {
     /// The model and offline certificate its last online status announced.
     pub model: Option<tierd_protocol::ModelCalibration>,
     /// The further models it announced, with their offline certificates.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<tierd_protocol::ServedModel>,
 }
 

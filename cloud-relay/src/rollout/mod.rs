@@ -214,6 +214,11 @@ impl Rollouts {
         self
     }
 
+    /// Takes `other`'s rollouts (read from the fleet store), keeping the rules in force here.
+    pub fn reload(&mut self, other: Rollouts) {
+        *self = other.restored(self.setup, self.rules);
+    }
+
     pub fn get(&self, id: &str) -> Option<&Rollout> {
         self.rollouts.get(id)
     }
