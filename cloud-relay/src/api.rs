@@ -61,6 +61,8 @@ pub struct ApiDeps {
     pub target: f64,
     /// Who may call the API ([`crate::http_auth`]): applied as a layer over every route.
     pub access: crate::http_auth::Access,
+    /// `[metrics]`: per-device series cap and device groups.
+    pub metrics: crate::config::MetricsConfig,
 }
 
 #[derive(Debug)]
@@ -69,6 +71,190 @@ struct FleetCollector {
     stats: Arc<RelayStats>,
     /// `tierd_device_proposed_threshold`'s help, which states the configured target.
     proposed_help: String,
+    metrics: crate::config::MetricsConfig,
+    persist: Option<Arc<crate::store::Persist>>,
+}
+
+/// The group of `device` in `[metrics] groups` (first match by group name), else `other`.
+fn group_of<'a>(
+    groups: &'a std::collections::BTreeMap<String, Vec<String>>,
+    device: &str,
+) -> &'a str {
+    groups
+        .iter()
+        .find(|(_, pats)| {
+            pats.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => device.starts_with(prefix),
+                None => device == p,
+            })
+        })
+        .map_or("other", |(g, _)| g.as_str())
+}
+
+/// The fleet-level series (`tierd_fleet_*`): a handful per (model, version, group), whatever
+/// the fleet's size.
+fn fleet_series(
+    enc: &mut DescriptorEncoder,
+    fleet: &Fleet,
+    m: &crate::config::MetricsConfig,
+) -> std::fmt::Result {
+    use std::collections::BTreeMap;
+    type Key = (String, String, String);
+    let mut devices: BTreeMap<Key, i64> = BTreeMap::new();
+    let mut requests: BTreeMap<(Key, &'static str), u64> = BTreeMap::new();
+    let mut missing: BTreeMap<String, u64> = BTreeMap::new();
+    for d in fleet.devices() {
+        let (name, version) = d
+            .latest
+            .model
+            .split_once('@')
+            .unwrap_or((&d.latest.model, ""));
+        let group = group_of(&m.groups, &d.device_id).to_string();
+        let key = (name.to_string(), version.to_string(), group.clone());
+        *devices.entry(key.clone()).or_default() += 1;
+        for (tier, n) in d.latest.totals.by_tier() {
+            let e = requests.entry((key.clone(), tier.as_str())).or_default();
+            *e = e.saturating_add(n);
+        }
+        let e = missing.entry(group).or_default();
+        *e = e.saturating_add(d.missing_reports);
+    }
+    let labels = |(model, version, group): &Key| -> Labels {
+        vec![
+            ("model", model.clone()),
+            ("version", version.clone()),
+            ("group", group.clone()),
+        ]
+    };
+    family(
+        enc,
+        "tierd_fleet_model_devices",
+        "Devices by edge model, version and group (from their latest report).",
+        MetricType::Gauge,
+        devices
+            .iter()
+            .map(|(k, n)| (labels(k), ConstGauge::new(*n)))
+            .collect(),
+    )?;
+    family(
+        enc,
+        "tierd_fleet_model_requests",
+        "Requests answered by the devices of each edge model, version and group, by tier.",
+        MetricType::Counter,
+        requests
+            .iter()
+            .map(|((k, tier), n)| {
+                let mut l = labels(k);
+                l.push(("tier", tier.to_string()));
+                (l, ConstCounter::new(*n))
+            })
+            .collect(),
+    )?;
+    family(
+        enc,
+        "tierd_fleet_telemetry_missing_reports",
+        "Telemetry reports of the devices' current runs that never reached the relay, by group.",
+        MetricType::Counter,
+        missing
+            .iter()
+            .map(|(g, n)| (vec![("group", g.clone())], ConstCounter::new(*n)))
+            .collect(),
+    )?;
+    let mut online: BTreeMap<String, i64> = BTreeMap::new();
+    for (d, st) in fleet.statuses() {
+        *online
+            .entry(group_of(&m.groups, d).to_string())
+            .or_default() += i64::from(st.online);
+    }
+    family(
+        enc,
+        "tierd_fleet_devices_online",
+        "Devices whose retained status says online, by group.",
+        MetricType::Gauge,
+        online
+            .iter()
+            .map(|(g, n)| (vec![("group", g.clone())], ConstGauge::new(*n)))
+            .collect(),
+    )?;
+    family(
+        enc,
+        "tierd_metrics_device_series_omitted",
+        "Devices left out of the per-device series (metrics.max_device_series); all are in /api/devices.",
+        MetricType::Gauge,
+        vec![(
+            Vec::new(),
+            ConstGauge::new(fleet.len().saturating_sub(m.max_device_series) as i64),
+        )],
+    )
+}
+
+/// The fleet store's side of this replica.
+fn store_series(enc: &mut DescriptorEncoder, p: &crate::store::Persist) -> std::fmt::Result {
+    let st = &p.stats;
+    family(
+        enc,
+        "tierd_relay_store_writer",
+        "1 while this replica holds the fleet store's lease (files telemetry, tunes, pushes).",
+        MetricType::Gauge,
+        vec![(Vec::new(), ConstGauge::new(i64::from(p.is_writer())))],
+    )?;
+    for (name, help, c) in [
+        (
+            "tierd_relay_store_batches",
+            "Batches written to the fleet store.",
+            &st.batches,
+        ),
+        (
+            "tierd_relay_store_rows_written",
+            "Rows written to the fleet store.",
+            &st.rows,
+        ),
+        (
+            "tierd_relay_store_failures",
+            "Batches the fleet store refused or failed (kept and retried; fenced ones dropped).",
+            &st.failures,
+        ),
+        (
+            "tierd_relay_store_rows_read",
+            "Rows read from the fleet store (at start, and following the writer).",
+            &st.rows_read,
+        ),
+        (
+            "tierd_relay_store_rows_unreadable",
+            "Stored rows that could not be read back (skipped).",
+            &st.rows_unreadable,
+        ),
+        (
+            "tierd_relay_store_takeovers",
+            "Times this replica took the writer's lease.",
+            &st.takeovers,
+        ),
+    ] {
+        family(
+            enc,
+            name,
+            help,
+            MetricType::Counter,
+            vec![(Vec::new(), ConstCounter::new(c.load(Ordering::Relaxed)))],
+        )?;
+    }
+    family(
+        enc,
+        "tierd_relay_store_dirty_rows",
+        "Rows changed in memory, waiting for the next batch.",
+        MetricType::Gauge,
+        vec![(Vec::new(), ConstGauge::new(p.dirty() as i64))],
+    )?;
+    family(
+        enc,
+        "tierd_relay_store_last_batch_seconds",
+        "How long the last batch took to commit.",
+        MetricType::Gauge,
+        vec![(
+            Vec::new(),
+            ConstGauge::new(st.last_batch_us.load(Ordering::Relaxed) as f64 / 1e6),
+        )],
+    )
 }
 
 /// `v` as the `f64` nearest its shortest round-trip decimal: `0.9_f32` is `0.9`, where
@@ -147,9 +333,14 @@ impl Collector for FleetCollector {
             .collect(),
         )?;
 
+        if let Some(p) = &self.persist {
+            store_series(&mut enc, p)?;
+        }
         let Ok(fleet) = self.fleet.lock() else {
             return Ok(());
         };
+        fleet_series(&mut enc, &fleet, &self.metrics)?;
+        let cap = self.metrics.max_device_series;
         let dev = |d: &str, extra: &[(&'static str, &str)]| -> Labels {
             let mut l = vec![("device", d.to_string())];
             l.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
@@ -166,7 +357,9 @@ impl Collector for FleetCollector {
         let mut cpu = Vec::new();
         let mut temp = Vec::new();
         let mut proposed = Vec::new();
-        for d in fleet.devices() {
+        // Per-device series for the first `cap` devices by id (Prometheus holds a few per
+        // device; the fleet-level ones above cover everyone).
+        for d in fleet.devices().take(cap) {
             let r = &d.latest;
             let id = d.device_id.as_str();
             for (tier, n) in r.totals.by_tier() {
@@ -324,6 +517,7 @@ impl Collector for FleetCollector {
             MetricType::Gauge,
             fleet
                 .statuses()
+                .take(cap)
                 .map(|(d, st)| (dev(d, &[]), ConstGauge::new(i64::from(st.online))))
                 .collect(),
         )?;
@@ -358,6 +552,8 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
             percent(deps.target),
             percent(1.0 - deps.delta)
         ),
+        metrics: deps.metrics.clone(),
+        persist: relay.persist.clone(),
     }));
     let access = deps.access;
     let state = Arc::new(ApiState {
@@ -923,6 +1119,7 @@ mod tests {
                 delta: 0.05,
                 target: 0.99,
                 access: crate::http_auth::Access::new("t0ken".into(), &cfg.http, addr),
+                metrics: crate::config::MetricsConfig::default(),
             },
         );
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -971,6 +1168,19 @@ mod tests {
             }
         }
         server.abort();
+    }
+
+    #[test]
+    fn devices_fall_in_the_first_group_a_pattern_matches() {
+        let groups: std::collections::BTreeMap<String, Vec<String>> = [
+            ("lab".to_string(), vec!["lab-01".to_string()]),
+            ("orchard".to_string(), vec!["orchard-*".to_string()]),
+        ]
+        .into();
+        assert_eq!(group_of(&groups, "orchard-17"), "orchard");
+        assert_eq!(group_of(&groups, "lab-01"), "lab");
+        assert_eq!(group_of(&groups, "lab-02"), "other");
+        assert_eq!(group_of(&groups, "orchard"), "other");
     }
 
     #[test]

@@ -143,6 +143,7 @@ impl Relay {
                 delta: config.tuning.delta,
                 target: config.tuning.target,
                 access,
+                metrics: config.metrics.clone(),
             },
         );
         let (http_task, http_alive) = spawn_http(listener, app, stop_rx.clone());

@@ -200,7 +200,7 @@ async fn the_writer_killed_under_load_is_replaced_within_seconds_and_nothing_is_
         return;
     };
     let extra = format!(
-        "[store]\nurl = {:?}\nlease_ms = 300\nrefresh_ms = 300\n",
+        "[store]\nurl = {:?}\nlease_ms = 300\nrefresh_ms = 300\n\n[metrics]\nmax_device_series = 1\n\n[metrics.groups]\nreplicas = [\"replica-*\"]\n",
         pg.url
     );
     let mut a = RelayProc::start_with("replica-a", RelayBroker::External(port), &extra).await;
@@ -265,6 +265,24 @@ async fn the_writer_killed_under_load_is_replaced_within_seconds_and_nothing_is_
         assert_exact(&v);
         assert_eq!(v["restarts"], 0, "{v:#}");
     }
+    // Metrics: fleet-level series cover both devices; per-device ones are capped at one.
+    let (_, metrics) = b.get_text("/metrics").await;
+    let line = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+            .to_string()
+    };
+    assert!(
+        line("tierd_fleet_model_devices{").ends_with(" 2"),
+        "{metrics}"
+    );
+    assert!(line("tierd_fleet_model_devices{").contains("group=\"replicas\""));
+    assert!(line("tierd_relay_store_writer").ends_with(" 1"));
+    assert!(line("tierd_metrics_device_series_omitted").ends_with(" 1"));
+    assert!(metrics.contains("device=\"replica-dev-1\""));
+    assert!(!metrics.contains("device=\"replica-dev-2\""), "{metrics}");
     // The killed replica comes back as a follower and shows the writer's fleet.
     a.restart().await;
     assert_eq!(role(&a).await, "follower");
