@@ -661,6 +661,67 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_fleet_is_the_one_stored_and_tunes_on_from_its_windows() {
+        let mut f = Fleet::new(10);
+        online(&mut f, "a", 1);
+        let window = vec![
+            BinCounts {
+                escalated: 300,
+                escalated_labelled: 300,
+                escalated_agree: 200,
+                ..Default::default()
+            },
+            BinCounts {
+                local: 700,
+                audited: 350,
+                audited_agree: 350,
+                ..Default::default()
+            },
+        ];
+        for seq in 1..=3 {
+            telemetry(&mut f, seq, 1000);
+            let mut c = calibration("a", window.clone());
+            c.seq = seq;
+            f.ingest_calibration("a", c, None).expect("calibration");
+        }
+        f.accept("a", 7, 1, 1).expect("accept");
+        assert_eq!(f.commit("a", 7, 1), Some(1));
+        let device = f.stored_device("a").expect("device").expect("json");
+        let evidence = f.stored_evidence("a").expect("evidence").expect("json");
+        assert!(
+            !device.contains("\"windows\""),
+            "the evidence is stored apart"
+        );
+
+        let mut g = Fleet::new(10);
+        // Evidence before its device has nowhere to go.
+        assert_eq!(g.restore_evidence("a", &evidence).ok(), Some(false));
+        g.restore_device("a", &device).expect("device");
+        assert_eq!(g.restore_evidence("a", &evidence).ok(), Some(true));
+        let shown = |f: &Fleet| serde_json::to_value(f.get("a")).expect("json");
+        assert_eq!(shown(&f), shown(&g));
+        assert_eq!(f.stream("a"), g.stream("a"));
+        assert_eq!(f.status("a"), g.status("a"));
+        // A replayed window is still refused, and the next one tunes on the stored windows.
+        let mut replay = calibration("a", window.clone());
+        replay.seq = 3;
+        assert!(g.ingest_calibration("a", replay.clone(), None).is_err());
+        assert!(f.ingest_calibration("a", replay, None).is_err());
+        for h in [&mut f, &mut g] {
+            telemetry(h, 4, 1000);
+            let mut c = calibration("a", window.clone());
+            c.seq = 4;
+            h.ingest_calibration("a", c, None).expect("calibration");
+        }
+        assert_eq!(shown(&f), shown(&g));
+        let requests = g
+            .get("a")
+            .and_then(|d| d.calibration.as_ref())
+            .map(|c| c.requests);
+        assert_eq!(requests, Some(4000));
+    }
+
+    #[test]
     fn calibration_windows_slide_and_feed_the_tuner() {
         let mut f = Fleet::new(10);
         assert!(matches!(
