@@ -595,7 +595,7 @@ async fn drive(
     let mut warnings = Vec::new();
     if rejected > 0 {
         failures.push(format!(
-            "the relay rejected {rejected} records: the simulator sent something it did not believe (see its log)"
+            "the relay rejected {rejected} records: something the simulator sent was not believed, or a relay limit (e.g. http.max_devices) was hit; the relay's log says why"
         ));
     }
     if accepted_total == 0 {
@@ -628,6 +628,12 @@ async fn drive(
     if total.reconnects > 0 {
         warnings.push(format!("{} MQTT reconnects", total.reconnects));
     }
+    let relay_log_warnings = run
+        .target
+        .spawned
+        .as_ref()
+        .map(|s| target::log_warnings(&s.relay_log, 5))
+        .unwrap_or_default();
     let passed = failures.is_empty();
     Ok(Report {
         setup: report::Setup {
@@ -665,6 +671,7 @@ async fn drive(
         metrics_scrape_ms: last.relay.scrape_ms,
         metrics_scrape_bytes: last.relay.scrape_bytes,
         reconnects: total.reconnects,
+        relay_log_warnings,
         passed,
         failures,
         warnings,

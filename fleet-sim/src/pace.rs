@@ -107,8 +107,10 @@ pub fn limit(cpu: &CpuShares, cores: usize) -> String {
                 )
             } else {
                 format!(
-                    "no CPU near its limit (relay {}, broker {}, simulator {:.0} %): queueing or \
-                     a bounded queue/window, not compute",
+                    "no CPU near its limit (relay {}, broker {}, simulator {:.0} %): a bounded \
+                     queue or window, not compute (e.g. the relay's MQTT request queue: see \
+                     'cannot queue a spool ack' in its log; the broker's QoS 1 inflight window, \
+                     max_inflight_messages)",
                     cpu.relay.map_or("n/a".into(), |r| format!("{r:.0} %")),
                     cpu.broker.map_or("n/a".into(), |b| format!("{b:.0} %")),
                     cpu.simulator

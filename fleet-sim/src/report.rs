@@ -118,6 +118,8 @@ pub struct Report {
     pub metrics_scrape_ms: f64,
     pub metrics_scrape_bytes: usize,
     pub reconnects: u64,
+    /// A spawned relay's log: warnings and errors by message, most frequent first.
+    pub relay_log_warnings: Vec<(String, u64)>,
     pub passed: bool,
     pub failures: Vec<String>,
     pub warnings: Vec<String>,
@@ -245,6 +247,12 @@ impl Report {
                 self.relay_devices.map_or("n/a".into(), |d| d.to_string())
             ),
         );
+        for (i, (message, count)) in self.relay_log_warnings.iter().enumerate() {
+            row(
+                if i == 0 { "relay log" } else { "" },
+                format!("{count} x {message}"),
+            );
+        }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v) in &rows {

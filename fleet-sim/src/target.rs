@@ -157,6 +157,28 @@ pub fn strip_ansi(line: &str) -> String {
     out
 }
 
+/// The relay log's warnings and errors, counted by message (the text before the first
+/// `key=value` field), most frequent first, at most `n`.
+pub fn log_warnings(path: &Path, n: usize) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    for line in text.lines().map(strip_ansi) {
+        let Some(at) = line.find(" WARN ").or_else(|| line.find(" ERROR ")) else {
+            continue;
+        };
+        let message: Vec<&str> = line[at..]
+            .split_whitespace()
+            .skip(1)
+            .take_while(|t| !t.contains('='))
+            .collect();
+        *counts.entry(message.join(" ")).or_default() += 1;
+    }
+    let mut v: Vec<_> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}
+
 /// Lines of a log file containing `needle`, at most `n` (the first ones), without colours.
 pub fn grep(path: &Path, needle: &str, n: usize) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -452,6 +474,29 @@ mod tests {
             strip_ansi("\u{1b}[33m WARN\u{1b}[0m record \u{1b}[3mrejected\u{1b}[0m"),
             " WARN record rejected"
         );
+    }
+
+    #[test]
+    fn counts_the_relays_warnings_by_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("relay.log");
+        std::fs::write(
+            &log,
+            "t  INFO cloud_relay: ready\n\
+             t \u{1b}[33m WARN\u{1b}[0m cloud_relay::intake: cannot queue a spool ack; the agent will send again error=full\n\
+             t  WARN cloud_relay::intake: cannot queue a spool ack; the agent will send again error=full\n\
+             t ERROR cloud_relay: boom device=x\n",
+        )
+        .unwrap();
+        let w = log_warnings(&log, 5);
+        assert_eq!(
+            w[0],
+            (
+                "cloud_relay::intake: cannot queue a spool ack; the agent will send again".into(),
+                2
+            )
+        );
+        assert_eq!(w[1], ("cloud_relay: boom".into(), 1));
     }
 
     #[test]
