@@ -278,16 +278,48 @@ pub fn publish_config(client: &Publisher, signer: &Signer, doc: &ConfigDocument)
     }
 }
 
-/// Acknowledges a device's spool stream up to `upto` (cumulative) on its `ack` topic.
-pub fn publish_ack(client: &Publisher, device: &str, stream_id: u64, upto: u64) {
-    let ack = SpoolAck { stream_id, upto };
+fn ack_message(device: &str, stream_id: u64, upto: u64) -> Option<(String, Vec<u8>)> {
     let topic = Topic {
         device_id: device.to_string(),
         kind: TopicKind::SpoolAck,
         model: None,
     }
     .to_string();
-    if let Ok(payload) = encode(&ack) {
+    encode(&SpoolAck { stream_id, upto })
+        .ok()
+        .map(|payload| (topic, payload))
+}
+
+/// Like [`publish_ack`], waiting for room in the link's queue until `deadline`.
+pub async fn publish_ack_waiting(
+    client: &Publisher,
+    device: &str,
+    stream_id: u64,
+    upto: u64,
+    deadline: tokio::time::Instant,
+) {
+    let Some((topic, payload)) = ack_message(device, stream_id, upto) else {
+        return;
+    };
+    let queued = tokio::time::timeout_at(
+        deadline,
+        client.publish_with_properties(
+            &topic,
+            QoS::AtLeastOnce,
+            false,
+            payload,
+            Default::default(),
+        ),
+    )
+    .await;
+    if !matches!(queued, Ok(Ok(()))) {
+        warn!(%device, "cannot queue a spool ack; the agent will send again");
+    }
+}
+
+/// Acknowledges a device's spool stream up to `upto` (cumulative) on its `ack` topic.
+pub fn publish_ack(client: &Publisher, device: &str, stream_id: u64, upto: u64) {
+    if let Some((topic, payload)) = ack_message(device, stream_id, upto) {
         if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, false, payload) {
             warn!(error = %e, "cannot queue a spool ack; the agent will send again");
         }

@@ -191,8 +191,19 @@ impl Persist {
                         Ordering::Relaxed,
                     );
                 }
+                // One cumulative ack per stream for the whole batch, waiting for room in the
+                // link's queue (a burst of thousands would overflow it and stall the spools).
+                // (Bounded: past 2 s for the batch, what does not fit is dropped and resent.)
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
                 for ((device, stream), upto) in pending.acks {
-                    crate::state::publish_ack(&self.client, &device, stream, upto);
+                    crate::state::publish_ack_waiting(
+                        &self.client,
+                        &device,
+                        stream,
+                        upto,
+                        deadline,
+                    )
+                    .await;
                 }
                 Ok(n)
             }
