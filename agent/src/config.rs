@@ -20,7 +20,11 @@ pub use tierd_runtime::config::ConfigError;
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Identity on MQTT topics (`tierd/v1/{device_id}/…`): 1–64 of `[A-Za-z0-9_.-]`.
+    /// Default: `$TIERD_DEVICE_ID`, else the hostname (see [`crate::identity`]).
     pub device_id: String,
+    /// Where `device_id` came from.
+    #[serde(skip)]
+    pub device_id_source: crate::identity::IdSource,
     pub http: HttpConfig,
     pub model: ModelConfig,
     /// More models served beside `[model]` (`[[models]]`), each with its own threshold,
@@ -243,8 +247,10 @@ pub const MAX_EXTRA_MODELS: usize = 16;
 
 impl Default for AgentConfig {
     fn default() -> Self {
+        let (device_id, device_id_source) = crate::identity::from_environment();
         AgentConfig {
-            device_id: "edge-01".into(),
+            device_id,
+            device_id_source,
             http: HttpConfig::default(),
             model: ModelConfig::default(),
             models: Vec::new(),
@@ -318,7 +324,13 @@ impl AgentConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: AgentConfig = tierd_runtime::config::from_toml(text)?;
+        let mut cfg: AgentConfig = tierd_runtime::config::from_toml(text)?;
+        if text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("device_id"))
+        {
+            cfg.device_id_source = crate::identity::IdSource::Config;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -346,7 +358,13 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::invalid(s));
         if let Err(e) = tierd_protocol::topic::validate_device_id(&self.device_id) {
-            return bad(format!("device_id: {e}"));
+            return match self.device_id_source {
+                crate::identity::IdSource::Environment => bad(format!(
+                    "{} (no device_id in agent.toml): {e}",
+                    crate::identity::DEVICE_ID_ENV
+                )),
+                _ => bad(format!("device_id: {e}")),
+            };
         }
         let c = &self.cascade;
         if let Some(t) = c
@@ -496,7 +514,12 @@ mod tests {
         assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.cascade.escalation_timeout_ms, 250);
         assert_eq!(c.cascade.signal, Signal::MaxProb);
-        assert_eq!(c.default_client_id(), "edge-agent-edge-01");
+        // No device_id: the environment's or the hostname's (crate::identity).
+        assert_ne!(c.device_id_source, crate::identity::IdSource::Config);
+        assert_eq!(c.default_client_id(), format!("edge-agent-{}", c.device_id));
+        let c = AgentConfig::parse("device_id = \"pi-7\"").unwrap();
+        assert_eq!(c.device_id_source, crate::identity::IdSource::Config);
+        assert_eq!(c.default_client_id(), "edge-agent-pi-7");
     }
 
     #[test]

@@ -22,11 +22,13 @@
 
 pub mod cascade;
 pub mod config;
+pub mod doctor;
 pub mod energy;
 pub mod escalation;
 pub mod evidence;
 pub mod forward;
 pub mod http;
+pub mod identity;
 pub mod link;
 pub mod metrics;
 pub mod model_init;
@@ -254,6 +256,11 @@ fn restore_policy(config: &AgentConfig, state_dir: &Path, threshold: f32) -> Rem
 impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         config.validate()?;
+        info!(
+            device_id = %config.device_id,
+            from = %config.device_id_source.describe(),
+            "identity"
+        );
         tierd_runtime::mqtt::install_crypto_provider();
         let configured = Model::load_trusted(&config.model.manifest, &config.model.trusted_keys)?;
         info!(model = %configured.id(), golden = configured.manifest().golden.len(), "model verified");
@@ -287,6 +294,7 @@ impl Agent {
             boot_id,
             link::model_calibration(model.manifest()),
             served.clone(),
+            crate::identity::read_machine_tag(),
         )?;
         let listener =
             TcpListener::bind(config.http.listen)

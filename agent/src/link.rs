@@ -34,6 +34,7 @@ pub fn status_payload(
     reason: &str,
     model: Option<ModelCalibration>,
     models: Vec<ServedModel>,
+    machine: Option<&str>,
 ) -> Vec<u8> {
     encode(&DeviceStatus {
         online,
@@ -41,6 +42,7 @@ pub fn status_payload(
         reason: reason.to_string(),
         model,
         models,
+        machine: machine.map(str::to_owned),
     })
     .unwrap_or_default()
 }
@@ -85,6 +87,7 @@ pub struct Announcer {
     publisher: Publisher,
     topic: String,
     boot_id: u64,
+    machine: Option<String>,
 }
 
 impl Announcer {
@@ -93,7 +96,14 @@ impl Announcer {
             topic: self.topic.clone(),
             qos: QoS::AtLeastOnce,
             retain: true,
-            payload: Bytes::from(status_payload(true, self.boot_id, "", model, models)),
+            payload: Bytes::from(status_payload(
+                true,
+                self.boot_id,
+                "",
+                model,
+                models,
+                self.machine.as_deref(),
+            )),
         };
         if let Ok(mut slot) = self.on_connect.lock() {
             *slot = vec![m.clone()];
@@ -115,7 +125,9 @@ impl AgentLink {
 
 /// Opens the agent's link (it connects in the background); escalations for `edge_model` go
 /// to its own topic (`tierd/v1/{device}/escalate/{edge_model}`). The online status announces
-/// `model` (the primary's offline certificate) and the further `models`.
+/// `model` (the primary's offline certificate) and the further `models`; every status names
+/// the `machine` (see [`crate::identity`]).
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     mut options: MqttOptions,
     device_id: &str,
@@ -124,6 +136,7 @@ pub fn start(
     boot_id: u64,
     model: Option<ModelCalibration>,
     models: Vec<ServedModel>,
+    machine: Option<String>,
 ) -> Result<AgentLink, TopicError> {
     let topic = |kind| Topic::new(device_id, kind).map(|t| t.to_string());
     let status_topic = topic(TopicKind::Status)?;
@@ -136,7 +149,14 @@ pub fn start(
     // a clean stop publishes its own "stopped" status instead.
     options.set_last_will(LastWill::new(
         status_topic.clone(),
-        status_payload(false, boot_id, "connection lost", None, Vec::new()),
+        status_payload(
+            false,
+            boot_id,
+            "connection lost",
+            None,
+            Vec::new(),
+            machine.as_deref(),
+        ),
         QoS::AtLeastOnce,
         true,
         None,
@@ -165,6 +185,7 @@ pub fn start(
             reason,
             online.then(|| model.clone()).flatten(),
             if online { models.clone() } else { Vec::new() },
+            machine.as_deref(),
         )),
     };
     // The request queue only buffers our own publishes; in-flight escalations are bounded by the
@@ -208,6 +229,7 @@ pub fn start(
         publisher: link.publisher(),
         topic: status_topic.clone(),
         boot_id,
+        machine,
     };
     Ok(AgentLink {
         link,

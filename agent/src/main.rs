@@ -1,5 +1,6 @@
 //! `edge-agent`: the daemon (`run`), a model checker (`check-model`), manifests for any ONNX
-//! classifier (`model init`), model-release signing (`model keygen`, `model sign`) and an energy meter probe (`energy probe`).
+//! classifier (`model init`), model-release signing (`model keygen`, `model sign`), an energy
+//! meter probe (`energy probe`) and a pre-flight check of a config (`doctor`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,16 @@ enum Command {
         #[command(subcommand)]
         cmd: EnergyCmd,
     },
+    /// Check what `run` needs, one line per check: config, model, state directory, HTTP port,
+    /// broker (a real connect with the configured TLS and credentials), energy meters, clock.
+    /// Exits non-zero when a check fails.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long to wait for the broker's answer.
+        #[arg(long, default_value_t = 10)]
+        broker_timeout_s: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,6 +92,10 @@ enum EnergyCmd {
     Probe {
         #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// Probe what this agent config selects (`[energy] source`, an `[energy.ina219]`
+        /// meter) instead of auto-detection alone.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -104,16 +119,40 @@ fn main() -> ExitCode {
             cmd: ModelCmd::Sign { manifest, key },
         } => model_sign(&manifest, &key),
         Command::Energy {
-            cmd: EnergyCmd::Probe { seconds },
-        } => edge_agent::energy::probe(
-            &edge_agent::energy::Roots::default(),
-            None,
-            seconds,
-            &mut std::io::stdout().lock(),
-        )
-        .context("energy probe"),
+            cmd: EnergyCmd::Probe { seconds, config },
+        } => energy_probe(seconds, config),
+        Command::Doctor {
+            config,
+            broker_timeout_s,
+        } => doctor(&config, broker_timeout_s),
     };
     tierd_runtime::cli::exit_code("edge-agent", result)
+}
+
+fn energy_probe(seconds: u64, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let energy = match config {
+        Some(p) => AgentConfig::load(&p)?.energy,
+        None => edge_agent::config::EnergyConfig::default(),
+    };
+    edge_agent::energy::probe(
+        &edge_agent::energy::Roots::default(),
+        energy.source,
+        energy.ina219.as_ref(),
+        seconds,
+        &mut std::io::stdout().lock(),
+    )
+    .context("energy probe")
+}
+
+fn doctor(config: &std::path::Path, broker_timeout_s: u64) -> anyhow::Result<()> {
+    let ok = edge_agent::doctor::run(
+        config,
+        std::time::Duration::from_secs(broker_timeout_s.max(1)),
+        &mut std::io::stdout().lock(),
+    )
+    .context("writing the report")?;
+    anyhow::ensure!(ok, "doctor: some checks failed (the FAIL lines above)");
+    Ok(())
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {

@@ -332,6 +332,31 @@ impl Collector for FleetCollector {
             .into_iter()
             .collect(),
         )?;
+        family(
+            &mut enc,
+            "tierd_relay_spooled_duplicates",
+            "Spooled records received again (resent after a lost ack): acknowledged, not re-filed.",
+            MetricType::Counter,
+            [(
+                Vec::<(&'static str, String)>::new(),
+                ConstCounter::new(s.duplicates.load(Ordering::Relaxed)),
+            )]
+            .into_iter()
+            .collect(),
+        )?;
+        family(
+            &mut enc,
+            "tierd_fleet_device_id_collisions",
+            "Online statuses from a second machine under a device id already online (boards \
+             cloned from one image).",
+            MetricType::Counter,
+            [(
+                Vec::<(&'static str, String)>::new(),
+                ConstCounter::new(s.id_collisions.load(Ordering::Relaxed)),
+            )]
+            .into_iter()
+            .collect(),
+        )?;
 
         if let Some(p) = &self.persist {
             store_series(&mut enc, p)?;
@@ -939,13 +964,92 @@ async fn config_show(State(state): State<Arc<ApiState>>, Path(id): Path<String>)
     }
 }
 
+/// `?force=true` on `PUT /api/devices/{id}/config`: configure a device this relay has never
+/// heard of (before its first connect); otherwise a typo in the id is refused.
+#[derive(Debug, Default, serde::Deserialize)]
+struct SetParams {
+    #[serde(default)]
+    force: bool,
+}
+
+/// True when the relay knows `id`: a status or telemetry from it, or a config line for it.
+fn device_known(state: &ApiState, id: &str) -> bool {
+    let seen = state
+        .fleet
+        .lock()
+        .map(|f| f.get(id).is_some() || f.status(id).is_some())
+        .unwrap_or(true);
+    seen || state
+        .control
+        .lock()
+        .map(|c| c.stored(id).is_some())
+        .unwrap_or(true)
+}
+
+/// Up to `n` known device ids nearest to `id` (for the "did you mean" of a refused id).
+fn similar_devices(state: &ApiState, id: &str, n: usize) -> Vec<String> {
+    let Ok(f) = state.fleet.lock() else {
+        return Vec::new();
+    };
+    let mut ids: Vec<(usize, String)> = f
+        .statuses()
+        .map(|(d, _)| d.clone())
+        .chain(f.devices().map(|d| d.device_id.clone()))
+        .map(|d| (strsim_distance(id, &d), d))
+        .collect();
+    ids.sort();
+    ids.dedup_by(|a, b| a.1 == b.1);
+    ids.into_iter()
+        .filter(|(dist, _)| *dist <= id.len().max(3) / 2 + 1)
+        .take(n)
+        .map(|(_, d)| d)
+        .collect()
+}
+
+/// Levenshtein distance (bytes), for suggestions only.
+fn strsim_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// `PUT /api/devices/{id}/config` with a JSON object of settings: `{"threshold": 0.95}`;
-/// `null` (or `""`) unsets an override. The new document is published at once.
+/// `null` (or `""`) unsets an override. The new document is published at once. A device the
+/// relay has never heard of is refused (404) unless `?force=true`.
 async fn config_set(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
+    Query(params): Query<SetParams>,
     body: axum::body::Bytes,
 ) -> Response {
+    if let Err(e) = tierd_protocol::topic::validate_device_id(&id) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    if !params.force && !device_known(&state, &id) {
+        let near = similar_devices(&state, &id, 3);
+        let hint = if near.is_empty() {
+            String::new()
+        } else {
+            format!(" (did you mean {}?)", near.join(", "))
+        };
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "device {id:?} has never been seen by this relay (no status, telemetry or config \
+                 line){hint}; to configure it before its first connect, force it \
+                 (`cloud-relay config set --force`, or `?force=true`)"
+            ),
+        );
+    }
     let changes: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(&body) {
         Ok(m) => m,
         Err(e) => {

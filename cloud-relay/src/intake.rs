@@ -362,8 +362,23 @@ impl Intake {
     /// broker).
     fn status(&self, topic: Topic, publish: &Publish) {
         match self.file_status(topic, publish) {
-            Ok((device, online, reason)) => {
+            Ok((device, online, reason, collision)) => {
                 info!(%device, online, %reason, "device status");
+                if let Some(c) = collision {
+                    self.state
+                        .stats
+                        .id_collisions
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        %device,
+                        machine = %c.known,
+                        other_machine = %c.other,
+                        collisions = c.collisions,
+                        "two machines claim device id {device:?} at once (boards cloned from one \
+                         image?): give each its own device_id (agent.toml, $TIERD_DEVICE_ID or \
+                         the hostname); their telemetry and config are mixed until then"
+                    );
+                }
                 if online {
                     self.resend_rollout(&device);
                 }
@@ -389,7 +404,7 @@ impl Intake {
         &self,
         topic: Topic,
         publish: &Publish,
-    ) -> Result<(String, bool, String), IntakeError> {
+    ) -> Result<(String, bool, String, Option<crate::fleet::IdCollision>), IntakeError> {
         let status =
             decode::<DeviceStatus>(&publish.payload).map_err(|source| IntakeError::Status {
                 device: topic.device_id.clone(),
@@ -397,10 +412,11 @@ impl Intake {
             })?;
         let online = status.online;
         let reason = status.reason.clone();
-        self.state
-            .fleet()?
-            .set_status(&topic.device_id, status, tierd_runtime::unix_ms())?;
+        let collision =
+            self.state
+                .fleet()?
+                .set_status(&topic.device_id, status, tierd_runtime::unix_ms())?;
         self.state.mark(Kind::Device, &topic.device_id);
-        Ok((topic.device_id, online, reason))
+        Ok((topic.device_id, online, reason, collision))
     }
 }

@@ -34,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod escalations;
 pub mod fleet;
+pub mod fleet_table;
 pub mod http_auth;
 pub mod intake;
 pub mod report;

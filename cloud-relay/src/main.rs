@@ -1,6 +1,6 @@
 //! `cloud-relay`: answers escalations with the cloud model (`run`); operator commands over the
-//! running relay's HTTP API (`config show|set|reset`, `report`); `keygen` for the
-//! config-signing key.
+//! running relay's HTTP API (`config show|set|reset`, `report`, `devices`, `rollout`);
+//! `keygen` for the config-signing key; `decode` for payloads seen on the broker.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +52,26 @@ enum Command {
     Rollout {
         #[command(subcommand)]
         cmd: RolloutCmd,
+    },
+    /// The fleet as a table: each device's state, model, threshold, traffic and tier mix
+    /// (through the running relay's HTTP API).
+    Devices {
+        #[command(flatten)]
+        api: Api,
+        /// Print the API's JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print tierd MQTT payloads as JSON, one object per line. Reads lines of
+    /// `mosquitto_sub -t 'tierd/#' -F '%t %x'` (topic and hex payload) from stdin; with `--raw`,
+    /// one payload's raw bytes (`mosquitto_sub -C 1 -N -t TOPIC`). Signatures are not checked.
+    Decode {
+        /// Stdin is one payload's raw bytes, not lines of hex.
+        #[arg(long)]
+        raw: bool,
+        /// The topic the raw payload came from (cross-checks its kind).
+        #[arg(long)]
+        topic: Option<String>,
     },
     /// The cost report: per device and for the fleet, money, energy and CO2 against
     /// all-cloud and all-edge baselines from the same traffic.
@@ -185,6 +205,10 @@ enum ConfigCmd {
         device: String,
         #[arg(required = true, value_name = "KEY=VALUE")]
         pairs: Vec<String>,
+        /// Configure a device this relay has never heard of (before its first connect);
+        /// without it an unknown id is refused, so a typo does not persist a config line.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: Api,
     },
@@ -214,8 +238,14 @@ fn main() -> ExitCode {
         )
         .map(|out| println!("{out}")),
         Command::Config {
-            cmd: ConfigCmd::Set { device, pairs, api },
-        } => config_set(&api, &device, &pairs),
+            cmd:
+                ConfigCmd::Set {
+                    device,
+                    pairs,
+                    force,
+                    api,
+                },
+        } => config_set(&api, &device, &pairs, force),
         Command::Config {
             cmd: ConfigCmd::Reset { device, api },
         } => call(
@@ -231,6 +261,8 @@ fn main() -> ExitCode {
             print_public,
         } => keygen(state_dir, config, print_public),
         Command::Rollout { cmd } => rollout(cmd),
+        Command::Devices { api, json } => devices(&api, json),
+        Command::Decode { raw, topic } => decode(raw, topic.as_deref()),
         Command::Report { api, json } => {
             let path = if json {
                 "/api/report"
@@ -364,7 +396,7 @@ fn rollout(cmd: RolloutCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn config_set(api: &Api, device: &str, pairs: &[String]) -> anyhow::Result<()> {
+fn config_set(api: &Api, device: &str, pairs: &[String], force: bool) -> anyhow::Result<()> {
     let mut body = serde_json::Map::new();
     for p in pairs {
         let (k, v) = p
@@ -378,10 +410,79 @@ fn config_set(api: &Api, device: &str, pairs: &[String]) -> anyhow::Result<()> {
     let out = call(
         api,
         reqwest::Method::PUT,
-        &format!("/api/devices/{device}/config"),
+        &format!(
+            "/api/devices/{device}/config{}",
+            if force { "?force=true" } else { "" }
+        ),
         Some(serde_json::Value::Object(body)),
     )?;
     println!("{out}");
+    Ok(())
+}
+
+fn devices(api: &Api, json: bool) -> anyhow::Result<()> {
+    let text = call(api, reqwest::Method::GET, "/api/devices", None)?;
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let body: serde_json::Value =
+        serde_json::from_str(&text).context("the relay's /api/devices is not JSON")?;
+    print!(
+        "{}",
+        cloud_relay::fleet_table::render(&body, tierd_runtime::unix_ms())
+    );
+    Ok(())
+}
+
+/// One payload as a JSON line on `out`; false when it did not decode (the line says why).
+fn print_decoded(
+    out: &mut dyn std::io::Write,
+    topic: Option<&str>,
+    payload: &[u8],
+) -> anyhow::Result<bool> {
+    let (line, ok) = match tierd_protocol::inspect::to_json(topic, payload) {
+        Ok(v) => (v, true),
+        Err(e) => (
+            serde_json::json!({ "topic": topic, "error": e.to_string(), "bytes": payload.len() }),
+            false,
+        ),
+    };
+    writeln!(out, "{line}").context("stdout")?;
+    Ok(ok)
+}
+
+fn decode(raw: bool, topic: Option<&str>) -> anyhow::Result<()> {
+    use std::io::{BufRead, Read, Write};
+    let mut out = std::io::stdout().lock();
+    if raw {
+        let mut payload = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(1 << 20)
+            .read_to_end(&mut payload)
+            .context("reading stdin")?;
+        anyhow::ensure!(
+            print_decoded(&mut out, topic, &payload)?,
+            "the payload does not decode"
+        );
+        return Ok(());
+    }
+    let mut failed = 0u64;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading stdin")?;
+        let decoded = match tierd_protocol::inspect::parse_hex_line(&line) {
+            None => continue,
+            Some(Ok((t, payload))) => print_decoded(&mut out, t.or(topic), &payload)?,
+            Some(Err(why)) => {
+                writeln!(out, "{}", serde_json::json!({ "error": why })).context("stdout")?;
+                false
+            }
+        };
+        failed += u64::from(!decoded);
+        out.flush().context("stdout")?;
+    }
+    anyhow::ensure!(failed == 0, "{failed} payloads did not decode");
     Ok(())
 }
 

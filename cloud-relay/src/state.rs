@@ -36,6 +36,8 @@ pub struct RelayStats {
     pub duplicates: AtomicU64,
     /// Config documents seen on the broker that this relay's key did not sign: ignored.
     pub config_unverified: AtomicU64,
+    /// Online statuses from a second machine under a device id already online.
+    pub id_collisions: AtomicU64,
 }
 
 /// A lock over shared state was poisoned (a thread panicked while holding it).

@@ -231,6 +231,7 @@ impl DeviceRecords {
                 None
             },
             models: Vec::new(),
+            machine: None,
         }
     }
 

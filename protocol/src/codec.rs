@@ -18,7 +18,8 @@ use crate::telemetry::{CalibrationReport, TelemetryReport};
 /// thresholds in force, for the tuner's pooled bound).
 /// 3: `CalibrationReport.model` and `.threshold`, `DeviceStatus.models` (evidence and offline
 /// certificates per model, for agents serving several).
-pub const WIRE_VERSION: u8 = 3;
+/// 4: `DeviceStatus.machine` (two boards claiming one device id are told apart).
+pub const WIRE_VERSION: u8 = 4;
 
 /// A message type that travels over MQTT.
 pub trait WireMessage: Serialize + DeserializeOwned {

@@ -17,6 +17,7 @@
 pub mod cascade;
 pub mod codec;
 pub mod config;
+pub mod inspect;
 pub mod message;
 pub mod rollout;
 pub mod signed;

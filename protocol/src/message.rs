@@ -171,6 +171,10 @@ pub struct DeviceStatus {
     /// certificates; the relay files calibration evidence only for models announced here or
     /// in the telemetry report.
     pub models: Vec<ServedModel>,
+    /// Which machine the agent runs on: an id derived from `/etc/machine-id` (a keyed hash, so
+    /// the machine id itself never leaves the board), or `None` where there is none. Two boards
+    /// cloned from one SD image announce one `device_id` from two machines; the relay warns.
+    pub machine: Option<String>,
 }
 
 /// A further model an agent serves, as its status announces it.

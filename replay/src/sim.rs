@@ -182,6 +182,7 @@ pub fn run(phases: &[Vec<Item>], cfg: &Config, seed: u64) -> Outcome {
         reason: String::new(),
         model: cfg.offline.clone(),
         models: Vec::new(),
+        machine: None,
     };
     // Simulated time starts well after the boot: the fleet refuses boots from the future.
     if fleet.set_status(DEVICE, status, ms(0)).is_err() {

@@ -1,5 +1,5 @@
 //! What both daemons' `main.rs` share: the async runtime for `run`, and how an error ends the
-//! process (the whole chain on one line, exit code 1).
+//! process (the whole chain on one line, each cause once, exit code 1).
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -20,7 +20,7 @@ pub fn exit_code(name: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{name}: error: {e:#}");
+            eprintln!("{name}: error: {}", crate::logging::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

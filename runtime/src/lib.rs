@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod keyfile;
 pub mod link;
+pub mod logging;
 mod manifest;
 pub mod metrics;
 mod model;
@@ -18,6 +19,7 @@ pub mod state;
 pub mod stream;
 pub mod systemd;
 
+pub use logging::{error_chain, init_logging};
 pub use manifest::{
     not_probabilities, softmax, Dtype, Golden, InputSpec, Manifest, OutputKind, OutputSpec,
     Preprocess,
@@ -33,18 +35,6 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` or else `default` (e.g. `"info,rumqttd=off"`: the
-/// embedded broker logs every ordinary client disconnect as an error).
-pub fn init_logging(default: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the signal both daemons drain on.

@@ -382,19 +382,14 @@ impl ConnectFailureLog {
     }
 }
 
-/// An error and its causes on one line, each cause only if its text is not already shown.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    let line = line.replace(['\n', '\r'], " ");
+/// A connect error and its causes on one line, with what it most likely means in front (what
+/// the link's WARN line and `edge-agent doctor` print).
+pub fn describe_connect_error(e: &(dyn std::error::Error + 'static)) -> String {
+    one_line(e)
+}
+
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let line = crate::logging::error_chain(e);
     match connect_hint(&line) {
         Some(hint) => format!("{hint} ({line})"),
         None => line,

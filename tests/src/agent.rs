@@ -43,6 +43,8 @@ pub struct AgentOptions {
     /// `[model]`: the manifest (the committed edge model unless set) and `trusted_keys`.
     pub manifest: Option<PathBuf>,
     pub model_keys: Vec<String>,
+    /// Environment variables of the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentOptions {
@@ -63,7 +65,14 @@ impl AgentOptions {
             trusted_keys: vec![crate::signing::relay_public_key().to_string()],
             manifest: None,
             model_keys: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable of the agent process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Adds keys to the `[mqtt]` section (e.g. `ca_file = "..."`).
@@ -190,6 +199,7 @@ impl AgentProc {
             std::fs::write(&config_path, options.toml(http_port)).expect("cannot write agent.toml");
             let mut cmd = daemon_command("edge-agent");
             cmd.arg("run").arg("--config").arg(&config_path);
+            cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
             let mut proc = Proc::spawn(
                 &format!("edge-agent {}", options.device_id),
                 cmd,

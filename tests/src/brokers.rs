@@ -67,6 +67,19 @@ pub async fn start_mosquitto(port: u16) -> Option<Mosquitto> {
     Some(spawn_mosquitto(binary, dir, &conf, port).await)
 }
 
+/// Starts Mosquitto on `port` with `conf` (listener and security lines; logging is appended)
+/// and waits until it accepts connections. The files it names must be readable by the
+/// `mosquitto` user when run as root.
+pub async fn start_mosquitto_conf(port: u16, conf: &str) -> Option<Mosquitto> {
+    let binary = mosquitto_or_skip()?;
+    let dir = mosquitto_dir();
+    let conf = format!(
+        "{conf}
+{LOG_ALL}"
+    );
+    Some(spawn_mosquitto(binary, dir, &conf, port).await)
+}
+
 /// Logging appended to every test broker's config.
 const LOG_ALL: &str = "log_dest stderr\nlog_type all\nconnection_messages true\n";
 
@@ -116,7 +129,7 @@ pub async fn start_mosquitto_shipped(port: u16, files: &Path) -> Option<Mosquitt
     Some(spawn_mosquitto(binary, dir, &conf, port).await)
 }
 
-fn chmod(path: &Path, mode: u32) {
+pub fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));

@@ -24,8 +24,8 @@ pub mod signing;
 
 pub use agent::{assert_concurrent_cloud_answers, AgentOptions, AgentProc};
 pub use brokers::{
-    mosquitto_binary, shipped_mosquitto_conf, start_mosquitto, start_mosquitto_shipped, Mosquitto,
-    Pki, RelayBroker, MOSQUITTO_BIN_ENV,
+    chmod, mosquitto_binary, shipped_mosquitto_conf, start_mosquitto, start_mosquitto_conf,
+    start_mosquitto_shipped, Mosquitto, Pki, RelayBroker, MOSQUITTO_BIN_ENV,
 };
 pub use clients::{http_client, infer_body, InferResult, TestClient};
 /// Index of the largest value (first on ties): the agent's own function.

@@ -176,6 +176,7 @@ async fn forged_evidence_boots_ghosts_and_statuses_are_refused_and_nothing_is_lo
             reason: "forged".into(),
             model: None,
             models: Vec::new(),
+            machine: None,
         };
         intruder
             .publish(&status_topic, encode(&forged).expect("encode"), true)

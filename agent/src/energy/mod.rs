@@ -352,6 +352,7 @@ pub fn read_all(meters: &mut [Box<dyn EnergyMeter + Send>]) -> Vec<Result<Readin
 /// second for `seconds` seconds. Writes to `out` so it can be tested.
 pub fn probe(
     roots: &Roots,
+    source: EnergySource,
     ina219: Option<&Ina219Config>,
     seconds: u64,
     out: &mut dyn io::Write,
@@ -359,7 +360,7 @@ pub fn probe(
     let Detection {
         mut meters,
         skipped,
-    } = detect_source(EnergySource::Auto, roots, ina219);
+    } = detect_source(source, roots, ina219);
     for (kind, why) in &skipped {
         writeln!(out, "skipped   {kind}: {why}")?;
     }
@@ -544,7 +545,14 @@ pub(crate) mod tests {
     fn probe_prints_meters_and_readings() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut out = Vec::new();
-        probe(&empty_roots(dir.path()), None, 1, &mut out).expect("probe");
+        probe(
+            &empty_roots(dir.path()),
+            EnergySource::Auto,
+            None,
+            1,
+            &mut out,
+        )
+        .expect("probe");
         let text = String::from_utf8(out).expect("utf8");
         assert!(text.contains("kind=estimate ESTIMATED"), "{text}");
         assert!(text.contains("t=  1s"), "{text}");

@@ -799,6 +799,7 @@ mod tests {
             reason: String::new(),
             model: None,
             models: vec![served("breast@2")],
+            machine: None,
         };
         f.set_status("a", status, 1).expect("status");
         // 2,000 requests answered: 1,000 per model.
@@ -1014,6 +1015,7 @@ mod tests {
             reason: String::new(),
             model: Some(offline_cert()),
             models: Vec::new(),
+            machine: None,
         };
         f.set_status("a", status, 1).expect("status");
         let mut seq = 0;
@@ -1063,6 +1065,7 @@ mod tests {
             reason: String::new(),
             model: Some(forged),
             models: Vec::new(),
+            machine: None,
         };
         f.set_status("a", status, 2).expect("status");
         let p = file(&mut f, 100, 0);

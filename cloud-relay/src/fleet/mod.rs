@@ -51,7 +51,7 @@ pub use evidence::{
 /// How far ahead of the relay's clock a `boot_id` (Unix ms at the agent's start) may be.
 pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
 pub use streams::{Delivery, StreamRecord, STREAMS_PER_DEVICE};
-pub use telemetry::{DeviceRecord, EnergyRates, Ingest, StatusRecord};
+pub use telemetry::{DeviceRecord, EnergyRates, IdCollision, Ingest, StatusRecord};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FleetError {
@@ -349,13 +349,14 @@ impl Fleet {
     /// Records a status message. A status from an older agent run than the one already known
     /// is ignored, so a late last will cannot mark a restarted device offline; an offline
     /// status for a newer run than the announced one is refused (a will follows an online
-    /// status of the same run).
+    /// status of the same run). Returns the collision when another machine announced itself
+    /// under an id already online.
     pub fn set_status(
         &mut self,
         device_id: &str,
         status: DeviceStatus,
         now_ms: u64,
-    ) -> Result<(), FleetError> {
+    ) -> Result<Option<IdCollision>, FleetError> {
         check_boot_clock("status", device_id, status.boot_id, now_ms)?;
         let entry = self.entry(device_id)?;
         if !status.online && entry.status.is_some() {
@@ -366,8 +367,7 @@ impl Fleet {
                 entry.status.as_ref(),
             )?;
         }
-        telemetry::file_status(&mut entry.status, status, now_ms);
-        Ok(())
+        Ok(telemetry::file_status(&mut entry.status, status, now_ms))
     }
 
     pub fn status(&self, device_id: &str) -> Option<&StatusRecord> {
@@ -470,6 +470,7 @@ pub(crate) mod testing {
             reason: String::new(),
             model: None,
             models: Vec::new(),
+            machine: None,
         };
         f.set_status(device, status, boot).expect("status");
     }
@@ -565,6 +566,7 @@ mod tests {
             reason: "forged".into(),
             model: None,
             models: Vec::new(),
+            machine: None,
         };
         assert!(f.set_status("a", offline(u64::MAX), now).is_err());
         assert!(f.set_status("a", offline(now), now).is_err());
@@ -601,6 +603,7 @@ mod tests {
                     reason: String::new(),
                     model: None,
                     models: Vec::new(),
+                    machine: None,
                 },
                 0
             ),

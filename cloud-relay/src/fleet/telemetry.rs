@@ -85,6 +85,27 @@ pub struct StatusRecord {
     /// The further models it announced, with their offline certificates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<tierd_protocol::ServedModel>,
+    /// The machine tag of the agent that sent it (see `edge_agent::identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// Times a second machine announced itself online under this id while another was
+    /// online (boards cloned from one image); and the two machines of the latest one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub id_collisions: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collision_machines: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Two machines claiming one device id: the one known online, and the newcomer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdCollision {
+    pub known: String,
+    pub other: String,
+    pub collisions: u64,
 }
 
 impl DeviceRecord {
@@ -162,12 +183,36 @@ impl DeviceRecord {
 
 /// Files a status message into a device's slot. A status from an older agent run than the one
 /// already known is ignored, so a late last will cannot mark a restarted device offline.
-pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus, now_ms: u64) {
+///
+/// An online status from another machine than the one known online is a collision (two boards
+/// with one `device_id`), returned so the caller can warn; it is counted whichever run is newer.
+pub(super) fn file_status(
+    slot: &mut Option<StatusRecord>,
+    status: DeviceStatus,
+    now_ms: u64,
+) -> Option<IdCollision> {
+    let collision = match (slot.as_mut(), status.machine.as_deref()) {
+        (Some(known), Some(other))
+            if known.online
+                && status.online
+                && known.machine.as_deref().is_some_and(|k| k != other) =>
+        {
+            known.id_collisions += 1;
+            let k = known.machine.clone().unwrap_or_default();
+            known.collision_machines = vec![k.clone(), other.to_owned()];
+            Some(IdCollision {
+                known: k,
+                other: other.to_owned(),
+                collisions: known.id_collisions,
+            })
+        }
+        _ => None,
+    };
     if slot
         .as_ref()
         .is_some_and(|known| status.boot_id < known.boot_id)
     {
-        return;
+        return collision;
     }
     // An offline status (the last will, set before the model was known) keeps the models.
     let (model, models) = if status.online {
@@ -177,6 +222,10 @@ pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus,
             .map(|s| (s.model.clone(), s.models.clone()))
             .unwrap_or_default()
     };
+    let (id_collisions, collision_machines) = slot
+        .as_ref()
+        .map(|s| (s.id_collisions, s.collision_machines.clone()))
+        .unwrap_or_default();
     *slot = Some(StatusRecord {
         online: status.online,
         boot_id: status.boot_id,
@@ -184,7 +233,11 @@ pub(super) fn file_status(slot: &mut Option<StatusRecord>, status: DeviceStatus,
         since_ms: now_ms,
         model,
         models,
+        machine: status.machine,
+        id_collisions,
+        collision_machines,
     });
+    collision
 }
 
 #[cfg(test)]
@@ -266,6 +319,7 @@ mod tests {
             reason: if online { "" } else { "connection lost" }.into(),
             model: None,
             models: Vec::new(),
+            machine: None,
         };
         f.set_status("a", st(true, 1), 0).expect("online");
         f.set_status("a", st(false, 1), 1).expect("will");
@@ -276,5 +330,50 @@ mod tests {
             f.status("a").map(|s| (s.online, s.boot_id)),
             Some((true, 2))
         );
+    }
+
+    #[test]
+    fn two_machines_online_under_one_id_are_a_collision() {
+        let mut f = Fleet::new(10);
+        let st = |online, boot_id, machine: &str| DeviceStatus {
+            online,
+            boot_id,
+            reason: if online { "" } else { "stopped" }.into(),
+            model: None,
+            models: Vec::new(),
+            machine: Some(machine.into()),
+        };
+        assert_eq!(f.set_status("a", st(true, 1, "m1"), 0), Ok(None));
+        // The same machine restarting is not one.
+        assert_eq!(f.set_status("a", st(true, 2, "m1"), 1), Ok(None));
+        // A clone comes up, whether its run is newer or older.
+        let c = f
+            .set_status("a", st(true, 3, "m2"), 2)
+            .unwrap()
+            .expect("collision");
+        assert_eq!(
+            (c.known.as_str(), c.other.as_str(), c.collisions),
+            ("m1", "m2", 1)
+        );
+        let c = f
+            .set_status("a", st(true, 2, "m1"), 3)
+            .unwrap()
+            .expect("collision");
+        assert_eq!(c.collisions, 2);
+        let s = f.status("a").unwrap();
+        assert_eq!((s.id_collisions, s.machine.as_deref()), (2, Some("m2")));
+        // A board replaced after a clean stop is not one.
+        let mut g = Fleet::new(10);
+        g.set_status("b", st(true, 1, "m1"), 0).unwrap();
+        g.set_status("b", st(false, 1, "m1"), 1).unwrap();
+        assert_eq!(g.set_status("b", st(true, 2, "m9"), 2), Ok(None));
+        // An agent without a machine id (a container) never collides.
+        let mut h = Fleet::new(10);
+        h.set_status("c", st(true, 1, "m1"), 0).unwrap();
+        let anon = DeviceStatus {
+            machine: None,
+            ..st(true, 2, "")
+        };
+        assert_eq!(h.set_status("c", anon, 1), Ok(None));
     }
 }
