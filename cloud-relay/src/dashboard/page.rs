@@ -31,12 +31,13 @@ pub struct Row {
     pub reason: String,
     pub last_seen_ms: Option<u64>,
     pub threshold: Option<f32>,
+    /// Of the latest window that answered anything (an idle window has no rate).
     pub escalation_rate: Option<f64>,
     /// Escalation rates of the history's points, oldest first.
     pub spark: Vec<f64>,
     /// Agreement at the threshold it runs, and its lower bound.
     pub agreement: Option<(f64, f64)>,
-    /// p50/p95 µs per [`PATHS`] in the latest window.
+    /// p50/p95 µs per [`PATHS`] in the latest window that had such requests.
     pub latency: [Option<(u64, u64)>; 3],
     pub joules_per_inference: Option<f64>,
     pub meter: String,
@@ -63,7 +64,9 @@ impl Row {
             reason: status.map(|s| s.reason.clone()).unwrap_or_default(),
             last_seen_ms: rec.map(|r| r.last_seen_ms),
             threshold: latest.map(|r| r.threshold),
-            escalation_rate: latest.and_then(|r| r.escalation_rate()),
+            escalation_rate: latest.and_then(|r| r.escalation_rate()).or_else(|| {
+                hist.and_then(|h| h.points.iter().rev().find_map(|p| p.escalation_rate()))
+            }),
             spark: hist
                 .map(|h| {
                     h.points
@@ -75,11 +78,16 @@ impl Row {
             agreement: rec
                 .and_then(|r| agreement_point(r, now_ms))
                 .map(|a| (a.agreement, a.lower_bound)),
-            latency: PATHS.map(|p| {
+            latency: std::array::from_fn(|i| {
                 latest
-                    .and_then(|r| r.latency(p))
+                    .and_then(|r| r.latency(PATHS[i]))
                     .filter(|l| l.count > 0)
                     .map(|l| (l.p50_us, l.p95_us))
+                    .or_else(|| {
+                        let h = hist?;
+                        let (p50, p95) = h.points.iter().rev().find_map(|p| p.latency_us[i])?;
+                        Some((u64::from(p50), u64::from(p95)))
+                    })
             }),
             joules_per_inference: rec.and_then(|r| r.energy_rates.joules_per_inference),
             meter: latest.map(|r| r.energy.meter.clone()).unwrap_or_default(),
@@ -110,11 +118,14 @@ pub struct Overview {
     pub limits: history::Limits,
 }
 
-/// A span of at least a minute ending now, from the earliest point held.
+/// The plots span at least this long (ms), ending now.
+const MIN_SPAN_MS: u64 = 10_000;
+
+/// A span of at least [`MIN_SPAN_MS`] ending now, from the earliest point held.
 fn span_of(h: &history::History, now_ms: u64) -> (u64, u64) {
     let from = history::earliest(h)
         .unwrap_or(now_ms)
-        .min(now_ms.saturating_sub(60_000));
+        .min(now_ms.saturating_sub(MIN_SPAN_MS));
     (from, now_ms.max(from + 1))
 }
 
@@ -233,7 +244,7 @@ fn saving(v: Option<f64>) -> String {
 }
 
 fn ms(us: u64) -> String {
-    svg::num(us as f64 / 1000.0)
+    sig(us as f64 / 1000.0)
 }
 
 /// Joules in the unit that reads best.
@@ -481,12 +492,12 @@ fn device_table(out: &mut String, v: &Overview) {
     out.push_str(
         "<section><h2>Devices</h2><table class=\"devices\"><thead><tr><th>device</th><th>state</th>\
          <th>model</th><th>threshold</th><th>escalated</th><th>trend</th><th>agreement (bound)</th>\
-         <th>p50/p95 local</th><th>p50/p95 cloud</th><th>energy / inference</th><th>meter</th>\
+         <th>p50/p95 local</th><th>p50/p95 cloud</th><th>energy / inference, meter</th>\
          <th>saved vs cloud</th></tr></thead><tbody>",
     );
     if v.rows.is_empty() {
         out.push_str(
-            "<tr><td colspan=\"12\" class=\"muted\">No device has reported telemetry yet.</td></tr>",
+            "<tr><td colspan=\"11\" class=\"muted\">No device has reported telemetry yet.</td></tr>",
         );
     }
     for r in &v.rows {
@@ -499,8 +510,8 @@ fn device_table(out: &mut String, v: &Overview) {
         let _ = write!(
             out,
             "<tr class=\"device\" data-device=\"{id}\"><td><a href=\"/devices/{seg}\">{id}</a></td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td></tr>",
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} · {}</td>\
+             <td>{}</td></tr>",
             online_badge(r.online),
             esc(r.model.as_deref().unwrap_or("–")),
             r.threshold.map_or("–".into(), |t| svg::num(f64::from(t))),
@@ -534,7 +545,7 @@ fn meter(r: &Row) -> String {
         return "–".into();
     }
     let est = if r.estimated {
-        " <span class=\"muted\">(estimated)</span>"
+        " <span class=\"muted\" title=\"estimated from CPU time, not metered\">(est.)</span>"
     } else {
         ""
     };
@@ -582,7 +593,7 @@ pub fn device(v: &DeviceView) -> String {
         "Escalated",
         &pct(r.escalation_rate),
         &format!(
-            "latest window · {} requests since start · last report {}",
+            "latest window with traffic · {} requests since start · last report {}",
             r.requests,
             r.last_seen_ms.map_or("never".into(), |t| ago(v.now_ms, t))
         ),
@@ -636,7 +647,7 @@ fn device_plots(out: &mut String, h: &DeviceHistory, v: &DeviceView) {
     let t = |p: &history::Point| p.t_ms as f64;
     let first = h.points.front().map_or(v.now_ms, |p| p.t_ms);
     let x_range = Some((
-        first.min(v.now_ms.saturating_sub(60_000)) as f64,
+        first.min(v.now_ms.saturating_sub(MIN_SPAN_MS)) as f64,
         v.now_ms as f64,
     ));
     let pushes: Vec<Marker> = h
