@@ -580,7 +580,14 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
         metrics: deps.metrics.clone(),
         persist: relay.persist.clone(),
     }));
-    let access = deps.access;
+    let access = Arc::new(deps.access);
+    let dashboard = crate::dashboard::router(crate::dashboard::Dashboard {
+        fleet: relay.fleet.clone(),
+        prices: deps.prices.clone(),
+        delta: deps.delta,
+        target: deps.target,
+        access: access.clone(),
+    });
     let state = Arc::new(ApiState {
         fleet: relay.fleet.clone(),
         control: relay.control.clone(),
@@ -613,8 +620,10 @@ pub fn router(relay: RelayState, deps: ApiDeps) -> Router {
             writer_only,
         ))
         .with_state(state)
+        // The dashboard's pages and login, outside `writer_only`: every replica serves them.
+        .merge(dashboard)
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(access),
+            access,
             crate::http_auth::guard,
         ))
 }

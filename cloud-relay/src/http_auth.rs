@@ -1,6 +1,8 @@
 //! Who may use the relay's HTTP API: a `Host` allow-list (421 otherwise: a page in a browser on
 //! the relay host cannot reach the API through DNS rebinding) and a bearer token (401
 //! otherwise) on every route but `/health`, for reads too unless `http.auth_reads = false`.
+//! For reads, a browser may present the dashboard's session cookie instead of the token
+//! ([`crate::dashboard::session`], set by `POST /login`).
 //!
 //! The token is read from `http.token_file`; without one the relay generates it on first start
 //! in its state directory ([`TOKEN_FILE_NAME`], mode 0600) and keeps it across restarts, so the
@@ -138,9 +140,14 @@ impl Access {
         self.any_host || host.is_some_and(|h| self.hosts.contains(&normalize_host(h)))
     }
 
-    fn token_matches(&self, presented: &str) -> bool {
+    pub(crate) fn token_matches(&self, presented: &str) -> bool {
         // Constant time over the contents; only the length can show.
         bool::from(presented.as_bytes().ct_eq(self.token.as_bytes()))
+    }
+
+    /// The token, as the key of the dashboard's session cookies.
+    pub(crate) fn secret(&self) -> &str {
+        &self.token
     }
 }
 
@@ -201,7 +208,8 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
             None,
         );
     }
-    if is_read(req.method()) && !access.auth_reads {
+    if (is_read(req.method()) && !access.auth_reads) || crate::dashboard::OPEN_PATHS.contains(&path)
+    {
         return next.run(req).await;
     }
     let auth = req.headers().get(header::AUTHORIZATION);
@@ -218,6 +226,12 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
                        TIERD_RELAY_TOKEN";
     match presented {
         Some(t) if access.token_matches(t) => next.run(req).await,
+        None if is_read(req.method())
+            && crate::dashboard::session::valid(access.secret(), req.headers()) =>
+        {
+            next.run(req).await
+        }
+        None if crate::dashboard::is_page(path) => crate::dashboard::login_required(),
         Some(_) => {
             tracing::warn!(method = %req.method(), path, "HTTP API request refused: wrong token");
             refuse(

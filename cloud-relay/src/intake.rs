@@ -244,6 +244,12 @@ impl Intake {
         let proposal = {
             let mut fleet = self.state.fleet()?;
             fleet.ingest_calibration(device, c, configured)?;
+            crate::dashboard::calibration_filed(
+                &mut fleet,
+                device,
+                &model,
+                tierd_runtime::unix_ms(),
+            );
             fleet.proposal(device, Some(&model))
         };
         self.state.mark(Kind::Evidence, device);
@@ -266,6 +272,12 @@ impl Intake {
                 "pushing a tuned threshold"
             );
             self.state.publish_config(&self.client, &doc);
+            crate::dashboard::push_published(
+                &self.state,
+                device,
+                &proposal,
+                tierd_runtime::unix_ms(),
+            );
         }
         Ok(())
     }

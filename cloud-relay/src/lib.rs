@@ -32,6 +32,7 @@ pub mod backend;
 pub mod broker;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod escalations;
 pub mod fleet;
 pub mod fleet_table;

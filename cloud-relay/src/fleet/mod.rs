@@ -168,6 +168,8 @@ pub struct Fleet {
     /// `name@version` of the model this relay answers with: offline certificates must be
     /// against it.
     reference: Option<String>,
+    /// What the dashboard plots (bounded; in memory only).
+    history: crate::dashboard::history::History,
 }
 
 impl Fleet {
@@ -177,7 +179,17 @@ impl Fleet {
             max_devices,
             setup: Setup::default(),
             reference: None,
+            history: Default::default(),
         }
+    }
+
+    /// The dashboard's bounded history of the devices ([`crate::dashboard::history`]).
+    pub fn history(&self) -> &crate::dashboard::history::History {
+        &self.history
+    }
+
+    pub fn history_mut(&mut self) -> &mut crate::dashboard::history::History {
+        &mut self.history
     }
 
     /// Offline certificates are believed only against `model` (`name@version`).
@@ -264,13 +276,21 @@ impl Fleet {
                 entry.status.as_ref(),
             )?;
         }
-        Ok(match &mut entry.record {
+        let outcome = match &mut entry.record {
             Some(rec) => rec.update(report, now_ms),
             None => {
                 entry.record = Some(DeviceRecord::first(report, 0, now_ms));
                 Ingest::New
             }
-        })
+        };
+        if let Some(r) = self
+            .devices
+            .get(topic_device)
+            .and_then(|e| e.record.as_ref())
+        {
+            self.history.record_report(topic_device, &r.latest, now_ms);
+        }
+        Ok(outcome)
     }
 
     /// Adds a window of calibration evidence and re-runs the tuner for the device, if it is
@@ -367,7 +387,11 @@ impl Fleet {
                 entry.status.as_ref(),
             )?;
         }
-        Ok(telemetry::file_status(&mut entry.status, status, now_ms))
+        let collision = telemetry::file_status(&mut entry.status, status, now_ms);
+        if let Some(online) = entry.status.as_ref().map(|s| s.online) {
+            self.history.record_status(device_id, online, now_ms);
+        }
+        Ok(collision)
     }
 
     pub fn status(&self, device_id: &str) -> Option<&StatusRecord> {
@@ -412,6 +436,10 @@ impl Fleet {
             new.models = std::mem::take(&mut old.models);
         }
         *entry = stored;
+        if let Some(r) = &entry.record {
+            self.history
+                .record_report(device_id, &r.latest, r.last_seen_ms);
+        }
         Ok(())
     }
 
