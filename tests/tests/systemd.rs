@@ -144,3 +144,64 @@ fn model_runs_under_memory_deny_write_execute() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The units as shipped in `cross/systemd/` (what the .deb installs too, with ExecStart in
+/// /usr/bin): the package's static system user rather than `DynamicUser=`, no
+/// `SupplementaryGroups=` (a group missing on the board fails the start: 216/GROUP), and the
+/// example config's `state_dir`, once uncommented, is the unit's `StateDirectory=` (the one
+/// writable path under `ProtectSystem=strict`).
+#[test]
+fn units_and_example_configs_agree_on_user_and_state_dir() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read =
+        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("read {p}: {e}"));
+    for (bin, unit, example, user) in [
+        (
+            "edge-agent",
+            "cross/systemd/tierd-edge-agent.service",
+            "cross/agent.example.toml",
+            "tierd",
+        ),
+        (
+            "cloud-relay",
+            "cross/systemd/tierd-cloud-relay.service",
+            "cross/relay.example.toml",
+            "tierd-relay",
+        ),
+    ] {
+        let text = read(unit);
+        let values = |key: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(values("User"), [user], "{unit}: User=");
+        assert_eq!(values("Group"), [user], "{unit}: Group=");
+        assert!(values("DynamicUser").is_empty(), "{unit}: DynamicUser=");
+        assert!(
+            values("SupplementaryGroups").is_empty(),
+            "{unit}: SupplementaryGroups= fails where the group does not exist"
+        );
+        let state = values("StateDirectory");
+        assert_eq!(state.len(), 1, "{unit}: one StateDirectory=");
+        let state_path = format!("/var/lib/{}", state[0]);
+        assert_eq!(values("WorkingDirectory"), [state_path.clone()], "{unit}");
+        // scripts/build-packages rewrites this prefix to /usr/bin for the package.
+        let exec = values("ExecStart");
+        assert!(
+            exec.len() == 1 && exec[0].starts_with(&format!("/usr/local/bin/{bin} ")),
+            "{unit}: ExecStart= {exec:?}"
+        );
+        let example_text = read(example);
+        let state_line = example_text
+            .lines()
+            .find(|l| l.trim_start_matches(['#', ' ']).starts_with("state_dir"))
+            .unwrap_or_else(|| panic!("{example}: no state_dir line"));
+        assert_eq!(
+            state_line,
+            format!("# state_dir = \"{state_path}\""),
+            "{example}: uncommented, state_dir must be {unit}'s StateDirectory"
+        );
+    }
+}
