@@ -186,7 +186,11 @@ fn units_and_example_configs_agree_on_user_and_state_dir() {
         let state = values("StateDirectory");
         assert_eq!(state.len(), 1, "{unit}: one StateDirectory=");
         let state_path = format!("/var/lib/{}", state[0]);
-        assert_eq!(values("WorkingDirectory"), [state_path.clone()], "{unit}");
+        assert_eq!(
+            values("WorkingDirectory"),
+            std::slice::from_ref(&state_path),
+            "{unit}"
+        );
         // scripts/build-packages rewrites this prefix to /usr/bin for the package.
         let exec = values("ExecStart");
         assert!(

@@ -98,8 +98,8 @@ pub const SYSFS_PERMISSION_ADVICE: &str =
     "the service user cannot read this sysfs file; check its mode and any sandboxing \
      (ProtectKernelTunables, InaccessiblePaths) in the unit";
 pub const I2C_PERMISSION_ADVICE: &str = "the service user cannot open the I2C bus; add it to the \
-     `i2c` group (SupplementaryGroups=i2c) and allow the device (DeviceAllow=/dev/i2c-1 rw; do \
-     not set PrivateDevices=yes)";
+     `i2c` group (`adduser tierd i2c`; the .deb does so where the group exists) and allow the \
+     device (DeviceAllow=/dev/i2c-1 rw; do not set PrivateDevices=yes)";
 
 #[derive(Debug, Error)]
 pub enum EnergyError {
