@@ -342,7 +342,7 @@ mod tests {
             "{}",
             c.detail
         );
-        let c = clock_check(1_796_256_000_000); // 2026-12-02
+        let c = clock_check(1_796_169_600_000); // 2026-12-02
         assert_eq!(
             (c.verdict, c.detail.as_str()),
             (Verdict::Ok, "2026-12-02 UTC")

@@ -177,7 +177,7 @@ mod tests {
         }
         assert!(lines[2].contains("offline (connection lost)"));
         assert!(
-            lines[2].contains("1m") && lines[2].contains("3 id collisions"),
+            lines[2].contains("60s") && lines[2].contains("3 id collisions"),
             "{}",
             lines[2]
         );

@@ -512,7 +512,8 @@ async fn push_signed_config(
     threshold: Option<f32>,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().no_proxy().build()?;
-    let url = format!("http://{relay_http}/api/devices/demo-pi/config");
+    // Forced: the demo may configure its device before the relay has seen its status.
+    let url = format!("http://{relay_http}/api/devices/demo-pi/config?force=true");
     let body = match threshold {
         Some(t) => serde_json::json!({ "threshold": t }),
         None => serde_json::json!({

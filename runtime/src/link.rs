@@ -428,17 +428,24 @@ pub fn connect_hint(error: &str) -> Option<&'static str> {
             "UnknownIssuer",
             "TLS: the broker's certificate is not signed by our ca_file",
         ),
+        (
+            // A CA of the same name as ours but another key signed it.
+            "BadSignature",
+            "TLS: the broker's certificate is not signed by our ca_file",
+        ),
         ("Expired", "TLS: a certificate has expired"),
         (
             "InvalidDnsNameError",
             "TLS: the broker host is not a valid server name",
         ),
+        // Before "Connection refused": rumqttc words a refused CONNACK "Connection refused,
+        // return code: `NotAuthorized`".
+        ("NotAuthorized", "the broker refused our credentials"),
+        ("BadUserNamePassword", "the broker refused our credentials"),
         (
             "Connection refused",
             "nothing accepts connections at the broker's address",
         ),
-        ("NotAuthorized", "the broker refused our credentials"),
-        ("BadUserNamePassword", "the broker refused our credentials"),
     ];
     HINTS
         .iter()

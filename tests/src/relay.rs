@@ -220,11 +220,13 @@ impl RelayProc {
             .bearer_auth(&self.token)
     }
 
-    /// `PUT /api/devices/{device}/config` with `body`, with the token.
+    /// `PUT /api/devices/{device}/config?force=true` with `body`, with the token (forced: the
+    /// suites configure devices before, or without, their first connect; the refusal of an
+    /// unknown id is tested in `operator.rs`).
     pub async fn put_config(&self, device: &str, body: &str) -> reqwest::Response {
         self.request(
             reqwest::Method::PUT,
-            &format!("/api/devices/{device}/config"),
+            &format!("/api/devices/{device}/config?force=true"),
         )
         .body(body.to_owned())
         .send()

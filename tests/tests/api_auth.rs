@@ -92,7 +92,15 @@ async fn the_api_needs_the_token_and_one_of_its_own_host_names() {
 
     // The CLI with --token-file: applied.
     let out = std::process::Command::new(bin_path("cloud-relay"))
-        .args(["config", "set", "--device", DEVICE, "threshold=0.5"])
+        // No agent has connected: configuring the device ahead of it needs --force.
+        .args([
+            "config",
+            "set",
+            "--force",
+            "--device",
+            DEVICE,
+            "threshold=0.5",
+        ])
         .args(["--api", &relay.url("")])
         .arg("--token-file")
         .arg(&relay.token_file)

@@ -188,7 +188,7 @@ async fn the_fleet_cli_lists_devices_refuses_unknown_ids_and_decodes_the_wire() 
     let agent =
         AgentProc::start(AgentOptions::new("pi-7", relay.broker_port).telemetry_interval_s(0.2))
             .await;
-    for ex in confident_examples().iter().take(5) {
+    for ex in confident_examples().iter().cycle().take(5) {
         agent
             .infer(&ex.pixels)
             .await
