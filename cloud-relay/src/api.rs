@@ -1004,7 +1004,7 @@ fn similar_devices(state: &ApiState, id: &str, n: usize) -> Vec<String> {
         .statuses()
         .map(|(d, _)| d.clone())
         .chain(f.devices().map(|d| d.device_id.clone()))
-        .map(|d| (strsim_distance(id, &d), d))
+        .map(|d| (strsim::levenshtein(id, &d), d))
         .collect();
     ids.sort();
     ids.dedup_by(|a, b| a.1 == b.1);
@@ -1013,22 +1013,6 @@ fn similar_devices(state: &ApiState, id: &str, n: usize) -> Vec<String> {
         .take(n)
         .map(|(_, d)| d)
         .collect()
-}
-
-/// Levenshtein distance (bytes), for suggestions only.
-fn strsim_distance(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// `PUT /api/devices/{id}/config` with a JSON object of settings: `{"threshold": 0.95}`;

@@ -385,10 +385,6 @@ impl ConnectFailureLog {
 /// A connect error and its causes on one line, with what it most likely means in front (what
 /// the link's WARN line and `edge-agent doctor` print).
 pub fn describe_connect_error(e: &(dyn std::error::Error + 'static)) -> String {
-    one_line(e)
-}
-
-fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     let line = crate::logging::error_chain(e);
     match connect_hint(&line) {
         Some(hint) => format!("{hint} ({line})"),
@@ -492,7 +488,7 @@ impl EventLoopIo {
                         if lost {
                             warn!(error = %e, "{}", self.lost_line);
                         } else if let Some(suppressed) = connect_log.on_failure(Instant::now()) {
-                            let reason = one_line(&e);
+                            let reason = describe_connect_error(&e);
                             if suppressed == 0 {
                                 warn!("MQTT connect failed: {reason}");
                             } else {
@@ -635,7 +631,7 @@ mod tests {
         #[error("TLS: {0}")]
         struct Outer(#[source] std::io::Error);
         let e = Outer(std::io::Error::other("bad\ncert"));
-        assert_eq!(one_line(&e), "TLS: bad cert");
+        assert_eq!(describe_connect_error(&e), "TLS: bad cert");
     }
 
     #[test]
